@@ -1,0 +1,30 @@
+# cohortseg: cohort-scale MRI segmentation. This file only sets up config, validates it, and includes
+# the rules; the science lives in the `cohortseg` package (see docs/ARCHITECTURE.md).
+import sys
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+sys.path.insert(0, workflow.basedir)  # the package, also when not pip-installed
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "config/schemas/config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/prepare.smk"
+include: "rules/inference.smk"
+include: "rules/finalize.smk"
+include: "rules/aggregate.smk"
+include: "rules/qc.smk"
+include: "rules/train.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        summary=PLAN.summary(),
+        qc=PLAN.qc_page(),

@@ -1,0 +1,152 @@
+"""Cohort tables, written once by the aggregate rule from the per-session records.
+
+summary.csv has one row per discovered participant/session whatever happened to it (status, error),
+plus `<pipeline>_<metric>` columns (`<pipeline>_<contrast>_<metric>` for pipelines that run on several
+contrasts). Provenance (versions, model checksums, thresholds, config) goes to summary.json.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from . import __version__
+from .io import write_json_atomic, write_text_atomic
+from .pipelines import get_pipeline
+
+ID_COLUMNS = ["participant_id", "session_id", "status", "error"]
+
+
+def _read(path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def summary_rows(records: list[dict], pipelines: list[str]) -> list[dict]:
+    rows = []
+    for rec in records:
+        row = {"participant_id": rec["participant_id"], "session_id": rec.get("session_id", "")}
+        errors, n_ok, n_all = [], 0, 0
+        for pname in pipelines:
+            items = rec.get("pipelines", {}).get(pname)
+            if items is None:
+                continue
+            multiple = any(r.multiple for r in get_pipeline(pname).roles.values())
+            p_status = []
+            for name, it in items.items():
+                n_all += 1
+                p_status.append(it["status"])
+                if it["status"] == "ok":
+                    n_ok += 1
+                else:
+                    errors.append(f"{pname}/{name}: {it.get('stage', '')}: {it.get('error', '')}")
+                prefix = f"{pname}_{name.rsplit('_', 1)[-1]}_" if multiple else f"{pname}_"
+                for k, v in (it.get("metrics") or {}).items():
+                    row[prefix + k] = v
+            row[f"{pname}_status"] = "ok" if p_status and all(s == "ok" for s in p_status) else (
+                "partial" if "ok" in p_status else "failed")
+        row["status"] = "ok" if n_all and n_ok == n_all else ("partial" if n_ok else "failed")
+        row["error"] = " | ".join(errors)
+        rows.append(row)
+    return rows
+
+
+def aggregate(record_paths: list, out_dir, config: dict, expected: list[tuple[str, str]] | None = None,
+              ratings=None) -> pd.DataFrame:
+    """Write group/summary.csv (+ summary.json) and every pipeline's cohort table."""
+    out_dir = Path(out_dir)
+    records, seen = [], set()
+    for p in record_paths:
+        rec = _read(p)
+        if rec is None:
+            continue
+        records.append(rec)
+        seen.add((rec["participant_id"], rec.get("session_id", "")))
+    for pid, sid in expected or []:  # never lose a row, even if its record is missing
+        if (pid, sid) not in seen:
+            records.append({"participant_id": pid, "session_id": sid, "pipelines": {
+                p: {"-": {"status": "failed", "stage": "workflow", "error": "no record (job did not run or failed)"}}
+                for p in config["pipelines"]}})
+    records.sort(key=lambda r: (r["participant_id"], r.get("session_id", "")))
+    pipelines = config["pipelines"]
+    df = pd.DataFrame(summary_rows(records, pipelines))
+    status_cols = [f"{p}_status" for p in pipelines if f"{p}_status" in df.columns]
+    metric_cols = sorted(c for c in df.columns if c not in ID_COLUMNS and c not in status_cols)
+    df = df.reindex(columns=ID_COLUMNS + status_cols + metric_cols)
+    df = _add_qc(df, records, out_dir, config, ratings)
+    write_text_atomic(out_dir / "summary.csv", df.to_csv(index=False, na_rep=""))
+    _group_tables(records, pipelines, out_dir)
+    write_json_atomic(out_dir / "summary.json", provenance(config, records))
+    return df
+
+
+def _add_qc(df, records, out_dir, config, ratings):
+    """Automatic flags (outliers, sanity) and the raters' verdicts from qc_ratings.tsv."""
+    try:
+        from .qc.outliers import qc_flags_column
+        from .qc.ratings import apply_ratings, read_ratings
+    except ImportError:  # QC package not installed in a minimal environment
+        return df
+    metric_cols = [c for c in df.columns if c not in ID_COLUMNS and not c.endswith("_status")
+                   and pd.api.types.is_numeric_dtype(df[c])]
+    df["qc_flags"] = qc_flags_column(df, metric_cols, records)
+    if ratings and Path(ratings).is_file():
+        df = apply_ratings(df, read_ratings(ratings))
+    else:
+        df["qc_rating"] = "unrated"
+    return df
+
+
+def _group_tables(records, pipelines, out_dir: Path) -> None:
+    for pname in pipelines:
+        p = get_pipeline(pname)
+        for table_name, key in p.group_tables.items():
+            frames = []
+            for rec in records:
+                for name, it in rec.get("pipelines", {}).get(pname, {}).items():
+                    f = (it.get("files") or {}).get(key)
+                    if it.get("status") != "ok" or not f or not Path(f).is_file():
+                        continue
+                    sep = "\t" if f.endswith(".tsv") else ","
+                    t = pd.read_csv(f, sep=sep)
+                    t.insert(0, "contrast", name.rsplit("_", 1)[-1])
+                    t.insert(0, "session_id", rec.get("session_id", ""))
+                    t.insert(0, "participant_id", rec["participant_id"])
+                    frames.append(t)
+            table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+                columns=["participant_id", "session_id", "contrast"])
+            write_text_atomic(out_dir / table_name, table.to_csv(index=False, na_rep=""))
+
+
+def provenance(config: dict, records: list[dict]) -> dict:
+    from importlib import metadata
+
+    from .steps import pipeline_cards
+
+    versions = {}
+    for pkg in ("snakemake", "tensorflow", "tensorflow-cpu", "keras", "nibabel", "antspyx", "numpy", "pandas",
+                "scipy", "scikit-image"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    models = {}
+    for pname in config["pipelines"]:
+        for card in pipeline_cards(config, pname):
+            models[card.name] = {"pipeline": pname, "source": str(card.source),
+                                 "folds": [{"file": f["file"], "sha256": f.get("sha256"), "md5": f.get("md5")}
+                                           for f in card.folds],
+                                 "thresholds": card.get("thresholds", {})}
+    return {
+        "cohortseg_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "python": platform.python_version(), "platform": platform.platform(), "packages": versions,
+        "models": models, "config": config,
+        "thresholds": {p: {k: v for k, v in (config.get(p) or {}).items() if "threshold" in k or "min_cluster" in k}
+                       for p in config["pipelines"]},
+        "n_sessions": len(records),
+    }

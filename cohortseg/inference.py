@@ -1,0 +1,135 @@
+"""Fold ensembles and shard inference: load the fold models once, stream many subjects."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FoldModel:
+    """One fold of one card, ready to predict."""
+
+    card: object
+    index: int
+    sha256: str
+    model: object
+    params: dict
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        m = self.model
+        if hasattr(m, "predict_on_batch"):
+            return np.asarray(m.predict_on_batch(x))
+        return np.asarray(m.predict(x) if hasattr(m, "predict") else m(x))
+
+
+def configure_tensorflow(threads: int = 0, deterministic: bool = True, seed: int = 0) -> None:
+    """Threads, GPU memory growth, determinism. Call before building models."""
+    import tensorflow as tf
+
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            pass
+    if deterministic:
+        tf.keras.utils.set_random_seed(seed)
+        try:
+            tf.config.experimental.enable_op_determinism()
+        except AttributeError:  # older TF
+            pass
+
+
+def load_models(cards: Sequence, store) -> list[list[FoldModel]]:
+    """Verify and load every fold of every card (once per job)."""
+    from .loaders import build
+
+    out = []
+    for card in cards:
+        folds = []
+        for i, rf in enumerate(store.resolve(card)):
+            folds.append(FoldModel(card=card, index=i, sha256=rf["sha256"], model=build(card, rf),
+                                   params=rf["fold"].get("params", {})))
+        out.append(folds)
+    return out
+
+
+def is_oom(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    return name in ("ResourceExhaustedError", "MemoryError") or "OOM" in str(exc)[:2000]
+
+
+def predict_batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Predict `x` in batches; halve the batch on out-of-memory down to 1 before giving up."""
+    bs = max(1, int(batch_size))
+    while True:
+        try:
+            parts = [np.asarray(fn(x[i:i + bs]), dtype=np.float32) for i in range(0, len(x), bs)]
+            return np.concatenate(parts, axis=0)
+        except Exception as e:  # noqa: BLE001
+            if not is_oom(e) or bs == 1:
+                raise
+            bs //= 2
+            log.warning("out of memory: retrying with batch size %d", bs)
+
+
+def fold_average(fold_fns: Sequence[Callable], x: np.ndarray, batch_size: int = 8) -> np.ndarray:
+    """Mean of the fold models' predictions (the ensemble every pipeline uses)."""
+    if not fold_fns:
+        raise ValueError("fold_average needs at least one fold")
+    acc = None
+    for fn in fold_fns:
+        p = predict_batched(fn, x, batch_size)
+        acc = p.astype(np.float64) if acc is None else acc + p
+    return (acc / len(fold_fns)).astype(np.float32)
+
+
+def prefetch(loader: Callable, keys: Sequence, depth: int = 2):
+    """Yield (key, loaded or exception) in order, loading up to `depth` items ahead in a thread,
+    so disk I/O and decompression overlap with the accelerator."""
+    if depth <= 0:
+        for k in keys:
+            try:
+                yield k, loader(k)
+            except Exception as e:  # noqa: BLE001
+                yield k, e
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        for k in keys:
+            if stop.is_set():
+                return
+            try:
+                v = loader(k)
+            except Exception as e:  # noqa: BLE001
+                v = e
+            q.put((k, v))
+        q.put(None)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        while (got := q.get()) is not None:
+            yield got
+    finally:
+        stop.set()
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return round(time.perf_counter() - self.t0, 3)

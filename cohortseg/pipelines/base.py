@@ -1,0 +1,131 @@
+"""The pipeline plugin contract (see docs/ARCHITECTURE.md).
+
+A pipeline says which BIDS images it needs (roles with default filters) and implements `prepare`
+(native image -> network grid), optionally `predict` (default: fold average), and `finalize`
+(network grid -> native outputs + metrics). Discovery, sharding, model loading, the fold ensemble,
+records and cohort tables are generic and live elsewhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..io import save_nifti_atomic, write_text_atomic
+
+
+@dataclass(frozen=True)
+class Role:
+    """One input of a pipeline. `filters` are BIDS entity filters (value or list of values)."""
+
+    filters: dict
+    required: bool = True
+    multiple: bool = False  # several matching images -> one item each (e.g. CSA per contrast)
+    description: str = ""
+
+
+@dataclass
+class Item:
+    """One unit of work: a session's image(s) for one pipeline."""
+
+    participant_id: str  # 'sub-01'
+    session_id: str  # 'ses-01' or ''
+    pipeline: str
+    name: str  # BIDS stem of the primary image, e.g. 'sub-01_ses-01_T2starw'
+    inputs: dict  # role -> path (str)
+
+    @property
+    def session_key(self) -> str:
+        return f"{self.participant_id}_{self.session_id}" if self.session_id else self.participant_id
+
+    @property
+    def contrast(self) -> str:
+        return self.name.rsplit("_", 1)[-1]
+
+
+@dataclass
+class Prepared:
+    """Network input `x` (float32, N x spatial x C) and everything needed to go back (`meta`, JSON-able)."""
+
+    x: np.ndarray
+    meta: dict = field(default_factory=dict)
+    arrays: dict = field(default_factory=dict)  # extra arrays finalize needs (e.g. brain mask in the grid)
+
+    def save(self, path) -> None:
+        import json
+
+        from ..io import atomic_path
+
+        with atomic_path(path, suffix=".npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, x=self.x, meta=np.array(json.dumps(self.meta)), **self.arrays)
+
+    @classmethod
+    def load(cls, path) -> Prepared:
+        import json
+
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files if k not in ("x", "meta")}
+            return cls(x=z["x"], meta=json.loads(str(z["meta"])), arrays=arrays)
+
+
+class OutputWriter:
+    """Names and writes one item's BIDS-derivatives outputs under `<output_dir>/<pipeline>/`.
+
+    `path("label-GM_probseg.nii.gz")` -> .../sub-01/ses-01/anat/sub-01_ses-01_T2starw_label-GM_probseg.nii.gz
+    Every write is atomic and remembered in `files` (for the record and the QC page).
+    """
+
+    def __init__(self, output_dir, item: Item):
+        self.item = item
+        sub = Path(output_dir) / item.pipeline / item.participant_id
+        if item.session_id:
+            sub = sub / item.session_id
+        self.anat = sub / "anat"
+        self.figures = Path(output_dir) / item.pipeline / item.participant_id / "figures"
+        self.files: dict[str, str] = {}
+
+    def path(self, suffix: str, figure: bool = False) -> Path:
+        folder = self.figures if figure else self.anat
+        return folder / f"{self.item.name}_{suffix}"
+
+    def nifti(self, key: str, data, affine, dtype=None, header=None) -> Path:
+        p = save_nifti_atomic(data, affine, self.path(key), header=header, dtype=dtype)
+        self.files[key] = str(p)
+        return p
+
+    def table(self, key: str, df) -> Path:
+        p = self.path(key)
+        write_text_atomic(p, df.to_csv(sep="\t" if key.endswith(".tsv") else ",", index=False, na_rep="n/a"))
+        self.files[key] = str(p)
+        return p
+
+    def figure_path(self, key: str) -> Path:
+        p = self.path(key, figure=True)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        self.files[key] = str(p)
+        return p
+
+
+class Pipeline:
+    name: str = ""
+    roles: dict[str, Role] = {}
+    #: cohort tables this pipeline contributes: file name in group/ -> per-item output key to concatenate
+    group_tables: dict[str, str] = {}
+    #: BIDS-derivatives description of the pipeline's dataset
+    description: str = ""
+
+    def prepare(self, item: Item, cards: list, cfg: dict) -> Prepared:
+        raise NotImplementedError
+
+    def predict(self, models: list, prepared: Prepared, cards: list, cfg: dict, batch_size: int) -> np.ndarray:
+        """`models[i]` are the FoldModels of `cards[i]`. Default: the mean over every fold of every
+        card (an ensemble); pipelines whose cards play different parts (mask, tissue) override this."""
+        from ..inference import fold_average
+
+        return fold_average([f.predict for folds in models for f in folds], prepared.x, batch_size)
+
+    def finalize(self, item: Item, prepared: Prepared, prob: np.ndarray, cards: list, cfg: dict,
+                 out: OutputWriter) -> dict:
+        raise NotImplementedError

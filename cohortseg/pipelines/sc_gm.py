@@ -1,0 +1,92 @@
+"""Spinal cord gray matter (Perone et al. 2017, gmseg): 0.25 mm axial slices, dilated-conv ensemble."""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Item, OutputWriter, Pipeline, Prepared, Role
+
+
+class ScGm(Pipeline):
+    name = "sc_gm"
+    description = "Spinal cord gray matter segmentation (Perone et al. 2017 dilated convolutions, fold ensemble)"
+    roles = {"image": Role(filters={"suffix": "T2starw"}, description="axial T2*w of the cervical cord")}
+    group_tables = {"sc_gm_perslice.csv": "desc-GM_perslice.tsv"}
+
+    def prepare(self, item: Item, cards: list, cfg: dict) -> Prepared:
+        from ..io import load_image
+        from ..resampling import to_axial_slices
+
+        g = cfg["_global"]
+        img, warnings = load_image(item.inputs["image"], allow_4d=g.get("allow_4d", False),
+                                   max_voxels=g.get("max_voxels") or 200_000_000)
+        grid_spec = cards[0].get("grid", {})
+        slices, grid = to_axial_slices(img, inplane_mm=float(grid_spec.get("inplane_mm", 0.25)),
+                                       crop=tuple(grid_spec.get("crop", (200, 200))))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        meta = {"grid": grid, "volume_mean": float(data.mean()), "volume_std": float(data.std()),
+                "warnings": warnings}
+        return Prepared(x=slices[..., None].astype(np.float32), meta=meta)
+
+    def predict(self, models, prepared, cards, cfg, batch_size):
+        from ..inference import fold_average
+
+        x = prepared.x
+        per_card = []
+        for card, folds in zip(cards, models):
+            for fold in folds:
+                if cfg.get("standardise", "model") == "volume":
+                    mean, std = prepared.meta["volume_mean"], prepared.meta["volume_std"]
+                else:
+                    norm = {**card["normalisation"], **fold.params}
+                    mean, std = float(norm["mean"]), float(norm["std"])
+                xs = (x - mean) / max(std, 1e-6)
+                fns = [fold.predict]
+                p = fold_average(fns, xs, batch_size)
+                if cfg.get("flip_tta"):
+                    # left-right flip of each slice (axis 2 is R-L in the slice grid), flipped back
+                    pf = fold_average(fns, xs[:, :, ::-1], batch_size)[:, :, ::-1]
+                    p = 0.5 * (p + pf)
+                per_card.append(p)
+        return np.mean(per_card, axis=0).astype(np.float32)
+
+    def finalize(self, item: Item, prepared: Prepared, prob, cards, cfg, out: OutputWriter) -> dict:
+        import nibabel as nib
+        import pandas as pd
+
+        from ..metrics import area_per_slice
+        from ..resampling import slices_to_native
+
+        native = nib.load(item.inputs["image"])
+        fine = prob[..., 0] if prob.ndim == 4 else prob
+        t_fine = float(cfg.get("threshold_fine", 0.999))
+        t_native = float(cfg.get("threshold_native", 0.5))
+        grid = prepared.meta["grid"]
+        prob_native = slices_to_native(fine, grid, native, order=1)
+        mask_native = slices_to_native((fine > t_fine).astype(np.float32), grid, native, order=1) > t_native
+        aff = native.affine
+        out.nifti("label-GM_probseg.nii.gz", np.clip(prob_native, 0, 1).astype(np.float32), aff)
+        out.nifti("label-GM_mask.nii.gz", mask_native.astype(np.uint8), aff)
+
+        axis = int(grid["si_axis"])
+        area = area_per_slice(mask_native, aff, axis)
+        zooms = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
+        volume = float(mask_native.sum() * np.prod(zooms))
+        table = pd.DataFrame({"slice": np.arange(len(area)), "gm_area_mm2": np.round(area, 4)})
+        out.table("desc-GM_perslice.tsv", table)
+        nonzero = area[area > 0]
+        metrics = {
+            "gm_volume_mm3": round(volume, 3),
+            "gm_area_mean_mm2": round(float(nonzero.mean()), 4) if nonzero.size else 0.0,
+            "gm_area_max_mm2": round(float(area.max()), 4) if area.size else 0.0,
+            "n_slices_with_gm": int((area > 0).sum()),
+        }
+        _qc(native, mask_native, out, item)
+        return metrics
+
+
+def _qc(native, mask, out: OutputWriter, item: Item) -> None:
+    from ..qc.snapshots import mosaic
+
+    data = np.asarray(native.dataobj, dtype=np.float32)
+    mosaic(data, mask.astype(np.uint8), native.affine, out.figure_path("desc-GM_qc.png"), view="axial",
+           zoom="cord", title=f"{item.name} - GM")

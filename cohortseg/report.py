@@ -1,0 +1,39 @@
+"""Glue between the per-session records and the QC page (cohortseg.qc)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+
+def qc_rows(summary_csv, record_paths, page_dir) -> list[dict]:
+    """One row per participant x pipeline (x contrast) with its snapshot, metrics and status."""
+    summary = pd.read_csv(summary_csv, dtype={"participant_id": str, "session_id": str}, keep_default_na=False)
+    flags = {(r.participant_id, r.session_id): getattr(r, "qc_flags", "") for r in summary.itertuples()}
+    rows = []
+    for p in record_paths:
+        try:
+            rec = json.loads(Path(p).read_text())
+        except (OSError, ValueError):
+            continue
+        pid, sid = rec["participant_id"], rec.get("session_id", "")
+        for pipeline, items in rec.get("pipelines", {}).items():
+            for name, it in items.items():
+                files = it.get("files") or {}
+                png = next((f for k, f in files.items() if k.endswith(".png")), "")
+                rows.append({
+                    "participant_id": pid, "session_id": sid, "pipeline": pipeline, "item": name,
+                    "status": it.get("status", ""), "error": it.get("error", ""),
+                    "image": os.path.relpath(png, page_dir) if png else "",
+                    "metrics": it.get("metrics") or {}, "qc_flags": flags.get((pid, sid), ""),
+                })
+    return rows
+
+
+def write_cohort_qc_page(summary_csv, record_paths, page_dir) -> Path:
+    from .qc.page import write_qc_page
+
+    page_dir = Path(page_dir)
+    return write_qc_page(qc_rows(summary_csv, record_paths, page_dir), page_dir)

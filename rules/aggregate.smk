@@ -1,0 +1,19 @@
+localrules:
+    aggregate,
+
+
+rule aggregate:
+    """Cohort tables, written once (no concurrent appends): one row per participant/session."""
+    input:
+        records=PLAN.all_session_records(),
+        ratings=PLAN.ratings_input(),
+    output:
+        summary=PLAN.summary(),
+        provenance=PLAN.group("summary.json"),
+        tables=PLAN.group_tables(),
+    params:
+        expected=PLAN.expected_sessions(),
+    log:
+        PLAN.log("aggregate", "group"),
+    script:
+        "../scripts/aggregate.py"

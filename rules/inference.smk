@@ -1,0 +1,17 @@
+rule infer:
+    """One shard of sessions for one pipeline: load the fold models once, stream the prepared inputs,
+    average the folds. The SLURM profile gives this rule the GPU."""
+    input:
+        PLAN.shard_inputs_wc,
+    output:
+        directory(PLAN.shard_dir("{pipeline}", "{shard}")),
+    params:
+        settings=lambda wc: PLAN.step_params([wc.pipeline]),
+    log:
+        PLAN.log("infer", "{pipeline}_shard-{shard}"),
+    threads: 2
+    resources:
+        mem_mb=lambda wc, attempt: 16000 * attempt,
+        runtime=lambda wc, attempt: 60 * attempt,
+    script:
+        "../scripts/infer.py"

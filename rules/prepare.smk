@@ -1,0 +1,18 @@
+rule prepare:
+    """Input checks, reorientation, registration, resampling and normalisation for every pipeline of
+    one session. Bad data is recorded in the output record, never raised."""
+    input:
+        PLAN.inputs_of_wc,
+    output:
+        PLAN.prep_record("{session}"),
+    params:
+        rows=lambda wc: PLAN.session_rows(wc.session),
+        settings=PLAN.step_params(),
+    log:
+        PLAN.log("prepare", "{session}"),
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        runtime=lambda wc, attempt: 30 * attempt,
+    script:
+        "../scripts/prepare.py"

@@ -1,0 +1,15 @@
+localrules:
+    qc_page,
+
+
+rule qc_page:
+    """The cohort QC page (static HTML): one row per participant x pipeline."""
+    input:
+        summary=PLAN.summary(),
+        records=PLAN.all_session_records(),
+    output:
+        report(PLAN.qc_page(), caption="../docs/report/qc_page.rst", category="QC"),
+    log:
+        PLAN.log("qc_page", "group"),
+    script:
+        "../scripts/qc_page.py"

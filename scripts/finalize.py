@@ -1,0 +1,9 @@
+"""Rule `finalize`: thin adapter from the snakemake object to cohortseg.steps."""
+import sys; sys.path.insert(0, snakemake.scriptdir)  # noqa: E702,F821
+from _common import setup_logging  # noqa: E402
+
+from cohortseg.steps import finalize_session  # noqa: E402
+
+setup_logging(snakemake)  # noqa: F821
+finalize_session(snakemake.params.rows, snakemake.input.prep, snakemake.params.shard_map,  # noqa: F821
+                 snakemake.config, snakemake.output[0])  # noqa: F821

@@ -1,0 +1,8 @@
+"""Rule `prepare`: thin adapter from the snakemake object to cohortseg.steps."""
+import sys; sys.path.insert(0, snakemake.scriptdir)  # noqa: E702,F821
+from _common import setup_logging  # noqa: E402
+
+from cohortseg.steps import prepare_session  # noqa: E402
+
+setup_logging(snakemake)  # noqa: F821
+prepare_session(snakemake.params.rows, snakemake.config, snakemake.output[0])  # noqa: F821
