@@ -1,5 +1,6 @@
 # cohortseg: cohort-scale MRI segmentation. This file only sets up config, validates it, and includes
 # the rules; the science lives in the `cohortseg` package (see docs/ARCHITECTURE.md).
+import os
 import sys
 
 from snakemake.utils import min_version, validate
@@ -8,7 +9,7 @@ min_version("9.0")
 sys.path.insert(0, workflow.basedir)  # the package, also when not pip-installed
 
 
-configfile: "config/config.yaml"
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 validate(config, "config/schemas/config.schema.yaml")

@@ -126,7 +126,7 @@ def _group_tables(records, pipelines, out_dir: Path) -> None:
 def provenance(config: dict, records: list[dict]) -> dict:
     from importlib import metadata
 
-    from .steps import pipeline_cards
+    from .cards import pipeline_cards
 
     versions = {}
     for pkg in ("snakemake", "tensorflow", "tensorflow-cpu", "keras", "nibabel", "antspyx", "numpy", "pandas",

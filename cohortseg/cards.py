@@ -104,3 +104,10 @@ def find_card(name_or_path: str, extra_dirs=()) -> ModelCard:
             f"(cards live in {CARDS_DIR} or model_cards_dir; a bundle folder path also works)"
         )
     return load_card(paths[name_or_path])
+
+
+def pipeline_cards(config: dict, pipeline: str) -> list[ModelCard]:
+    """The cards a pipeline's config section names (`<pipeline>.models`)."""
+    names = (config.get(pipeline) or {}).get("models", [])
+    extra = [config["model_cards_dir"]] if config.get("model_cards_dir") else []
+    return [find_card(n, extra) for n in names]

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
         import yaml
 
         from .errors import CohortsegError
-        from .steps import pipeline_cards
+        from .cards import pipeline_cards
         from .store import ModelStore
 
         cfg = yaml.safe_load(Path(a.configfile).read_text())

@@ -46,7 +46,17 @@ class Plan:
             config.get("exclude_participant_label", []), rebuild=config.get("rebuild_manifest", False), check=check)
         plan = cls(config=config, rows=rows, out=out)
         plan._index()
+        if check:  # main process only: a missing or corrupt model stops the run before any job
+            plan.verify_models()
         return plan
+
+    def verify_models(self) -> dict:
+        from .cards import pipeline_cards
+        from .store import ModelStore
+
+        store = ModelStore(self.config["model_dir"], allow_download=self.config.get("allow_download", False),
+                           cache_file=self.work / "model_checksums.json")
+        return {p: store.verify(pipeline_cards(self.config, p)) for p in self.pipelines if p in self.shards}
 
     def _index(self) -> None:
         size = int(self.config.get("inference", {}).get("shard_size", 20))

@@ -12,19 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .cards import find_card
+from .cards import pipeline_cards
 from .errors import InputError
 from .io import atomic_path, write_json_atomic
 from .pipelines import get_pipeline
 from .pipelines.base import Item, OutputWriter, Prepared
 
 log = logging.getLogger("cohortseg")
-
-
-def pipeline_cards(config: dict, pipeline: str) -> list:
-    names = (config.get(pipeline) or {}).get("models", [])
-    extra = [config["model_cards_dir"]] if config.get("model_cards_dir") else []
-    return [find_card(n, extra) for n in names]
 
 
 def _item(row: dict) -> Item:

@@ -15,5 +15,7 @@ rule aggregate:
         expected=PLAN.expected_sessions(),
     log:
         PLAN.log("aggregate", "group"),
+    conda:
+        "../envs/tables.yaml"
     script:
         "../scripts/aggregate.py"

@@ -16,5 +16,7 @@ rule finalize:
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 30 * attempt,
+    conda:
+        "../envs/imaging.yaml"
     script:
         "../scripts/finalize.py"

@@ -13,5 +13,7 @@ rule infer:
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
         runtime=lambda wc, attempt: 60 * attempt,
+    conda:
+        "../envs/tensorflow.yaml"
     script:
         "../scripts/infer.py"

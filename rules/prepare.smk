@@ -14,5 +14,7 @@ rule prepare:
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 30 * attempt,
+    conda:
+        "../envs/imaging.yaml"
     script:
         "../scripts/prepare.py"

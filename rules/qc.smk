@@ -11,5 +11,7 @@ rule qc_page:
         report(PLAN.qc_page(), caption="../docs/report/qc_page.rst", category="QC"),
     log:
         PLAN.log("qc_page", "group"),
+    conda:
+        "../envs/tables.yaml"
     script:
         "../scripts/qc_page.py"

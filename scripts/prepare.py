@@ -1,5 +1,5 @@
 """Rule `prepare`: thin adapter from the snakemake object to cohortseg.steps."""
-import sys; sys.path.insert(0, snakemake.scriptdir)  # noqa: E702,F821
+import sys; sys.path[:0] = [snakemake.scriptdir, snakemake.scriptdir + "/.."]  # noqa: E702,F821
 from _common import setup_logging  # noqa: E402
 
 from cohortseg.steps import prepare_session  # noqa: E402

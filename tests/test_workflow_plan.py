@@ -1,0 +1,81 @@
+"""The Snakefile plans the expected jobs (dry-run), rejects bad config clearly, and lints clean."""
+import pytest
+
+from cohortseg.fakebids import make_fake_bids
+from helpers import REPO, job_counts, snakemake, write_config
+
+
+@pytest.fixture()
+def fake_cohort(tmp_path, shared_dir):
+    bids = make_fake_bids(tmp_path / "bids", 7, contrasts=("T2starw", "T1w"), session_every=3)
+    cfg = write_config(tmp_path / "cfg.yaml", bids_dir=str(bids), output_dir=str(tmp_path / "out"),
+                       model_dir=str(shared_dir / "models"), pipelines=["sc_gm"], inference={"shard_size": 2})
+    return tmp_path, cfg
+
+
+def test_dryrun_fake_tree_with_sessions(fake_cohort):
+    tmp, cfg = fake_cohort
+    res = snakemake(tmp, "-n", "--cores", "1", configfile=cfg)
+    counts = job_counts(res.stdout)
+    # 7 participants, every 3rd with 2 sessions -> 3*2 + 4 = 10 sessions; shards of 2 -> 5
+    assert counts == {"prepare": 10, "infer": 5, "finalize": 10, "aggregate": 1, "qc_page": 1, "all": 1}
+    man = (tmp / "out" / "manifest.tsv").read_text().splitlines()
+    assert len(man) == 11 and "sub-00001\tses-02\tsc_gm\tsub-00001_ses-02_T2starw\tok" in man[2]
+
+
+def test_dryrun_demo_cohort(tmp_path, shared_dir):
+    from cohortseg.demo import build_demo
+
+    bids = build_demo(shared_dir, tmp_path / "bids")
+    cfg = write_config(tmp_path / "cfg.yaml", bids_dir=str(bids), output_dir=str(tmp_path / "out"),
+                       model_dir=str(shared_dir / "models"), pipelines=["sc_gm"])
+    counts = job_counts(snakemake(tmp_path, "-n", "--cores", "1", configfile=cfg).stdout)
+    assert counts == {"prepare": 4, "infer": 1, "finalize": 4, "aggregate": 1, "qc_page": 1, "all": 1}
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"pipelines": ["nope"]}, "pipelines"),
+    ({"sc_gm": {"threshold_native": 1.5}}, "threshold_native"),
+    ({"model_dir": "/nonexistent/models"}, "config key 'model_dir'"),
+    ({"bids_dir": "/nonexistent/bids"}, "config key 'bids_dir'"),
+    ({"inference": {"shard_size": 0}}, "shard_size"),
+])
+def test_config_errors_stop_before_any_job(fake_cohort, override, message):
+    tmp, cfg = fake_cohort
+    import yaml
+
+    data = yaml.safe_load(cfg.read_text())
+    data.update(override)
+    bad = write_config(tmp / "bad.yaml", **data)
+    res = snakemake(tmp, "-n", "--cores", "1", configfile=bad, check=False)
+    assert res.returncode != 0
+    assert message in res.stdout + res.stderr
+    assert "Job stats" not in res.stdout
+
+
+def test_corrupt_model_stops_before_any_job(fake_cohort, tmp_path):
+    tmp, cfg = fake_cohort
+    import shutil
+
+    import yaml
+
+    models = tmp / "models"
+    shutil.copytree(REPO.parent / "shared" / "models" / "gmseg", models / "gmseg")
+    p = models / "gmseg" / "large_model.hdf5"
+    p.chmod(0o644)
+    with open(p, "r+b") as f:
+        f.seek(1000)
+        f.write(b"corrupt!")
+    data = yaml.safe_load(cfg.read_text())
+    data["model_dir"] = str(models)
+    res = snakemake(tmp, "-n", "--cores", "1", configfile=write_config(tmp / "c2.yaml", **data), check=False)
+    assert res.returncode != 0
+    assert "checksum mismatch" in res.stdout + res.stderr and "large_model.hdf5" in res.stdout + res.stderr
+
+
+def test_lint_reports_nothing_serious(fake_cohort):
+    tmp, cfg = fake_cohort
+    res = snakemake(tmp, "--lint", configfile=cfg, check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert "Congratulations" in out or "Lints for" not in out, out
