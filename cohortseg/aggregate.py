@@ -18,6 +18,8 @@ from .io import write_json_atomic, write_text_atomic
 from .pipelines import get_pipeline
 
 ID_COLUMNS = ["participant_id", "session_id", "status", "error"]
+QC_COLUMNS = ["qc_flags", "qc_rating"]
+RATING_ORDER = ["fail", "artifact", "pass"]  # the worst rating of a session's pipelines wins
 
 
 def _read(path) -> dict | None:
@@ -31,7 +33,7 @@ def summary_rows(records: list[dict], pipelines: list[str]) -> list[dict]:
     rows = []
     for rec in records:
         row = {"participant_id": rec["participant_id"], "session_id": rec.get("session_id", "")}
-        errors, n_ok, n_all = [], 0, 0
+        errors, flags, n_ok, n_all = [], [], 0, 0
         for pname in pipelines:
             items = rec.get("pipelines", {}).get(pname)
             if items is None:
@@ -46,12 +48,14 @@ def summary_rows(records: list[dict], pipelines: list[str]) -> list[dict]:
                 else:
                     errors.append(f"{pname}/{name}: {it.get('stage', '')}: {it.get('error', '')}")
                 prefix = f"{pname}_{name.rsplit('_', 1)[-1]}_" if multiple else f"{pname}_"
+                flags += [f"{prefix}{f}" for f in it.get("sanity_flags") or []]
                 for k, v in (it.get("metrics") or {}).items():
                     row[prefix + k] = v
             row[f"{pname}_status"] = "ok" if p_status and all(s == "ok" for s in p_status) else (
                 "partial" if "ok" in p_status else "failed")
         row["status"] = "ok" if n_all and n_ok == n_all else ("partial" if n_ok else "failed")
         row["error"] = " | ".join(errors)
+        row["qc_flags"] = ";".join(flags)
         rows.append(row)
     return rows
 
@@ -76,8 +80,8 @@ def aggregate(record_paths: list, out_dir, config: dict, expected: list[tuple[st
     pipelines = config["pipelines"]
     df = pd.DataFrame(summary_rows(records, pipelines))
     status_cols = [f"{p}_status" for p in pipelines if f"{p}_status" in df.columns]
-    metric_cols = sorted(c for c in df.columns if c not in ID_COLUMNS and c not in status_cols)
-    df = df.reindex(columns=ID_COLUMNS + status_cols + metric_cols)
+    metric_cols = sorted(c for c in df.columns if c not in ID_COLUMNS + QC_COLUMNS and c not in status_cols)
+    df = df.reindex(columns=ID_COLUMNS + ["qc_flags"] + status_cols + metric_cols)
     df = _add_qc(df, records, out_dir, config, ratings)
     write_text_atomic(out_dir / "summary.csv", df.to_csv(index=False, na_rep=""))
     _group_tables(records, pipelines, out_dir)
@@ -86,19 +90,27 @@ def aggregate(record_paths: list, out_dir, config: dict, expected: list[tuple[st
 
 
 def _add_qc(df, records, out_dir, config, ratings):
-    """Automatic flags (outliers, sanity) and the raters' verdicts from qc_ratings.tsv."""
-    try:
-        from .qc.outliers import qc_flags_column
-        from .qc.ratings import apply_ratings, read_ratings
-    except ImportError:  # QC package not installed in a minimal environment
-        return df
-    metric_cols = [c for c in df.columns if c not in ID_COLUMNS and not c.endswith("_status")
+    """Automatic flags (sanity flags from finalize + Tukey outliers across the cohort) and the
+    raters' verdicts from qc_ratings.tsv (per pipeline, and the worst of them as `qc_rating`)."""
+    from .qc.outliers import add_qc_flags
+    from .qc.ratings import apply_ratings, read_ratings
+
+    metric_cols = [c for c in df.columns if c not in ID_COLUMNS + QC_COLUMNS and not c.endswith("_status")
                    and pd.api.types.is_numeric_dtype(df[c])]
-    df["qc_flags"] = qc_flags_column(df, metric_cols, records)
-    if ratings and Path(ratings).is_file():
-        df = apply_ratings(df, read_ratings(ratings))
-    else:
-        df["qc_rating"] = "unrated"
+    df = add_qc_flags(df, metric_cols, by=None, sanity_col="qc_flags")
+    table = read_ratings(ratings) if ratings and Path(ratings).is_file() else None
+    per = []
+    for p in config["pipelines"]:
+        keyed = df[["participant_id", "session_id"]].assign(pipeline=p)
+        col = f"{p}_qc_rating"
+        df[col] = apply_ratings(keyed, table)["qc_rating"].values if table is not None else "unrated"
+        per.append(col)
+
+    def worst(row):
+        got = set(row)
+        return next((r for r in RATING_ORDER if r in got), "unrated")
+
+    df.insert(df.columns.get_loc("qc_flags") + 1, "qc_rating", df[per].apply(worst, axis=1) if per else "unrated")
     return df
 
 

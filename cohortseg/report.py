@@ -22,12 +22,14 @@ def qc_rows(summary_csv, record_paths, page_dir) -> list[dict]:
         for pipeline, items in rec.get("pipelines", {}).items():
             for name, it in items.items():
                 files = it.get("files") or {}
-                png = next((f for k, f in files.items() if k.endswith(".png")), "")
+                png = next((f for k, f in files.items() if k.endswith("_qc.png")), "")
+                thumb = next((f for k, f in files.items() if k.endswith("_thumb.png")), "")
                 rows.append({
                     "participant_id": pid, "session_id": sid, "pipeline": pipeline, "item": name,
                     "status": it.get("status", ""), "error": it.get("error", ""),
-                    "image": os.path.relpath(png, page_dir) if png else "",
-                    "metrics": it.get("metrics") or {}, "qc_flags": flags.get((pid, sid), ""),
+                    "snapshot": os.path.abspath(png) if png else "", "thumbnail": os.path.abspath(thumb) if thumb else "",
+                    "metrics": it.get("metrics") or {},
+                    "qc_flags": ";".join(it.get("sanity_flags") or []) or flags.get((pid, sid), ""),
                 })
     return rows
 

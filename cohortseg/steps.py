@@ -165,7 +165,7 @@ def finalize_session(rows: list[dict], prep_record, shard_dirs: dict, config: di
                 writer = OutputWriter(out_dir, item)
                 metrics = get_pipeline(pname).finalize(item, Prepared.load(it["prep"]), prob, cards_cache[pname],
                                                        _cfg(config, pname), writer)
-                it.update({"status": "ok", "metrics": metrics, "files": writer.files,
+                it.update({"status": "ok", "metrics": metrics, "files": writer.files, "sanity_flags": writer.flags,
                            "finalize_seconds": round(time.perf_counter() - t0, 2)})
             except Exception as e:  # noqa: BLE001
                 it.update(_failure("finalize", e, item))

@@ -85,6 +85,7 @@ class OutputWriter:
         self.anat = sub / "anat"
         self.figures = Path(output_dir) / item.pipeline / item.participant_id / "figures"
         self.files: dict[str, str] = {}
+        self.flags: list[str] = []  # sanity flags for QC (empty, edge, volume_low, ...)
 
     def path(self, suffix: str, figure: bool = False) -> Path:
         folder = self.figures if figure else self.anat
@@ -105,6 +106,20 @@ class OutputWriter:
         p = self.path(key, figure=True)
         p.parent.mkdir(parents=True, exist_ok=True)
         self.files[key] = str(p)
+        return p
+
+    def snapshot(self, key: str, make) -> Path:
+        """Write a QC PNG atomically with `make(tmp_png_path)`, plus its thumbnail for the QC page."""
+        from ..io import atomic_path
+        from ..qc.snapshots import thumbnail
+
+        p = self.figure_path(key)
+        with atomic_path(p) as tmp:
+            make(tmp)
+        thumb_key = key.replace(".png", "_thumb.png")
+        t = self.figure_path(thumb_key)
+        with atomic_path(t) as tmp:
+            thumbnail(p, tmp)
         return p
 
 

@@ -85,8 +85,11 @@ class ScGm(Pipeline):
 
 
 def _qc(native, mask, out: OutputWriter, item: Item) -> None:
+    from ..qc.outliers import sanity_flags
     from ..qc.snapshots import mosaic
 
     data = np.asarray(native.dataobj, dtype=np.float32)
-    mosaic(data, mask.astype(np.uint8), native.affine, out.figure_path("desc-GM_qc.png"), view="axial",
-           zoom="cord", title=f"{item.name} - GM")
+    out.snapshot("desc-GM_qc.png", lambda png: mosaic(data, mask.astype(np.uint8), native.affine, png,
+                                                       view="axial", zoom="cord", title=f"{item.name} - GM"))
+    # the cord runs through the top and bottom of an axial slab: touching S/I edges is normal
+    out.flags += sanity_flags(mask, native.affine, ignore_edges="SI")
