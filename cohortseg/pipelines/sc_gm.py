@@ -22,8 +22,10 @@ class ScGm(Pipeline):
         grid_spec = cards[0].get("grid", {})
         slices, grid = to_axial_slices(img, inplane_mm=float(grid_spec.get("inplane_mm", 0.25)),
                                        crop=tuple(grid_spec.get("crop", (200, 200))))
-        data = np.asarray(img.dataobj, dtype=np.float32)
-        meta = {"grid": grid, "volume_mean": float(data.mean()), "volume_std": float(data.std()),
+        from ..resampling import fov_mask
+
+        inside = slices[fov_mask(grid)]  # SCT's "volume" standardisation: the resampled slices in the FOV
+        meta = {"grid": grid, "volume_mean": float(inside.mean()), "volume_std": float(inside.std()),
                 "warnings": warnings}
         return Prepared(x=slices[..., None].astype(np.float32), meta=meta)
 
@@ -43,8 +45,8 @@ class ScGm(Pipeline):
                 fns = [fold.predict]
                 p = fold_average(fns, xs, batch_size)
                 if cfg.get("flip_tta"):
-                    # left-right flip of each slice (axis 2 is R-L in the slice grid), flipped back
-                    pf = fold_average(fns, xs[:, :, ::-1], batch_size)[:, :, ::-1]
+                    # left-right flip of each slice (axis 1 of the slice grid runs R->L), flipped back
+                    pf = fold_average(fns, xs[:, ::-1], batch_size)[:, ::-1]
                     p = 0.5 * (p + pf)
                 per_card.append(p)
         return np.mean(per_card, axis=0).astype(np.float32)
@@ -53,24 +55,25 @@ class ScGm(Pipeline):
         import nibabel as nib
         import pandas as pd
 
-        from ..metrics import area_per_slice
-        from ..resampling import slices_to_native
+        from ..metrics import area_per_slice, volume_mm3
+        from ..nets.gmseg import fine_to_native
 
         native = nib.load(item.inputs["image"])
         fine = prob[..., 0] if prob.ndim == 4 else prob
-        t_fine = float(cfg.get("threshold_fine", 0.999))
-        t_native = float(cfg.get("threshold_native", 0.5))
         grid = prepared.meta["grid"]
-        prob_native = slices_to_native(fine, grid, native, order=1)
-        mask_native = slices_to_native((fine > t_fine).astype(np.float32), grid, native, order=1) > t_native
+        # binarise at threshold_fine in the 0.25 mm grid, map back linearly: probseg is the GM
+        # fraction of each native voxel and the mask is exactly probseg > threshold_native
+        prob_native, mask_native = fine_to_native(fine, grid, native,
+                                                  threshold_fine=float(cfg.get("threshold_fine", 0.999)),
+                                                  threshold_native=float(cfg.get("threshold_native", 0.5)))
+        mask_native = mask_native.astype(bool)
         aff = native.affine
         out.nifti("label-GM_probseg.nii.gz", np.clip(prob_native, 0, 1).astype(np.float32), aff)
         out.nifti("label-GM_mask.nii.gz", mask_native.astype(np.uint8), aff)
 
-        axis = int(grid["si_axis"])
+        axis = int(grid["through_axis"])
         area = area_per_slice(mask_native, aff, axis)
-        zooms = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
-        volume = float(mask_native.sum() * np.prod(zooms))
+        volume = volume_mm3(mask_native, aff)
         table = pd.DataFrame({"slice": np.arange(len(area)), "gm_area_mm2": np.round(area, 4)})
         out.table("desc-GM_perslice.tsv", table)
         nonzero = area[area > 0]

@@ -1,0 +1,1 @@
+"""Keras network definitions and weight loaders."""

@@ -1,0 +1,220 @@
+"""gmseg (Perone et al. 2017) on real data: architecture, Keras 2 weight mapping, Dice, orientation.
+
+Needs ../shared (t2s image + manual GM mask, the challenge and large models).
+"""
+from __future__ import annotations
+
+import shutil
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cohortseg.errors import ModelError
+from cohortseg.metrics import dice
+
+pytestmark = pytest.mark.shared
+
+DICE_MIN = 0.84
+
+
+@pytest.fixture(scope="module")
+def gm_paths(shared_dir):
+    g = shared_dir / "models" / "gmseg"
+    return {name: (g / f"{name}_model.hdf5", g / f"{name}_model.json") for name in ("challenge", "large")}
+
+
+@pytest.fixture(scope="module")
+def models(gm_paths):
+    from cohortseg.nets.gmseg import load_gmseg, read_gmseg_stats
+
+    out = {}
+    for name, (h5, js) in gm_paths.items():
+        stats = read_gmseg_stats(js)
+        out[name] = (load_gmseg(h5, stats["filters"]), stats["mean"], stats["std"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def t2s(shared_dir):
+    d = shared_dir / "data" / "spine" / "t2s"
+    img = nib.load(d / "t2s.nii.gz")
+    gt = np.asarray(nib.load(d / "t2s_gmseg_manual.nii.gz").dataobj) > 0
+    return img, gt
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(models, t2s):
+    """segment_gm with both models, run once per module; per-model results come from its details."""
+    from cohortseg.nets.gmseg import segment_gm
+
+    img, _ = t2s
+    return segment_gm(img, [models["challenge"], models["large"]], return_details=True)
+
+
+def _member(ensemble_run, t2s, index):
+    from cohortseg.nets.gmseg import fine_to_native
+
+    details = ensemble_run[2]
+    return fine_to_native(details["member_prob_fine"][index], details["grid"], t2s[0])
+
+
+# ----------------------------------------------------------------------------- architecture
+
+
+def test_architecture_matches_upstream(gm_paths):
+    from cohortseg.nets.gmseg import build_gmseg, read_keras2_weights
+
+    model = build_gmseg(32)
+    assert model.input_shape == (None, 200, 200, 1)
+    assert model.output_shape == (None, 200, 200, 1)
+    # every weight array of the upstream file has a home: same total parameter count
+    file_w = read_keras2_weights(gm_paths["challenge"][0])
+    assert model.count_params() == sum(a.size for w in file_w.values() for a in w.values())
+    # upstream details: global pooling reads the block-1 output; the concat is 6 x filters wide
+    gap = model.get_layer("global_average_pooling2d_1")
+    assert gap.input is model.get_layer("dropout_2").output
+    assert model.get_layer("amort").kernel.shape == (1, 1, 192, 64)
+    for r in (6, 12, 18, 24):
+        assert model.get_layer(f"rate{r}_1").dilation_rate == (r, r)
+    assert model.get_layer("branch1x1_2").kernel_size == (1, 1)
+    bn = model.get_layer("batch_normalization_7")
+    assert bn.epsilon == pytest.approx(1e-3)
+    # fully convolutional variant: global branch still tiles to the input size
+    fc = build_gmseg(32, input_size=None)
+    assert fc(np.zeros((1, 64, 48, 1), np.float32)).shape == (1, 64, 48, 1)
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+
+def test_dice_challenge_model(ensemble_run, t2s):
+    prob, mask = _member(ensemble_run, t2s, 0)
+    img, gt = t2s
+    assert prob.shape == img.shape and prob.dtype == np.float32
+    assert mask.shape == img.shape and mask.dtype == np.uint8
+    assert np.array_equal(mask, (prob > 0.5).astype(np.uint8))
+    d = dice(mask, gt)
+    print(f"gmseg challenge model Dice = {d:.4f}")
+    assert d >= DICE_MIN
+
+
+def test_dice_large_model(ensemble_run, t2s):
+    _, mask = _member(ensemble_run, t2s, 1)
+    d = dice(mask, t2s[1])
+    print(f"gmseg large model Dice = {d:.4f}")
+    assert d >= DICE_MIN
+
+
+def test_dice_ensemble_is_mean_of_models(ensemble_run, t2s):
+    img, gt = t2s
+    prob, mask, details = ensemble_run
+    members = details["member_prob_fine"]
+    assert len(members) == 2 and details["prob_fine"].shape == (img.shape[2], 200, 200)
+    np.testing.assert_allclose(details["prob_fine"], 0.5 * (members[0] + members[1]), atol=1e-6)
+    assert not np.allclose(members[0], members[1], atol=1e-2)  # two different nets really ran
+    assert prob.shape == img.shape and prob.dtype == np.float32 and mask.dtype == np.uint8
+    assert 0.0 <= prob.min() and prob.max() <= 1.0
+    assert np.array_equal(mask, (prob > 0.5).astype(np.uint8))
+    d = dice(mask, gt)
+    print(f"gmseg ensemble (challenge + large) Dice = {d:.4f}")
+    assert d >= DICE_MIN
+
+
+def test_dice_volume_standardisation(models, t2s):
+    from cohortseg.nets.gmseg import segment_gm
+
+    img, gt = t2s
+    _, mask = segment_gm(img, [models["challenge"]], standardise="volume")
+    d = dice(mask, gt)
+    print(f"gmseg challenge model, volume standardisation, Dice = {d:.4f}")
+    assert d >= DICE_MIN
+
+
+def test_flip_tta_averages_left_right_flipped_prediction(models):
+    from cohortseg.nets.gmseg import predict_slices
+
+    model = models["challenge"][0]
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 200, 200, 1)).astype(np.float32)
+    plain = predict_slices(model, x)
+    flipped = predict_slices(model, np.ascontiguousarray(x[:, ::-1]))[:, ::-1]
+    np.testing.assert_allclose(predict_slices(model, x, batch_size=1, flip_tta=True),
+                               0.5 * (plain + flipped), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- orientation
+
+
+def test_same_mask_whatever_the_storage_orientation(models, ensemble_run, t2s):
+    """Reoriented copies (data and affine changed consistently) give the same mask in the original grid.
+
+    Slices are processed independently, so three middle slices keep the test fast; the reference is
+    the challenge model's result on the full image restricted to those slices.
+    """
+    from cohortseg.nets.gmseg import segment_gm
+
+    img_full, gt_full = t2s
+    ks = slice(3, 6)
+    img = img_full.slicer[:, :, ks]
+    gt = gt_full[:, :, ks]
+    ref_mask = _member(ensemble_run, t2s, 0)[1][:, :, ks]
+    assert nib.aff2axcodes(img.affine) == ("L", "A", "S")
+    io = nib.orientations.io_orientation
+    variants = {
+        # LAS -> RAS: data flipped along the first axis, affine changed consistently
+        "RAS": nib.orientations.ornt_transform(io(img.affine),
+                                               nib.orientations.axcodes2ornt(("R", "A", "S"))),
+        # rows (second voxel axis) flipped: LPS
+        "rows_flipped": np.array([[0, 1], [1, -1], [2, 1]]),
+    }
+    for name, ornt in variants.items():
+        other = img.as_reoriented(ornt)
+        assert not np.array_equal(np.asarray(other.dataobj), np.asarray(img.dataobj))
+        _, mask = segment_gm(other, [models["challenge"]])
+        # back into the original voxel grid
+        back = nib.Nifti1Image(mask, other.affine).as_reoriented(
+            nib.orientations.ornt_transform(io(other.affine), io(img.affine)))
+        assert np.allclose(back.affine, img.affine, atol=1e-4)
+        back_mask = np.asarray(back.dataobj)
+        d_ref = dice(back_mask, ref_mask)
+        print(f"orientation {name}: Dice vs original = {d_ref:.4f}, vs manual = {dice(back_mask, gt):.4f}")
+        assert d_ref >= 0.95
+
+
+# ----------------------------------------------------------------------------- weight files
+
+
+def test_corrupt_or_mismatched_weights_raise_model_error(gm_paths, tmp_path):
+    from cohortseg.nets.gmseg import build_gmseg, load_gmseg, load_gmseg_weights
+
+    garbage = tmp_path / "garbage.hdf5"
+    garbage.write_bytes(b"not an hdf5 file" * 100)
+    with pytest.raises(ModelError, match="HDF5"):
+        load_gmseg(garbage, 32)
+
+    truncated = tmp_path / "truncated.hdf5"
+    truncated.write_bytes(gm_paths["challenge"][0].read_bytes()[:200_000])
+    with pytest.raises(ModelError):
+        load_gmseg(truncated, 32)
+
+    with pytest.raises(ModelError, match="not found"):
+        load_gmseg(tmp_path / "missing.hdf5", 32)
+
+    small = build_gmseg(32)
+    before = [w.numpy().copy() for w in small.weights]
+    with pytest.raises(ModelError, match="shape mismatch"):
+        load_gmseg_weights(small, gm_paths["large"][0])  # 64-filter weights into a 32-filter net
+    # all-or-nothing: a failed load leaves the model untouched
+    assert all(np.array_equal(b, w.numpy()) for b, w in zip(before, small.weights))
+
+    # a layer missing from the file
+    pruned = tmp_path / "pruned.hdf5"
+    shutil.copy(gm_paths["challenge"][0], pruned)
+    with h5py.File(pruned, "r+") as f:
+        names = [n for n in f.attrs["layer_names"] if n != b"rate12_2"]
+        f.attrs["layer_names"] = np.array(names)
+        del f["rate12_2"]
+    with pytest.raises(ModelError, match="rate12_2"):
+        load_gmseg_weights(small, pruned)
