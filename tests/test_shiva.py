@@ -1,0 +1,360 @@
+"""SHIVA contract: descriptors -> cards, md5 checks, fold loading/averaging, crop box, p99 normalisation."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cohortseg import shiva
+from cohortseg.errors import InputError, ModelError
+from cohortseg.lesions import lesion_census
+
+from standins import ball, crude_brain_mask, make_shiva_bundle, reference_prediction
+
+GRID = shiva.GRID_SHAPE
+
+
+# ----------------------------------------------------------------------------------------------
+# descriptors
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.shared
+def test_real_descriptors_become_cards(shared_dir):
+    ddir = shared_dir / "models" / "shiva-descriptors"
+    files = sorted(ddir.glob("model_info_*.json"))
+    assert len(files) == 9
+    cards = {f.name: shiva.card_from_model_info(f, ddir) for f in files}
+    cmb2 = cards["model_info_swi-cmb-v2.json"]
+    assert cmb2["pipeline"] == "cmb" and cmb2["contrasts"] == ["SWI"]
+    assert cmb2["architecture"]["loader"] == "savedmodel"
+    assert cmb2["folds"][0]["file"].endswith(".tf_inference") and len(cmb2["folds"]) == 3
+    assert cmb2["thresholds"] == {"probability": 0.5, "min_cluster_vox": 1, "max_outside_brain_frac": 0.25}
+    cmb1 = cards["model_info_swi-cmb-v1.json"]
+    assert cmb1["architecture"]["loader"] == "keras_full" and cmb1["pipeline"] == "cmb"
+    wmh = cards["model_info_t1-flair-wmh-v1.json"]
+    assert wmh["pipeline"] == "wmh" and wmh["contrasts"] == ["T1w", "FLAIR"]
+    assert wmh["thresholds"]["probability"] == 0.2 and wmh["thresholds"]["min_cluster_vox"] == 1
+    assert wmh["architecture"]["input_shape"] == [160, 214, 176, 2]
+    pvs2 = cards["model_info_t1-pvs-v2.json"]  # extension-less fold names are SavedModel folders
+    assert pvs2["architecture"]["loader"] == "savedmodel"
+    assert pvs2["thresholds"]["probability"] == 0.5 and pvs2["thresholds"]["min_cluster_vox"] == 5
+    for c in cards.values():
+        assert c["grid"] == {"shape": [160, 214, 176], "spacing_mm": [1.0, 1.0, 1.0], "orientation": "RAS",
+                             "conform_shape": [256, 256, 256]}
+        assert c["normalisation"]["method"] == "shiva_p99" and c["normalisation"]["clip"] == 1.3
+        assert all(len(f["md5"]) == 32 for f in c["folds"])
+    # the real weights are absent: verification names the missing files
+    with pytest.raises(ModelError, match="missing fold model.*SWI-CMB/20250129-192041"):
+        shiva.verify_folds(cmb2, ddir)
+
+
+def test_bad_descriptors(tmp_path):
+    p = tmp_path / "model_info_bad.json"
+    p.write_text("{not json")
+    with pytest.raises(ModelError, match="not valid JSON"):
+        shiva.read_model_info(p)
+    p.write_text(json.dumps({"target": "XYZ", "modalities": ["t1"], "files": [{"name": "a.h5", "md5": "0" * 32}]}))
+    with pytest.raises(ModelError, match="unknown target"):
+        shiva.read_model_info(p)
+    p.write_text(json.dumps({"target": "CMB", "modalities": ["swi"], "files": [{"name": "a.h5", "md5": "xyz"}]}))
+    with pytest.raises(ModelError, match="md5"):
+        shiva.read_model_info(p)
+    with pytest.raises(ModelError, match="not found"):
+        shiva.read_model_info(tmp_path / "absent.json")
+
+
+def test_tree_md5_follows_shiva_folder_convention(tmp_path):
+    d = tmp_path / "m.tf_inference"
+    (d / "variables").mkdir(parents=True)
+    (d / "saved_model.pb").write_bytes(b"graph")
+    (d / "variables" / "variables.index").write_bytes(b"idx")
+    (d / "fingerprint.pb").write_bytes(b"fp")
+    files = sorted(p for p in d.rglob("*") if p.is_file())
+    expected = hashlib.md5(b"".join(f.read_bytes() for f in files)).hexdigest()
+    assert shiva.tree_md5(d) == expected
+    assert shiva.tree_md5(d / "fingerprint.pb") == hashlib.md5(b"fp").hexdigest()
+
+
+def test_resolve_fold_path_rules(tmp_path):
+    (tmp_path / "SWI-CMB").mkdir()
+    f = tmp_path / "SWI-CMB" / "fold0.h5"
+    f.write_bytes(b"x")
+    assert shiva.resolve_fold_path(tmp_path, "SWI-CMB/fold0.h5") == f
+    # model_dir already is the bundle folder (SHIVA's rule)
+    assert shiva.resolve_fold_path(tmp_path / "SWI-CMB", "SWI-CMB/fold0.h5") == f
+    with pytest.raises(ModelError, match="fold1.h5"):
+        shiva.resolve_fold_path(tmp_path, "SWI-CMB/fold1.h5")
+
+
+# ----------------------------------------------------------------------------------------------
+# stand-in fold models through the descriptor path
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def h5_bundle(tmp_path_factory):
+    return make_shiva_bundle(tmp_path_factory.mktemp("h5"), fmt="h5", n_folds=3)
+
+
+@pytest.fixture(scope="module")
+def sm_bundle(tmp_path_factory):
+    return make_shiva_bundle(tmp_path_factory.mktemp("sm"), fmt="savedmodel", n_folds=2)
+
+
+def _x(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.random((2, *GRID, 1), dtype=np.float32)
+    x[0, 50:53, 60:63, 70:73] = 0.0  # a planted dark blob
+    return x
+
+
+def test_fold_average_is_the_mean_of_the_folds(h5_bundle):
+    desc, mdir = h5_bundle
+    card = shiva.card_from_model_info(desc, mdir)
+    assert card["architecture"]["loader"] == "keras_full" and card["pipeline"] == "cmb"
+    folds = shiva.load_folds(card, mdir)
+    assert len(folds) == 3 and all(f.kind == "keras_full" for f in folds)
+    x = _x()
+    singles = [f.predict(x, batch_size=1) for f in folds]
+    for k, s in enumerate(singles):
+        assert s.shape == (2, *GRID, 1) and s.dtype == np.float32
+        np.testing.assert_allclose(s, reference_prediction(x, k), atol=1e-5)
+    assert not np.allclose(singles[0], singles[1])  # folds really differ
+    avg = shiva.fold_average(folds, x, batch_size=2)
+    assert avg.shape == (2, *GRID, 1) and avg.dtype == np.float32
+    np.testing.assert_allclose(avg, np.mean(np.stack(singles), axis=0), rtol=0, atol=1e-6)
+    # batch size does not change the result
+    np.testing.assert_allclose(shiva.fold_average(folds, x, batch_size=1), avg, rtol=0, atol=1e-6)
+    assert avg[0, 51, 61, 71, 0] > 0.85 and avg[0, 10, 10, 10, 0] < 0.5
+
+
+def test_savedmodel_folds_load_through_descriptor(sm_bundle, h5_bundle):
+    desc, mdir = sm_bundle
+    card = shiva.card_from_model_info(desc, mdir)
+    assert card["architecture"]["loader"] == "savedmodel"
+    assert card["folds"][0]["file"].endswith(".tf_inference")
+    folds = shiva.load_folds(card, mdir)
+    assert all(f.kind == "savedmodel" for f in folds)
+    x = _x(1)[:1]
+    avg = shiva.fold_average(folds, x)
+    ref = np.mean([reference_prediction(x, k) for k in range(2)], axis=0)
+    np.testing.assert_allclose(avg, ref, atol=1e-5)
+    # same weights as the first two Keras .h5 folds
+    hfolds = shiva.load_folds(shiva.card_from_model_info(*h5_bundle), h5_bundle[1])[:2]
+    np.testing.assert_allclose(shiva.fold_average(hfolds, x), avg, atol=1e-6)
+
+
+def test_md5_mismatch_names_the_file(tmp_path, h5_bundle):
+    desc, mdir = h5_bundle
+    bundle = tmp_path / "bundle"
+    shutil.copytree(mdir, bundle)
+    card = shiva.card_from_model_info(bundle / desc.name, bundle)
+    shiva.verify_folds(card, bundle)  # intact copy passes
+    bad = bundle / card["folds"][1]["file"]
+    with open(bad, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ModelError) as e:
+        shiva.verify_folds(card, bundle)
+    assert bad.name in str(e.value) and "md5 mismatch" in str(e.value)
+    assert card["folds"][1]["md5"] in str(e.value)
+    assert card["folds"][0]["file"].split("/")[-1] not in str(e.value)
+    bad.unlink()
+    with pytest.raises(ModelError, match=f"missing fold model.*{bad.name}"):
+        shiva.load_folds(card, bundle)
+
+
+def test_savedmodel_md5_covers_every_file(tmp_path, sm_bundle):
+    desc, mdir = sm_bundle
+    bundle = tmp_path / "bundle"
+    shutil.copytree(mdir, bundle)
+    card = shiva.card_from_model_info(bundle / desc.name, bundle)
+    var = next((bundle / card["folds"][0]["file"]).rglob("variables.data-*"))
+    var.write_bytes(var.read_bytes()[:-1] + b"\x01")
+    with pytest.raises(ModelError, match=card["folds"][0]["file"].split("/")[-1]):
+        shiva.verify_folds(card, bundle)
+
+
+def test_load_fold_errors(tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        shiva.load_fold(tmp_path / "nothing.h5")
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5")
+    with pytest.raises(ModelError, match="junk.h5"):
+        shiva.load_fold(junk)
+    with pytest.raises(ModelError):
+        shiva.fold_average([], np.zeros((1, 2, 2, 2, 1), np.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# crop box
+# ----------------------------------------------------------------------------------------------
+def test_crop_box_centre_of_mass_ceil():
+    m = np.zeros((256, 256, 256), bool)
+    m[100:141, 90:171, 80:201] = True  # centre of mass (120, 130, 140)
+    box = shiva.crop_box(m)
+    assert box.centre == (120, 130, 140)
+    assert box.start == (120 - 80, 130 - 107, 140 - 88) and box.shape == GRID and box.shift_up == 0
+    m2 = np.zeros((64, 64, 64), bool)
+    m2[10:12, 10:12, 10:12] = True  # centre 10.5 -> ceil 11
+    assert shiva.crop_box(m2, shape=(8, 8, 8)).centre == (11, 11, 11)
+
+
+def test_crop_box_shifts_up_when_the_brain_top_would_be_cut():
+    m = np.zeros((256, 256, 256), bool)
+    m[100:150, 100:150, 0:40] = True  # a long "neck" pulls the centre of mass down
+    m[80:170, 60:200, 40:230] = True
+    top = 229
+    com_z = int(np.ceil(np.nonzero(m)[2].mean()))
+    naive_stop = com_z - 88 + 176
+    assert naive_stop <= top  # the plain box would cut the top
+    box = shiva.crop_box(m)
+    assert box.shift_up == top - naive_stop + shiva.TOP_MARGIN_VOX
+    assert box.stop[2] == top + shiva.TOP_MARGIN_VOX and box.start[2] > 0
+    c = shiva.crop(m, box)
+    assert c[..., -1].sum() == 0 and c[:, :, -shiva.TOP_MARGIN_VOX - 1].any()  # top kept, margin empty
+
+
+def test_crop_zero_pads_outside_and_uncrop_round_trips():
+    rng = np.random.default_rng(3)
+    vol = rng.random((100, 120, 90)).astype(np.float32) + 1.0
+    box = shiva.CropBox(start=(-10, 20, -5), shape=(50, 60, 40), centre=(15, 50, 15))
+    c = shiva.crop(vol, box)
+    assert c.shape == (50, 60, 40) and c.dtype == np.float32
+    assert (c[:10] == 0).all() and (c[:, :, :5] == 0).all()  # padded parts
+    np.testing.assert_array_equal(c[10:, :, 5:], vol[0:40, 20:80, 0:35])
+    back = shiva.uncrop(c, box.to_dict(), vol.shape)
+    np.testing.assert_array_equal(back[0:40, 20:80, 0:35], vol[0:40, 20:80, 0:35])
+    assert back[40:].sum() == 0 and back[:, :20].sum() == 0
+    # box sticking out at the top
+    box2 = shiva.CropBox(start=(80, 100, 70), shape=(40, 40, 40), centre=(0, 0, 0))
+    c2 = shiva.crop(vol, box2)
+    np.testing.assert_array_equal(c2[:20, :20, :20], vol[80:, 100:, 70:])
+    assert c2[20:].sum() == 0
+    # multi-channel volumes keep their channel axis
+    assert shiva.crop(np.stack([vol, vol], -1), box).shape == (50, 60, 40, 2)
+    aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    aff[:3, 3] = [-128, -128, -128]
+    np.testing.assert_allclose(shiva.crop_affine(aff, box)[:3, 3], [-138, -108, -133])
+    with pytest.raises(InputError):
+        shiva.crop_box(np.zeros((10, 10, 10)))
+
+
+# ----------------------------------------------------------------------------------------------
+# intensities
+# ----------------------------------------------------------------------------------------------
+def test_normalise_p99_by_hand():
+    v = np.zeros((10, 10, 10), np.float32)
+    mask = np.zeros(v.shape, bool)
+    mask[:, :, :5] = True  # 500 voxels
+    vals = np.arange(1, 501, dtype=np.float32)  # 1..500 in the mask
+    v[mask] = vals
+    v[0, 0, 9] = np.nan
+    v[0, 1, 9] = -7.0
+    v[0, 2, 9] = 10_000.0  # outside the mask: does not move the percentile, clipped
+    p99 = np.percentile(vals, 99)
+    out = shiva.normalise_p99(v, mask)
+    assert out.dtype == np.float32
+    assert out[0, 0, 9] == 0 and out[0, 1, 9] == 0
+    assert out[0, 2, 9] == pytest.approx(1.0)
+    np.testing.assert_allclose(out[mask], np.minimum(vals / p99, 1.3) / 1.3, rtol=1e-6)
+    assert out.max() <= 1.0 and out.min() >= 0.0
+    # a voxel at exactly 1.3 * p99 lands on 1.0, one at p99 on 1/1.3
+    assert np.isclose(shiva.normalise_p99(np.full((2, 2, 2), 5.0), np.ones((2, 2, 2))), 1 / 1.3).all()
+    with pytest.raises(InputError, match="empty"):
+        shiva.normalise_p99(v, np.zeros(v.shape))
+    with pytest.raises(InputError, match="percentile"):
+        shiva.normalise_p99(np.zeros((4, 4, 4)), np.ones((4, 4, 4)))
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end on a real brain with planted dark blobs
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.shared
+def test_end_to_end_planted_dark_blobs_in_real_t1(shared_dir, h5_bundle):
+    img = nib.load(shared_dir / "data" / "brain" / "t1_crop.nii.gz")  # 256^3, LIA, uint8
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    mask = crude_brain_mask(data)
+    # synthetic "SWI": the real anatomy, brain voxels floored at 40 so only planted blobs are black
+    swi = np.where(mask, np.maximum(data, 40.0), data)
+    inside = np.argwhere(mask)
+    rng = np.random.default_rng(7)
+    centres, planted = [], np.zeros(data.shape, bool)
+    from scipy import ndimage
+    deep = ndimage.binary_erosion(mask[::4, ::4, ::4], iterations=3)  # >= ~12 mm from the mask edge
+    cand = np.argwhere(deep) * 4
+    while len(centres) < 5:
+        c = cand[rng.integers(len(cand))]
+        if all(np.linalg.norm(c - o) > 20 for o in centres):
+            centres.append(c)
+    for c in centres:
+        b = ball(data.shape, c, 2.5)
+        planted |= b
+        swi[b] = 0.0
+    assert inside.size
+    x, meta = shiva.prepare_input([nib.Nifti1Image(swi, img.affine)], nib.Nifti1Image(mask.astype(np.uint8), img.affine),
+                                  order=1)
+    assert x.shape == (1, *GRID, 1) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
+    folds = shiva.load_folds(shiva.card_from_model_info(*h5_bundle), h5_bundle[1])
+    prob = shiva.fold_average(folds, x)
+    native = shiva.to_native(prob, meta)
+    assert native.shape == data.shape
+    labels, census = lesion_census(native, mask, img.affine, threshold=0.5, min_size_vox=1)
+    assert len(census) == len(centres)
+    found = np.array([[r["centroid_i"], r["centroid_j"], r["centroid_k"]] for r in census])
+    for c in centres:
+        assert np.min(np.linalg.norm(found - c, axis=1)) < 1.0
+    vol_planted = ball((11, 11, 11), (5, 5, 5), 2.5).sum()
+    for r in census:
+        assert 0.5 * vol_planted <= r["volume_mm3"] <= 1.5 * vol_planted
+        assert r["outside_brain_frac"] == 0.0
+
+
+def test_signatureless_savedmodel_fold(tmp_path):
+    import tensorflow as tf
+
+    class Fold(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 4, 5, 6, 1], tf.float32)], autograph=False)
+        def __call__(self, x):
+            return tf.sigmoid(3.0 - 30.0 * x)
+
+    path = tmp_path / "fold_0_bestvalloss"  # extension-less, like SHIVA T1.PVS.v2
+    tf.saved_model.save(Fold(), str(path), signatures={})
+    fold = shiva.load_fold(path)
+    x = np.linspace(0, 1, 120, dtype=np.float32).reshape(1, 4, 5, 6, 1)
+    np.testing.assert_allclose(fold(x), 1 / (1 + np.exp(-(3.0 - 30.0 * x))), atol=1e-6)
+
+
+def test_prepare_input_two_channels_on_different_grids():
+    # native LPS grid at 1.5 mm; the second contrast on a 2 mm RAS grid of the same world space
+    aff1 = np.array([[-1.5, 0, 0, 70.0], [0, -1.5, 0, 80.0], [0, 0, 1.5, -60.0], [0, 0, 0, 1]])
+    shape1 = (90, 110, 90)
+    ijk = np.indices(shape1).reshape(3, -1).T
+    xyz = nib.affines.apply_affine(aff1, ijk).reshape(*shape1, 3)
+
+    def head(xyz):  # an ellipsoid "brain" with a smooth intensity gradient, in world mm
+        r = (xyz[..., 0] / 60) ** 2 + (xyz[..., 1] / 75) ** 2 + ((xyz[..., 2] - 5) / 55) ** 2
+        return np.where(r <= 1, 100 + 0.5 * xyz[..., 1], 0).astype(np.float32), r <= 1
+
+    t1, brain = head(xyz)
+    aff2 = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff2[:3, 3] = [-66, -84, -60]
+    shape2 = (67, 85, 67)
+    flair, _ = head(nib.affines.apply_affine(aff2, np.indices(shape2).reshape(3, -1).T).reshape(*shape2, 3))
+    x, meta = shiva.prepare_input([nib.Nifti1Image(t1, aff1), nib.Nifti1Image(flair, aff2)],
+                                  nib.Nifti1Image(brain.astype(np.uint8), aff1), order=1)
+    assert x.shape == (1, *GRID, 2) and x.dtype == np.float32
+    assert 0 <= x.min() and x.max() <= 1
+    box = shiva.CropBox.from_dict(meta["box"])
+    assert box.shift_up == 0
+    m = x[0, ..., 0] > 0.3
+    assert np.corrcoef(x[0, ..., 0][m], x[0, ..., 1][m])[0, 1] > 0.95
+    # the brain's centre of mass sits at the box centre
+    com = np.argwhere(x[0, ..., 0] > 0).mean(axis=0)
+    np.testing.assert_allclose(com, np.array(GRID) // 2, atol=2)
+    # back to the native grid of the first image
+    native = shiva.to_native(x[..., :1], meta)
+    assert native.shape == shape1
+    inner = brain & (t1 > 0)
+    assert np.corrcoef(native[inner], t1[inner])[0, 1] > 0.95
+    json.dumps(meta)  # meta is JSON-able
