@@ -93,6 +93,12 @@ def card_paths(extra_dirs=()) -> dict[str, Path]:
 def find_card(name_or_path: str, extra_dirs=()) -> ModelCard:
     """A card by name (config/models, extra dirs) or by path (a card file or a bundle folder)."""
     p = Path(name_or_path)
+    if p.suffix == ".json" and p.is_file():  # a SHIVA model_info_*.json registers a model as is
+        from .shiva import card_from_model_info
+
+        data = card_from_model_info(p)
+        validate_card(data, p)
+        return ModelCard(data=data, source=p)
     if p.is_dir() and (p / "card.yaml").is_file():
         return load_card(p / "card.yaml")
     if p.suffix in (".yaml", ".yml") and p.is_file():

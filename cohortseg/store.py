@@ -45,7 +45,14 @@ class ModelStore:
         key = f"{path}|{st.st_size}|{int(st.st_mtime)}"
         if key in self._verified:
             return self._verified[key]
-        if path.is_dir():
+        if path.is_dir():  # SavedModel folds: md5 over the folder's files (SHIVA's convention)
+            if "md5" in entry:
+                from .shiva import tree_md5
+
+                got = tree_md5(path)
+                if got.lower() != entry["md5"].lower():
+                    raise ModelError(f"model '{card.name}': checksum mismatch for folder {path} "
+                                     f"(md5 {got}, card says {entry['md5']})")
             digest = _dir_digest(path)
         elif "sha256" in entry:
             digest = sha256sum(path)
