@@ -17,7 +17,7 @@ from . import __version__
 from .io import write_json_atomic, write_text_atomic
 from .pipelines import get_pipeline
 
-ID_COLUMNS = ["participant_id", "session_id", "status", "error"]
+ID_COLUMNS = ["participant_id", "session_id", "status", "error", "warnings"]
 QC_COLUMNS = ["qc_flags", "qc_rating"]
 RATING_ORDER = ["fail", "artifact", "pass"]  # the worst rating of a session's pipelines wins
 
@@ -33,7 +33,7 @@ def summary_rows(records: list[dict], pipelines: list[str]) -> list[dict]:
     rows = []
     for rec in records:
         row = {"participant_id": rec["participant_id"], "session_id": rec.get("session_id", "")}
-        errors, flags, n_ok, n_all = [], [], 0, 0
+        errors, flags, warns, n_ok, n_all = [], [], [], 0, 0
         for pname in pipelines:
             items = rec.get("pipelines", {}).get(pname)
             if items is None:
@@ -49,6 +49,7 @@ def summary_rows(records: list[dict], pipelines: list[str]) -> list[dict]:
                     errors.append(f"{pname}/{name}: {it.get('stage', '')}: {it.get('error', '')}")
                 prefix = f"{pname}_{name.rsplit('_', 1)[-1]}_" if multiple else f"{pname}_"
                 flags += [f"{prefix}{f}" for f in it.get("sanity_flags") or []]
+                warns += [f"{pname}/{name}: {w}" for w in it.get("warnings") or []]
                 for k, v in (it.get("metrics") or {}).items():
                     row[prefix + k] = v
             row[f"{pname}_status"] = "ok" if p_status and all(s == "ok" for s in p_status) else (
@@ -56,6 +57,7 @@ def summary_rows(records: list[dict], pipelines: list[str]) -> list[dict]:
         row["status"] = "ok" if n_all and n_ok == n_all else ("partial" if n_ok else "failed")
         row["error"] = " | ".join(errors)
         row["qc_flags"] = ";".join(flags)
+        row["warnings"] = " | ".join(warns)
         rows.append(row)
     return rows
 

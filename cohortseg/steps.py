@@ -147,6 +147,7 @@ def finalize_session(rows: list[dict], prep_record, shard_dirs: dict, config: di
             if it["status"] != "ok":
                 continue
             item = _item(row_of[(pname, name)])
+            writer = OutputWriter(out_dir, item)
             t0 = time.perf_counter()
             try:
                 shard = shard_dirs.get(pname)
@@ -162,13 +163,13 @@ def finalize_session(rows: list[dict], prep_record, shard_dirs: dict, config: di
                 prob = arrays["prob"] if list(arrays) == ["prob"] else arrays
                 if pname not in cards_cache:
                     cards_cache[pname] = pipeline_cards(config, pname)
-                writer = OutputWriter(out_dir, item)
                 metrics = get_pipeline(pname).finalize(item, Prepared.load(it["prep"]), prob, cards_cache[pname],
                                                        _cfg(config, pname), writer)
                 it.update({"status": "ok", "metrics": metrics, "files": writer.files, "sanity_flags": writer.flags,
                            "finalize_seconds": round(time.perf_counter() - t0, 2)})
             except Exception as e:  # noqa: BLE001
                 it.update(_failure("finalize", e, item))
+                it.update({"files": writer.files, "sanity_flags": writer.flags})  # kept for QC
     rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json_atomic(record_path, rec)
     return rec

@@ -123,3 +123,19 @@ def test_inputs_untouched(run):
 def test_rerun_is_a_noop(run):
     res = snakemake(run["tmp"], "-n", "--cores", "1", configfile=run["cfg"])
     assert "Nothing to be done" in res.stdout + res.stderr
+
+
+def test_exported_qc_ratings_only_rerun_the_tables(run):
+    """Ratings exported from qc/index.html flag participants in summary.csv; nothing is recomputed."""
+    ratings = run["out"] / "qc" / "qc_ratings.tsv"
+    ratings.write_text("participant_id\tsession_id\tpipeline\trating\trater\ttimestamp\n"
+                       "sub-02\t\tsc_gm\tfail\tAB\t2026-01-01T10:00:00Z\n"
+                       "sub-03\tses-01\tsc_gm\tpass\tAB\t2026-01-01T10:01:00Z\n")
+    dry = snakemake(run["tmp"], "-n", "--cores", "1", configfile=run["cfg"]).stdout
+    from helpers import job_counts
+
+    assert job_counts(dry) == {"aggregate": 1, "qc_page": 1, "all": 1}
+    snakemake(run["tmp"], "--cores", "1", configfile=run["cfg"])
+    df = pd.read_csv(run["out"] / "group/summary.csv", dtype=str, keep_default_na=False).set_index("participant_id")
+    assert df.loc["sub-02", "qc_rating"] == "fail" and df.loc["sub-03", "qc_rating"] == "pass"
+    assert df.loc["sub-01", "qc_rating"] == "unrated"

@@ -84,6 +84,11 @@ class ScGm(Pipeline):
             "n_slices_with_gm": int((area > 0).sum()),
         }
         _qc(native, mask_native, out, item)
+        if not mask_native.any():
+            from ..errors import InputError
+
+            raise InputError("no gray matter found: the field of view may miss the cord or the image is not an "
+                             "axial T2*w (outputs written for QC)", item.inputs["image"])
         return metrics
 
 
