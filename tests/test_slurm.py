@@ -1,0 +1,208 @@
+"""SLURM, for real: the workflow submitted with `--profile profiles/slurm` to a one-node cluster.
+
+The cluster is started by `tests/slurm/start_cluster.sh` (CI: .ci/run) on loopback: node `localhost`
+with 4 CPUs, a `gpu` GRES and no accounting. One workflow run (module-scoped, ~2.5 min on 2 cores)
+is checked for its outputs, for the requests SLURM received (only `infer` asks for a GPU), for the
+number of sbatch submissions per session and for the Python the jobs ran with.
+
+`test_profile_*` (not marked `slurm`) check that the literal `snakemake --profile slurm` resolves
+from the repository root; they need no cluster.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pandas as pd
+import pytest
+
+from helpers import REPO, job_counts, write_config
+
+RUN_TIMEOUT_S = 900
+START_HINT = "start it with `sudo tests/slurm/start_cluster.sh` (needs Debian slurm-wlm + munge)"
+
+
+def _env():
+    """The caller's environment without a user profile or an enclosing SLURM job's settings."""
+    return {k: v for k, v in os.environ.items()
+            if k != "SNAKEMAKE_PROFILE" and not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+
+
+def _cmd(*args, timeout=30) -> str:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, check=True).stdout
+
+
+def _require_cluster():
+    for tool in ("sinfo", "sbatch", "squeue", "scontrol"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"SLURM client '{tool}' not found; {START_HINT}")
+    try:
+        nodes = _cmd("sinfo", "--noheader", "--Node", "-o", "%N|%T|%G")
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"no SLURM controller answers sinfo ({(e.stderr or '').strip()[-300:]}); {START_HINT}")
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"sinfo did not answer within 30 s; {START_HINT}")
+    rows = [line.split("|") for line in nodes.splitlines() if line.strip()]
+    idle = [r for r in rows if r[1] in ("idle", "mixed")]  # "idle*": not responding
+    if not idle:
+        pytest.skip(f"no idle SLURM node (sinfo: {nodes.strip() or 'no nodes'}); {START_HINT}")
+    if not any("gpu" in r[2] for r in idle):
+        pytest.skip(f"no idle SLURM node with a gpu GRES (sinfo: {nodes.strip()}); {START_HINT}")
+
+
+def _job_info(jobid: str) -> dict:
+    """`scontrol -o show job` as a dict (values without spaces are enough here)."""
+    line = _cmd("scontrol", "-o", "show", "job", jobid)
+    return dict(re.findall(r"(\S+?)=(\S*)", line))
+
+
+def _gpus_requested(info: dict) -> int:
+    """GPUs asked for, from the TRES fields (22.05: TresPerJob=gres:gpu:1; newer: gres/gpu:1)."""
+    n = 0
+    for key in ("TresPerJob", "TresPerNode", "TresPerTask", "TresPerSocket", "TRES", "AllocTRES"):
+        m = re.search(r"gres[:/]gpu(?::[A-Za-z][\w.]*)?[:=](\d+)", info.get(key, ""))
+        if m:
+            n = max(n, int(m.group(1)))
+    return n
+
+
+@pytest.fixture(scope="module")
+def slurm_run(tmp_path_factory, shared_dir):
+    _require_cluster()
+    from cohortseg.demo import build_demo
+
+    tmp = tmp_path_factory.mktemp("slurm")
+    bids = build_demo(shared_dir, tmp / "bids")
+    out = tmp / "out"
+    cfg = write_config(tmp / "cfg.yaml", bids_dir=str(bids), output_dir=str(out),
+                       model_dir=str(shared_dir / "models"), pipelines=["sc_gm"],
+                       inference={"shard_size": 1000})  # one shard: every session in one infer job
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp),
+           "--profile", str(REPO / "profiles" / "slurm"), "--configfile", str(cfg), "--jobs", "4"]
+    t0 = time.monotonic()
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=_env())
+    except subprocess.TimeoutExpired as e:
+        text = "".join(s.decode(errors="replace") if isinstance(s, bytes) else (s or "")
+                       for s in (e.stdout, e.stderr))
+        m = re.search(r"SLURM run ID: (\S+)", text)
+        if m:  # leave no jobs of this run behind
+            subprocess.run(["scancel", "--name", m.group(1)], capture_output=True)
+        pytest.fail(f"snakemake on SLURM ran past {RUN_TIMEOUT_S}s:\n{text[-5000:]}")
+    elapsed = time.monotonic() - t0
+    log = res.stdout + res.stderr
+    if res.returncode != 0:
+        slurm_logs = "".join(f"\n--- {p} ---\n{p.read_text()[-2000:]}"
+                             for p in sorted((tmp / ".snakemake" / "slurm_logs").rglob("*.log")))
+        pytest.fail(f"snakemake on SLURM failed ({res.returncode}):\n{log[-6000:]}{slurm_logs[-6000:]}")
+    m = re.search(r"SLURM run ID: (\S+)", log)
+    assert m, f"no 'SLURM run ID' in the snakemake log:\n{log[-3000:]}"
+    run_id = m.group(1)
+    # every job of this run: the plugin names them after the run ID (MinJobAge keeps finished ones)
+    listing = _cmd("squeue", "--states=all", "--noheader", "--name", run_id, "-o", "%i|%k|%T")
+    jobs = []
+    for line in listing.splitlines():
+        if line.strip():
+            jobid, comment, state = line.strip().split("|")
+            rule = re.match(r"rule_(\w+?)(?:_wildcards_|$)", comment)
+            jobs.append({"id": jobid, "comment": comment, "state": state,
+                         "rule": rule.group(1) if rule else comment, "info": _job_info(jobid)})
+    print(f"SLURM run {run_id}: {len(jobs)} sbatch submissions, workflow took {elapsed:.0f}s")
+    return {"tmp": tmp, "out": out, "log": log, "run_id": run_id, "jobs": jobs, "elapsed": elapsed}
+
+
+@pytest.mark.slurm
+@pytest.mark.shared
+@pytest.mark.slow
+class TestWorkflowOnSlurm:
+    def test_outputs_complete(self, slurm_run):
+        out = slurm_run["out"]
+        df = pd.read_csv(out / "group/summary.csv", dtype=str, keep_default_na=False)
+        assert len(df) == 4 and set(df.status) == {"ok"}, df[["participant_id", "session_id", "status", "error"]]
+        for pid, ses in zip(df.participant_id, df.session_id):
+            folder = out / "sc_gm" / pid / ses / "anat"
+            stem = "_".join(x for x in (pid, ses) if x) + "_T2starw"
+            assert (folder / f"{stem}_label-GM_mask.nii.gz").is_file(), (pid, ses)
+            assert (folder / f"{stem}_label-GM_probseg.nii.gz").is_file(), (pid, ses)
+        assert (out / "qc/index.html").is_file()
+
+    def test_only_infer_requests_a_gpu(self, slurm_run):
+        by_rule = {}
+        for j in slurm_run["jobs"]:
+            by_rule.setdefault(j["rule"], []).append(j)
+        assert by_rule.get("infer"), f"no infer job submitted: {slurm_run['jobs']}"
+        for j in by_rule["infer"]:
+            info = j["info"]
+            assert _gpus_requested(info) == 1, f"infer job {j['id']} without a GPU request: {info}"
+            assert info.get("NumCPUs") == "4" and info.get("MinMemoryNode") == "16000M", info
+        for rule in ("prepare", "finalize"):
+            for j in by_rule[rule]:
+                info = j["info"]
+                assert _gpus_requested(info) == 0, f"{rule} job {j['id']} asked for a GPU: {info}"
+                assert info.get("NumCPUs") == "1" and info.get("MinMemoryNode") == "4000M", info
+
+    def test_few_submissions_per_session(self, slurm_run):
+        jobs = slurm_run["jobs"]
+        assert all(j["state"] == "COMPLETED" for j in jobs), [(j["id"], j["comment"], j["state"]) for j in jobs]
+        counts = Counter(j["rule"] for j in jobs)
+        # aggregate, qc_page and all are local rules: never submitted
+        assert counts == {"prepare": 4, "infer": 1, "finalize": 4}, counts
+        per_session = len(jobs) / 4
+        print(f"sbatch submissions per session: {per_session:.2f} ({dict(counts)})")
+        assert per_session <= 3
+
+    def test_jobs_use_the_callers_python(self, slurm_run):
+        """The batch script runs `<this python> -m snakemake ...` in the run's working directory."""
+        j = next(j for j in slurm_run["jobs"] if j["rule"] == "prepare")
+        assert j["info"].get("WorkDir") == str(slurm_run["tmp"])
+        try:
+            script = _cmd("scontrol", "write", "batch_script", j["id"], "-")
+        except subprocess.CalledProcessError as e:  # batch scripts are purged with the job record
+            pytest.skip(f"batch script of job {j['id']} not available: {e.stderr}")
+        assert f"{sys.executable} -m snakemake" in script, script[:2000]
+
+
+def test_profile_slurm_resolves_from_repo_root():
+    """`snakemake --profile slurm` from the repository root reads profiles/slurm (via ./slurm)."""
+    probe = (
+        "import json; from snakemake.cli import parse_args\n"
+        "_, a = parse_args(['--profile', 'slurm', '-n'])\n"
+        "print(json.dumps({'executor': a.executor, 'status': a.slurm_status_command,\n"
+        "    'set_resources': {r: {k: v.value for k, v in d.items()} for r, d in a.set_resources.items()},\n"
+        "    'default_resources': sorted(a.default_resources)}))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, env=_env())
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Using profile slurm" in res.stdout + res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["executor"] == "slurm" and got["status"] == "squeue"
+    assert got["set_resources"] == {"infer": {"gpu": 1, "cpus_per_task": 4}}
+    assert {"mem_mb", "runtime", "cpus_per_task"} <= set(got["default_resources"])
+
+
+@pytest.mark.shared
+def test_profile_slurm_dryrun_from_repo_root(tmp_path, shared_dir):
+    """The literal command, as a dry-run (no cluster): the profile's per-rule requests reach the jobs."""
+    from cohortseg.demo import build_demo
+
+    bids = build_demo(shared_dir, tmp_path / "bids")
+    cfg = write_config(tmp_path / "cfg.yaml", bids_dir=str(bids), output_dir=str(tmp_path / "out"),
+                       model_dir=str(shared_dir / "models"), pipelines=["sc_gm"], inference={"shard_size": 1000})
+    res = subprocess.run([sys.executable, "-m", "snakemake", "--profile", "slurm", "-n", "--directory", str(tmp_path),
+                          "--configfile", str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=300, env=_env())
+    text = res.stdout + res.stderr
+    assert res.returncode == 0, text[-5000:]
+    assert "Using profile slurm" in text
+    assert job_counts(res.stdout) == {"prepare": 4, "infer": 1, "finalize": 4, "aggregate": 1, "qc_page": 1, "all": 1}
+    blocks = re.findall(r"^(?:local)?rule (\w+):\n(.*?)(?=^\S|\Z)", res.stdout, re.S | re.M)
+    resources = {name: re.search(r"resources: (.*)", body).group(1) for name, body in blocks}
+    assert "gpu=1" in resources["infer"] and "cpus_per_task=4" in resources["infer"], resources["infer"]
+    for rule in ("prepare", "finalize"):
+        assert "gpu=" not in resources[rule] and "cpus_per_task=1" in resources[rule], resources[rule]
