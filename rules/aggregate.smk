@@ -8,7 +8,7 @@ rule aggregate:
         records=PLAN.all_session_records(),
         ratings=PLAN.ratings_input(),
     output:
-        summary=PLAN.summary(),
+        summary=report(PLAN.summary(), caption="../docs/report/summary.rst", category="Cohort tables"),
         provenance=PLAN.group("summary.json"),
         tables=PLAN.group_tables(),
     params:

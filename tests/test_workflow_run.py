@@ -139,3 +139,11 @@ def test_exported_qc_ratings_only_rerun_the_tables(run):
     df = pd.read_csv(run["out"] / "group/summary.csv", dtype=str, keep_default_na=False).set_index("participant_id")
     assert df.loc["sub-02", "qc_rating"] == "fail" and df.loc["sub-03", "qc_rating"] == "pass"
     assert df.loc["sub-01", "qc_rating"] == "unrated"
+
+
+def test_snakemake_report_includes_cohort_table_and_qc_page(run):
+    snakemake(run["tmp"], "--report", str(run["tmp"] / "report.zip"), configfile=run["cfg"])
+    import zipfile
+
+    names = zipfile.ZipFile(run["tmp"] / "report.zip").namelist()
+    assert any(n.endswith("summary.csv") for n in names) and any(n.endswith("index.html") for n in names), names
