@@ -28,7 +28,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+
+from _common import emit  # noqa: E402
 
 from cohortseg.fakebids import make_fake_bids  # noqa: E402
 
@@ -137,11 +139,7 @@ def main(argv=None) -> dict:
         result["targets"] = {"dryrun_s": 30, "dryrun_rss_mb": 1536, "remote_overhead_s": 2}
         result["meets_targets"] = bool(cached["wall_s"] <= 30 and (cached["peak_rss_mb"] or 0) <= 1536
                                        and remote["wall_s"] <= 2)
-    print(json.dumps(result, indent=2))
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, a.out)
 
 
 if __name__ == "__main__":

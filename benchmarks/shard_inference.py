@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+
+from _common import emit  # noqa: E402
 
 JOB = """
 import json, sys
@@ -102,11 +104,7 @@ def main(argv=None) -> dict:
             util = [s[0] for s in samples]
             result["gpu"] = {"utilisation_mean_pct": round(sum(util) / len(util), 1), "utilisation_max_pct": max(util),
                              "memory_used_max_mib": max(s[1] for s in samples)}
-    print(json.dumps(result, indent=2))
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, a.out)
 
 
 if __name__ == "__main__":
