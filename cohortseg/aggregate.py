@@ -160,7 +160,8 @@ def provenance(config: dict, records: list[dict]) -> dict:
         "cohortseg_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "python": platform.python_version(), "platform": platform.platform(), "packages": versions,
         "models": models, "config": config,
-        "thresholds": {p: {k: v for k, v in (config.get(p) or {}).items() if "threshold" in k or "min_cluster" in k}
+        "thresholds": {p: {k: v for k, v in (config.get(p) or {}).items()
+                           if any(w in k for w in ("threshold", "min_cluster", "max_outside"))}
                        for p in config["pipelines"]},
         "n_sessions": len(records),
     }

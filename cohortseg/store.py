@@ -83,7 +83,10 @@ class ModelStore:
         if not path.exists():
             url = entry.get("url")
             if not (self.allow_download and url):
-                hint = f"download it from {url} or set allow_download: true" if url else "no url in the card"
+                if entry.get("manual_url"):  # a share page / archive: a person downloads and unpacks it
+                    hint = f"download the bundle from {entry['manual_url']} and unpack it into model_dir"
+                else:
+                    hint = f"download it from {url} or set allow_download: true" if url else "no url in the card"
                 raise ModelError(f"model '{card.name}': file {path} is missing ({hint}; model_dir={self.model_dir})")
             _download(url, path)
         return path
