@@ -1,0 +1,35 @@
+"""Training of the project's own models (k-fold 2D U-Nets) into model bundles.
+
+One entry point: :func:`train_bundle` (``python -m cohortseg.training --config ... --out ...``).
+Submodules: ``datasets`` (pairs, preprocessing, soft labels, splits), ``augment``, ``losses``,
+``train`` (the fold loop), ``bundle`` (card.yaml + fold_<k>.keras + cv_report.json + curves).
+TensorFlow is imported only when training starts.
+"""
+from __future__ import annotations
+
+
+def train_bundle(config: dict, out_dir, progress=None):
+    """Train per the config dict and write a model bundle folder; returns its Path."""
+    from .train import train_bundle as _tb
+
+    return _tb(config, out_dir, progress=progress)
+
+
+def load_config(path) -> dict:
+    """Read a training config YAML."""
+    from pathlib import Path
+
+    import yaml
+
+    from ..errors import ConfigError
+
+    try:
+        cfg = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read training config {path}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"training config {path} is not a mapping")
+    return cfg
+
+
+__all__ = ["train_bundle", "load_config"]

@@ -1,0 +1,257 @@
+"""Training package: augmentation, splits, losses, and a CI-sized k-fold run into a model bundle."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cohortseg.training import augment as aug
+from cohortseg.training import datasets as ds
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "config" / "train" / "sc_csa.yaml"
+
+# The CI-sized variant of config/train/sc_csa.yaml (the same overrides are documented in
+# docs/TRAINING.md as --set options of `python -m cohortseg.training`).
+CI_OVERRIDES = {
+    "net": {"base_filters": 4, "depth": 2},
+    "train": {"epochs": 3, "slices_per_epoch": 48, "batch_size": 16, "patience": 2, "min_epochs": 1},
+}
+
+
+def _slice_pair(seed=0, soft=False):
+    rng = np.random.default_rng(seed)
+    img = rng.normal(size=(48, 48)).astype(np.float32)
+    ii, jj = np.mgrid[:48, :48]
+    d = np.sqrt((ii - 24.0) ** 2 + (jj - 20.0) ** 2)
+    lab = np.clip(6.5 - d, 0, 1) if soft else (d <= 6).astype(np.float32)
+    img[d <= 6] += 3.0
+    return img, lab.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------- augmentation
+def test_augmentation_deterministic_and_label_preserving():
+    img, lab = _slice_pair()
+    cfg = aug.AugmentConfig(p_spatial=1.0, p_elastic=1.0, p_flip_lr=0.5, p_gamma=1.0, p_intensity=1.0,
+                            p_invert=0.5, p_lut=0.5, p_noise=1.0, p_fov=0.5)
+    a = aug.augment_batch(np.stack([img] * 4), np.stack([lab] * 4), np.random.default_rng(7), cfg)
+    b = aug.augment_batch(np.stack([img] * 4), np.stack([lab] * 4), np.random.default_rng(7), cfg)
+    c = aug.augment_batch(np.stack([img] * 4), np.stack([lab] * 4), np.random.default_rng(8), cfg)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+    assert a[0].shape == (4, 48, 48) and a[1].shape == (4, 48, 48)
+    assert a[0].dtype == np.float32 and a[1].dtype == np.float32
+    # a binary label stays binary (nearest interpolation) and keeps roughly its area
+    assert set(np.unique(a[1])) <= {0.0, 1.0}
+    for y in a[1]:
+        assert 0.6 * lab.sum() < y.sum() < 1.6 * lab.sum()
+    # soft labels stay in [0, 1]
+    simg, slab = _slice_pair(soft=True)
+    x, y = aug.augment_pair(simg, slab, np.random.default_rng(3), cfg)
+    assert 0.0 <= y.min() and y.max() <= 1.0 and not set(np.unique(y)) <= {0.0, 1.0}
+
+
+def test_augmentation_identity_and_lr_flip_only():
+    img, lab = _slice_pair()
+    x, y = aug.augment_pair(img, lab, np.random.default_rng(0), aug.AugmentConfig.none())
+    np.testing.assert_allclose(x, img, atol=1e-6)
+    np.testing.assert_array_equal(y, lab)
+    flip = aug.AugmentConfig(**{**aug.AugmentConfig.none().__dict__, "p_flip_lr": 1.0})
+    x, y = aug.augment_pair(img, lab, np.random.default_rng(0), flip)
+    # axis 0 is left-right in the model grid: the only flip anatomy allows
+    np.testing.assert_allclose(x, img[::-1, :], atol=1e-5)
+    np.testing.assert_array_equal(y, lab[::-1, :])
+
+
+def test_augment_config_rejects_unknown_keys():
+    from cohortseg.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        aug.AugmentConfig.from_dict({"p_flip_ap": 0.5})
+
+
+# ------------------------------------------------------------------------------------- splits
+def _pairs():
+    return [ds.Pair(f"/x/{s}_{c}.nii.gz", f"/x/{s}_{c}_seg.nii.gz", s, c)
+            for s in ("sub-01", "sub-02", "sub-03", "sub-04", "sub-05") for c in ("T1w", "T2w")]
+
+
+def test_kfold_by_subject_never_splits_a_subject():
+    pairs = _pairs()
+    folds = ds.kfold_splits(pairs, k=3, by="subject", seed=1)
+    assert len(folds) == 3
+    tested = []
+    for train, test in folds:
+        assert not set(train) & set(test)
+        assert not {pairs[i].subject for i in train} & {pairs[i].subject for i in test}
+        tested += test
+    assert sorted(tested) == list(range(len(pairs)))
+    assert folds == ds.kfold_splits(pairs, k=3, by="subject", seed=1)  # seeded
+
+
+def test_kfold_by_contrast_is_leave_one_contrast_out():
+    pairs = _pairs()
+    folds = ds.kfold_splits(pairs, by="contrast")
+    assert len(folds) == 2
+    for train, test in folds:
+        assert len({pairs[i].contrast for i in test}) == 1
+        assert {pairs[i].contrast for i in train}.isdisjoint({pairs[i].contrast for i in test})
+
+
+def test_tsv_pairs(tmp_path):
+    (tmp_path / "pairs.tsv").write_text("image\tmask\tsubject\tcontrast\n"
+                                        "a/sub-1_T2w.nii.gz\ta/sub-1_T2w_seg.nii.gz\tsub-1\tT2w\n"
+                                        "a/sub-2_T1w.nii.gz\ta/sub-2_T1w_seg.nii.gz\t\t\n")
+    pairs = ds.read_pairs_tsv(tmp_path / "pairs.tsv")
+    assert pairs[0] == ds.Pair(str(tmp_path / "a/sub-1_T2w.nii.gz"), str(tmp_path / "a/sub-1_T2w_seg.nii.gz"),
+                               "sub-1", "T2w")
+    assert pairs[1].subject == "sub-2" and pairs[1].contrast == "T1w"  # guessed from the BIDS name
+
+
+def test_bids_pairs(tmp_path):
+    for sub, suf in [("sub-01", "T2w"), ("sub-02", "T1w"), ("sub-03", "T2w")]:
+        (tmp_path / sub / "anat").mkdir(parents=True)
+        (tmp_path / sub / "anat" / f"{sub}_{suf}.nii.gz").write_bytes(b"")
+        if sub != "sub-03":  # no mask -> not a pair
+            d = tmp_path / "derivatives" / "labels" / sub / "anat"
+            d.mkdir(parents=True)
+            (d / f"{sub}_{suf}_seg-manual.nii.gz").write_bytes(b"")
+    pairs = ds.pairs_from_bids(tmp_path)
+    assert [(p.subject, p.contrast) for p in pairs] == [("sub-01", "T2w"), ("sub-02", "T1w")]
+    assert ds.pairs_from_bids(tmp_path, suffixes=["T1w"])[0].subject == "sub-02"
+
+
+# ------------------------------------------------------------------------------------- losses
+def test_losses_zero_at_target_and_positive_elsewhere():
+    from cohortseg.training.losses import LOSSES, dice_score
+
+    y = np.zeros((2, 8, 8, 1), np.float32)
+    y[:, 2:6, 2:6] = 1.0
+    y[:, 2, 2:6] = 0.5  # a soft edge
+    from cohortseg.training.train import _np
+
+    for name, fn in LOSSES.items():
+        same = float(np.mean(_np(fn(y, y))))
+        other = float(np.mean(_np(fn(y, np.full_like(y, 0.3)))))
+        assert other > same, name
+        if name in ("mse", "adaptive_wing"):
+            assert same == pytest.approx(0.0, abs=1e-6), name
+    assert dice_score(y, y) == 1.0 and dice_score(y, 1 - y) == 0.0
+
+
+# ------------------------------------------------------------------------- preprocessing (shared)
+@pytest.mark.shared
+def test_preprocessing_grid_and_soft_labels(shared_dir):
+    spine = shared_dir / "data" / "spine"
+    pair = ds.Pair(str(spine / "t2" / "t2.nii.gz"), str(spine / "t2" / "t2_seg-manual.nii.gz"), "s", "T2w")
+    vol = ds.load_volume(pair, inplane_mm=1.0, crop=(64, 64), label="soft", soft_sigma_mm=0.5)
+    assert vol.x.shape == (55, 64, 64) and vol.y.shape == vol.x.shape  # 55 slices along S-I (PSR axis 1)
+    assert abs(float(vol.x[vol.x != vol.x.min()].mean())) < 1.0  # z-scored
+    assert 0.0 <= vol.y.min() and vol.y.max() <= 1.0
+    soft_vals = vol.y[(vol.y > 0.05) & (vol.y < 0.95)]
+    assert soft_vals.size > 100  # partial-volume edge
+    # blur + linear resampling preserve the area: the soft label's sum (1 mm grid, 1 mm pixels)
+    # equals the native mask's voxel count
+    import nibabel as nib
+
+    native = np.asarray(nib.load(pair.mask).dataobj) > 0.5
+    assert vol.y.sum() == pytest.approx(native.sum(), rel=0.01)
+    assert vol.y_bin.sum() == pytest.approx(native.sum(), rel=0.2)
+
+
+# ------------------------------------------------------------------------- CI-sized training run
+def _ci_config() -> dict:
+    cfg = yaml.safe_load(RECIPE.read_text())
+    for key, val in CI_OVERRIDES.items():
+        cfg[key] = {**cfg.get(key, {}), **val}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def ci_bundle(shared_dir, tmp_path_factory):
+    from cohortseg.training import train_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "sc_csa_ci"
+    t0 = time.perf_counter()
+    path = train_bundle(_ci_config(), out, progress=lambda m: None)
+    return path, time.perf_counter() - t0
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_ci_training_writes_valid_bundle(ci_bundle):
+    from cohortseg.io import sha256sum
+    from cohortseg.training.bundle import verify_bundle
+
+    path, seconds = ci_bundle
+    assert seconds < 120, f"CI-sized training took {seconds:.0f}s"
+    card = yaml.safe_load((path / "card.yaml").read_text())
+    assert card["pipeline"] == "sc_csa" and card["architecture"]["loader"] == "keras_full"
+    assert card["normalisation"]["method"] == "zscore_volume"
+    assert card["grid"]["inplane_mm"] == 1.0 and card["grid"]["crop"] == [64, 64]
+    assert card["thresholds"]["mask"] == 0.5 and card["labels"] == {1: "SC"}
+    assert set(card["contrasts"]) == {"T1w", "T2w"}
+    assert card["training"]["seed"] == _ci_config()["seed"]
+    assert len(card["folds"]) == 2
+    for f in card["folds"]:
+        assert sha256sum(path / f["file"]) == f["sha256"]
+    verify_bundle(path)  # schema + checksums
+    rep = json.loads((path / "cv_report.json").read_text())
+    assert len(rep["folds"]) == 2
+    for f in rep["folds"]:
+        assert 0.0 <= f["dice"] <= 1.0
+        assert f["held_out"] and all("dice" in h and "contrast" in h for h in f["held_out"])
+    assert set(rep["leave_one_contrast_out"]) == {"T1w", "T2w"}
+    png = (path / "learning_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_reloaded_fold_predicts_grid_shape(ci_bundle):
+    import keras
+
+    path, _ = ci_bundle
+    card = yaml.safe_load((path / "card.yaml").read_text())
+    model = keras.models.load_model(str(path / card["folds"][0]["file"]), compile=False)
+    h, w = card["grid"]["crop"]
+    x = np.random.default_rng(0).normal(size=(3, h, w, 1)).astype(np.float32)
+    p = np.asarray(model.predict(x, verbose=0))
+    assert p.shape == (3, h, w, 1)
+    assert 0.0 <= p.min() and p.max() <= 1.0
+    # the generic loader used by the workflow reads it too
+    from cohortseg.loaders import LOADERS
+
+    m2 = LOADERS["keras_full"](path / card["folds"][1]["file"], card, card["folds"][1], [])
+    assert np.asarray(m2.predict(x, verbose=0)).shape == (3, h, w, 1)
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_fine_tune_from_bundle_and_determinism(ci_bundle, shared_dir, tmp_path):
+    """Fine-tuning starts from the bundle's fold weights; two identical runs give identical weights."""
+    import keras
+
+    from cohortseg.training import train as tr
+
+    path, _ = ci_bundle
+    cfg = tr.merge_config({**_ci_config(), "init_from": str(path),
+                           "train": {**_ci_config()["train"], "epochs": 1, "slices_per_epoch": 16}})
+    tr._setup_tf(cfg["threads"])
+    pairs = ds.pairs_from_config(cfg["data"])
+    vols = [ds.load_volume(p, 1.0, (64, 64), cfg["label"]["type"]) for p in pairs]
+    sel = [(1, np.arange(10, 40))]
+    val = [(1, np.arange(45, 55))]
+    m1, h1, init = tr.train_fold(cfg, 0, vols, sel, val)
+    m2, h2, _ = tr.train_fold(cfg, 0, vols, sel, val)
+    assert init["sha256"] == yaml.safe_load((path / "card.yaml").read_text())["folds"][0]["sha256"]
+    for a, b in zip(m1.get_weights(), m2.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert h1["loss"] == h2["loss"]
+    start = keras.models.load_model(str(path / "fold_0.keras"), compile=False)
+    assert [w.shape for w in start.get_weights()] == [w.shape for w in m1.get_weights()]
