@@ -52,6 +52,8 @@ def summary_rows(records: list[dict], pipelines: list[str]) -> list[dict]:
                 warns += [f"{pname}/{name}: {w}" for w in it.get("warnings") or []]
                 for k, v in (it.get("metrics") or {}).items():
                     row[prefix + k] = v
+            for k, v in get_pipeline(pname).session_metrics(items).items():
+                row[f"{pname}_{k}"] = v
             row[f"{pname}_status"] = "ok" if p_status and all(s == "ok" for s in p_status) else (
                 "partial" if "ok" in p_status else "failed")
         row["status"] = "ok" if n_all and n_ok == n_all else ("partial" if n_ok else "failed")

@@ -144,3 +144,9 @@ class Pipeline:
     def finalize(self, item: Item, prepared: Prepared, prob: np.ndarray, cards: list, cfg: dict,
                  out: OutputWriter) -> dict:
         raise NotImplementedError
+
+    def session_metrics(self, items: dict) -> dict:
+        """Metrics across a session's items (e.g. CSA variability across contrasts), from the
+        finalized item records {item name: {"status", "metrics", "files", ...}}. Columns become
+        `<pipeline>_<key>` in summary.csv. Default: none."""
+        return {}
