@@ -14,6 +14,10 @@ import numpy as np
 from .errors import InputError
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path, suffix: str | None = None):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
@@ -29,6 +33,7 @@ def atomic_path(path, suffix: str | None = None):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs must be readable by the team
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

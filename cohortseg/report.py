@@ -22,8 +22,9 @@ def qc_rows(summary_csv, record_paths, page_dir) -> list[dict]:
         for pipeline, items in rec.get("pipelines", {}).items():
             for name, it in items.items():
                 files = it.get("files") or {}
-                png = next((f for k, f in files.items() if k.endswith("_qc.png")), "")
-                thumb = next((f for k, f in files.items() if k.endswith("_thumb.png")), "")
+                png = next((f for k, f in sorted(files.items()) if k.endswith("_qc.png")), "")
+                thumb = png[: -len(".png")] + "_thumb.png" if png else ""
+                thumb = thumb if thumb and os.path.isfile(thumb) else ""
                 rows.append({
                     "participant_id": pid, "session_id": sid, "pipeline": pipeline, "item": name,
                     "status": it.get("status", ""), "error": it.get("error", ""),
