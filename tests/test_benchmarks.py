@@ -14,5 +14,5 @@ def test_plan_cohort_benchmark_runs(tmp_path):
     # 12 participants, every third with 2 sessions -> 16 sessions: 16 prepare + 16 finalize
     # + 4 shards + aggregate + qc_page + all
     assert r["n_sessions"] == 16 and r["dryrun_cached_manifest"]["jobs"] == 16 * 2 + 4 + 3
-    assert r["naive_one_job_per_step"]["jobs"] == 16 * 9 + 2
+    assert r["naive_comparison"]["naive_one_job_per_step"]["jobs"] == 16 * 9 + 2
     assert r["remote_job_overhead"]["wall_s"] > 0 and "meets_targets" in r
