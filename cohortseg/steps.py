@@ -21,6 +21,21 @@ from .pipelines.base import Item, OutputWriter, Prepared
 log = logging.getLogger("cohortseg")
 
 
+def session_rows(config: dict, key: str) -> list[dict]:
+    """A session's manifest rows, read in the job from the cached manifest (keeping them out of
+    rule params saves planning time per job)."""
+    from .discovery import read_manifest
+    from .plan import session_key
+
+    rows = read_manifest(Path(config["output_dir"]) / "manifest.tsv")
+    return [r for r in rows if session_key(r["participant_id"], r["session_id"]) == key]
+
+
+def shard_map(shard_dirs) -> dict:
+    """pipeline -> shard folder, from the finalize job's inputs (.../work/infer/<pipeline>/shard-k)."""
+    return {Path(d).parent.name: str(d) for d in shard_dirs}
+
+
 def _item(row: dict) -> Item:
     return Item(participant_id=row["participant_id"], session_id=row["session_id"], pipeline=row["pipeline"],
                 name=row["item"], inputs=json.loads(row["inputs"]))

@@ -7,15 +7,13 @@ rule finalize:
     output:
         PLAN.session_record("{session}"),
     params:
-        rows=lambda wc: PLAN.session_rows(wc.session),
-        shard_map=lambda wc: PLAN.shard_map(wc.session),
         settings=PLAN.step_params(),
     log:
         PLAN.log("finalize", "{session}"),
     threads: 1
     resources:
-        mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=lambda wc, attempt: 30 * attempt,
+        mem_mb=4000,
+        runtime=30,
     conda:
         "../envs/imaging.yaml"
     script:

@@ -11,8 +11,8 @@ rule infer:
         PLAN.log("infer", "{pipeline}_shard-{shard}"),
     threads: 2
     resources:
-        mem_mb=lambda wc, attempt: 16000 * attempt,
-        runtime=lambda wc, attempt: 60 * attempt,
+        mem_mb=16000,
+        runtime=60,
     conda:
         "../envs/tensorflow.yaml"
     script:

@@ -6,14 +6,13 @@ rule prepare:
     output:
         PLAN.prep_record("{session}"),
     params:
-        rows=lambda wc: PLAN.session_rows(wc.session),
         settings=PLAN.step_params(),
     log:
         PLAN.log("prepare", "{session}"),
     threads: 1
     resources:
-        mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=lambda wc, attempt: 30 * attempt,
+        mem_mb=4000,
+        runtime=30,
     conda:
         "../envs/imaging.yaml"
     script:

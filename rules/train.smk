@@ -25,8 +25,8 @@ rule train:
         PLAN.log("train", os.path.basename(os.path.normpath(TRAIN_DIR))),
     threads: 2
     resources:
-        mem_mb=lambda wc, attempt: 16000 * attempt,
-        runtime=lambda wc, attempt: 120 * attempt,
+        mem_mb=16000,
+        runtime=120,
     conda:
         "../envs/tensorflow.yaml"
     script:

@@ -174,7 +174,8 @@ def test_profile_slurm_resolves_from_repo_root():
         "import json; from snakemake.cli import parse_args\n"
         "_, a = parse_args(['--profile', 'slurm', '-n'])\n"
         "print(json.dumps({'executor': a.executor, 'status': a.slurm_status_command,\n"
-        "    'set_resources': {r: {k: v.value for k, v in d.items()} for r, d in a.set_resources.items()},\n"
+        "    'set_resources': {r: {k: (v.raw if v.raw is not None else v.value) for k, v in d.items()}\n"
+        "                      for r, d in a.set_resources.items()},\n"
         "    'default_resources': sorted(a.default_resources)}))\n"
     )
     res = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
@@ -183,7 +184,10 @@ def test_profile_slurm_resolves_from_repo_root():
     assert "Using profile slurm" in res.stdout + res.stderr
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["executor"] == "slurm" and got["status"] == "squeue"
-    assert got["set_resources"] == {"infer": {"gpu": 1, "cpus_per_task": 4}}
+    assert {k: got["set_resources"]["infer"][k] for k in ("gpu", "cpus_per_task")} == {"gpu": 1, "cpus_per_task": 4}
+    assert "gpu" not in got["set_resources"]["prepare"] and "gpu" not in got["set_resources"]["finalize"]
+    # memory grows with the attempt (retries get more)
+    assert got["set_resources"]["prepare"]["mem_mb"] == "4000 * attempt"
     assert {"mem_mb", "runtime", "cpus_per_task"} <= set(got["default_resources"])
 
 
