@@ -116,6 +116,13 @@ def huge_header(src, out):
         f.write(hdr.binaryblock + b"\x00" * 4)
 
 
+def fov_misses_anatomy(src, out):
+    """A valid image whose field of view is a corner of the scan, away from the cord."""
+    img = nib.load(src)
+    part = img.slicer[0:12, 0:14, :]
+    _save(np.asarray(part.dataobj), part.affine, out)
+
+
 CASES = {
     # name: (maker, expected fragment of the error, or None when it loads with a warning)
     "truncated": (truncated, "corrupt or truncated"),
@@ -132,10 +139,12 @@ CASES = {
     "huge": (huge_header, "memory guard"),
 }
 REPAIRABLE = {"nan_voxels": (nan_voxels, "NaN/Inf voxels set to 0")}
+# valid files that fail later, in the pipeline (e.g. an empty segmentation)
+PIPELINE_FAILURES = {"fov_misses_anatomy": (fov_misses_anatomy, "no gray matter found")}
 
 
 def make_bad(case: str, src, out) -> Path:
-    maker = (CASES.get(case) or REPAIRABLE[case])[0]
+    maker = (CASES.get(case) or REPAIRABLE.get(case) or PIPELINE_FAILURES[case])[0]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     maker(str(src), str(out))

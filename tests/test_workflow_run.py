@@ -34,6 +34,7 @@ def run(tmp_path_factory, shared_dir):
     t2s = shared_dir / "data/spine/t2s/t2s.nii.gz"
     make_bad("truncated", t2s, bids / "sub-04/anat/sub-04_T2starw.nii.gz")
     make_bad("all_zero", t2s, bids / "sub-06/anat/sub-06_T2starw.nii.gz")
+    make_bad("fov_misses_anatomy", t2s, bids / "sub-07/anat/sub-07_T2starw.nii.gz")
     (bids / "sub-05/anat").mkdir(parents=True)
     shutil.copy(shared_dir / "data/spine/t1/t1w.nii.gz", bids / "sub-05/anat/sub-05_T1w.nii.gz")
     for p in bids.rglob("*"):
@@ -82,13 +83,17 @@ def test_orientation_variants_give_the_same_mask(run):
 def test_summary_one_row_per_session_with_failures_explained(run):
     df = pd.read_csv(run["out"] / "group/summary.csv", dtype=str, keep_default_na=False)
     keys = list(zip(df.participant_id, df.session_id))
-    assert keys == [("sub-01", ""), ("sub-02", ""), ("sub-03", "ses-01"), ("sub-04", ""), ("sub-05", ""), ("sub-06", "")]
+    assert keys == [("sub-01", ""), ("sub-02", ""), ("sub-03", "ses-01"), ("sub-04", ""), ("sub-05", ""), ("sub-06", ""),
+                    ("sub-07", "")]
     st = dict(zip(df.participant_id, df.status))
-    assert st == {"sub-01": "ok", "sub-02": "ok", "sub-03": "ok", "sub-04": "failed", "sub-05": "failed", "sub-06": "failed"}
+    assert st == {"sub-01": "ok", "sub-02": "ok", "sub-03": "ok", "sub-04": "failed", "sub-05": "failed", "sub-06": "failed",
+                  "sub-07": "failed"}
     err = dict(zip(df.participant_id, df.error))
     assert "corrupt or truncated" in err["sub-04"] and "sub-04_T2starw.nii.gz" in err["sub-04"]
     assert "no image for role 'image'" in err["sub-05"]
     assert "all zeros" in err["sub-06"]
+    assert "no gray matter found" in err["sub-07"]  # field of view misses the cord
+    assert (run["out"] / "sc_gm/sub-07/figures/sub-07_T2starw_desc-GM_qc.png").is_file()  # kept for QC
     vol = df.set_index("participant_id")["sc_gm_gm_volume_mm3"]
     assert 500 < float(vol["sub-01"]) < 2000 and vol["sub-04"] == ""
     # the shard holding sub-04 still segmented sub-03
@@ -106,7 +111,7 @@ def test_tables_provenance_and_bids_derivatives(run):
     assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "cohortseg"
     per = pd.read_csv(out / "group/sc_gm_perslice.csv")
     assert {"participant_id", "session_id", "contrast", "slice", "gm_area_mm2"} <= set(per.columns)
-    assert set(per.participant_id) == {"sub-01", "sub-02", "sub-03"}
+    assert set(per.participant_id) == {"sub-01", "sub-02", "sub-03"}  # failed sessions add no rows
     tsv = pd.read_csv(out / "sc_gm/sub-01/anat/sub-01_T2starw_desc-GM_perslice.tsv", sep="\t")
     mask = nib.load(_mask(run, "sub-01", "sub-01_T2starw")[0])
     z = np.sqrt((mask.affine[:3, :3] ** 2).sum(0))
