@@ -84,9 +84,6 @@ class Plan:
     def prep_record(self, key: str) -> str:
         return str(self.work / "prep" / f"{key}.json")
 
-    def prep_dir(self, pipeline: str, key: str) -> Path:
-        return self.work / "prep" / pipeline / key
-
     def shard_dir(self, pipeline: str, shard) -> str:
         label = f"{shard:05d}" if isinstance(shard, int) else shard  # "{shard}" in rule outputs
         return str(self.work / "infer" / pipeline / f"shard-{label}")
@@ -140,13 +137,6 @@ class Plan:
     def session_shards_wc(self, wc) -> list[str]:
         return self.shards_of_session(wc.session)
 
-    def shard_map(self, key: str) -> dict:
-        return {p: self.shard_dir(p, self.shard_of[(p, key)]) for p in self.pipelines if (p, key) in self.shard_of}
-
-    def rows_of(self, key: str) -> list[dict]:
-        pid, sid = self.sessions[key]
-        return [r for r in self.rows if r["participant_id"] == pid and r["session_id"] == sid]
-
     def inputs_of(self, key: str) -> list[str]:
         """BIDS files a session's prepare job reads (so Snakemake reruns it when one changes)."""
         paths = set()
@@ -161,9 +151,6 @@ class Plan:
     def shard_sessions(self, pipeline: str, shard: int) -> list[str]:
         return self.shards[pipeline][shard]
 
-    def all_shards(self) -> list[str]:
-        return [self.shard_dir(p, i) for p in self.shards for i in range(len(self.shards[p]))]
-
     def _rows_by_key(self) -> dict:
         if not hasattr(self, "_by_key"):
             by = {}
@@ -171,9 +158,6 @@ class Plan:
                 by.setdefault(session_key(r["participant_id"], r["session_id"]), []).append(r)
             self._by_key = by
         return self._by_key
-
-    def session_rows(self, key: str) -> list[dict]:
-        return self._rows_by_key().get(key, [])
 
     def step_params(self, pipelines=None) -> str:
         """The config that changes results, as one string param (changes rerun the jobs)."""
