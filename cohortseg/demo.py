@@ -5,7 +5,6 @@ exactly what exercises orientation handling: every variant must give the same se
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import nibabel as nib

@@ -7,7 +7,6 @@ can be repaired safely, load with a warning).
 from __future__ import annotations
 
 import gzip
-import shutil
 from pathlib import Path
 
 import nibabel as nib

@@ -3,7 +3,6 @@ import json
 import os
 import time
 
-import pytest
 
 from cohortseg import discovery
 from cohortseg.fakebids import make_fake_bids

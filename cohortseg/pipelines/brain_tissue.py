@@ -309,7 +309,7 @@ class BrainTissue(Pipeline):
         meta = prepared.meta
         caff = np.asarray(meta["conform"]["conformed_affine"], float)
         b = [int(v) for v in prob["box"]]
-        lo, hi = b[:3], b[3:]
+        lo = b[:3]
         info = json.loads(str(prob["info"])) if "info" in prob else {}
         native = nib.load(item.inputs["image"])
         naff = np.asarray(native.affine, float)
