@@ -30,7 +30,7 @@ JOB = """
 import json, sys
 from cohortseg.steps import infer_shard
 cfg = json.load(open(sys.argv[1]))
-infer_shard("sc_gm", sys.argv[3:], sys.argv[2], cfg)
+infer_shard("sc_gm", sys.argv[2], sys.argv[3], cfg)
 """
 
 
@@ -63,7 +63,8 @@ def main(argv=None) -> dict:
         out = tmp / "out"
         cfg = {"output_dir": str(out), "model_dir": str(Path(a.shared) / "models"), "pipelines": ["sc_gm"],
                "sc_gm": {"models": a.models.split(","), "standardise": "model"},
-               "inference": {"batch_size": a.batch_size, "prefetch": 2, "threads": 0}}
+               "inference": {"batch_size": a.batch_size, "prefetch": 2, "threads": 0},
+               "reuse": False}  # every job predicts, even where an earlier job left results
         (tmp / "cfg.json").write_text(json.dumps(cfg))
         records = []
         for i in range(a.n):
@@ -75,22 +76,25 @@ def main(argv=None) -> dict:
             prepare_session([row], cfg, rec)
             records.append(str(rec))
 
-        def job(shard_dir, recs):
-            subprocess.run([sys.executable, "-c", JOB, str(tmp / "cfg.json"), str(shard_dir), *recs], check=True,
-                           capture_output=True)
+        def job(name, recs):  # one `infer` job: a prepare-shard record in, an infer-shard record out
+            prep = out / "work" / "shards" / "prepare" / f"{name}.json"
+            prep.parent.mkdir(parents=True, exist_ok=True)
+            prep.write_text(json.dumps({"sessions": {Path(r).stem: r for r in recs}}))
+            subprocess.run([sys.executable, "-c", JOB, str(tmp / "cfg.json"), str(prep),
+                            str(out / "work" / "shards" / "infer" / f"{name}.json")], check=True, capture_output=True)
 
         stop, samples = threading.Event(), []
         sampler = threading.Thread(target=gpu_sampler, args=(stop, samples), daemon=True)
         sampler.start()
         t0 = time.perf_counter()
-        job(out / "one_shard", records)
+        job("one_shard", records)
         t_shard = time.perf_counter() - t0
         stop.set()
         t0 = time.perf_counter()
         for i, r in enumerate(records):
-            job(out / f"single-{i}", [r])
+            job(f"single-{i}", [r])
         t_single = time.perf_counter() - t0
-        report = json.loads((out / "one_shard" / "shard.json").read_text())
+        report = json.loads((out / "work" / "shards" / "infer" / "one_shard.json").read_text())
         per_subject = [v["seconds"] for v in report["items"].values()]
         result = {
             "n_sessions": a.n, "models": list(report["models"]), "batch_size": a.batch_size,

@@ -6,7 +6,6 @@ no dataset scan in cluster jobs (check=False reads the cached manifest).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +24,8 @@ class Plan:
     rows: list[dict]
     out: Path
     sessions: dict = field(default_factory=dict)  # session_key -> (participant_id, session_id)
-    shards: dict = field(default_factory=dict)  # pipeline -> [[session_key, ...], ...]
-    shard_of: dict = field(default_factory=dict)  # (pipeline, session_key) -> shard index
+    shards: list = field(default_factory=list)  # [[session_key, ...], ...] in sorted order
+    infer_shards: dict = field(default_factory=dict)  # pipeline -> [shard index with an item to infer]
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -56,40 +55,39 @@ class Plan:
 
         store = ModelStore(self.config["model_dir"], allow_download=self.config.get("allow_download", False),
                            cache_file=self.work / "model_checksums.json")
-        return {p: store.verify(pipeline_cards(self.config, p)) for p in self.pipelines if p in self.shards}
+        return {p: store.verify(pipeline_cards(self.config, p)) for p in self.pipelines if p in self.infer_shards}
 
     def _index(self) -> None:
+        """Shards are consecutive chunks of the sorted session keys, the same for every step, so a
+        cohort that grows by new participant IDs only touches its last shards."""
         size = int(self.config.get("inference", {}).get("shard_size", 20))
-        ok: dict[str, list[str]] = {}
         for r in self.rows:
-            key = session_key(r["participant_id"], r["session_id"])
-            self.sessions.setdefault(key, (r["participant_id"], r["session_id"]))
+            self.sessions.setdefault(session_key(r["participant_id"], r["session_id"]), (r["participant_id"], r["session_id"]))
+        keys = sorted(self.sessions)
+        self.shards = [keys[i:i + size] for i in range(0, len(keys), size)]
+        shard_of = {k: i // size for i, k in enumerate(keys)}
+        todo: dict[str, set] = {}
+        for r in self.rows:
             if r["status"] == "ok":
-                lst = ok.setdefault(r["pipeline"], [])
-                if not lst or lst[-1] != key:
-                    lst.append(key)
-        for pipeline, keys in ok.items():
-            keys = sorted(set(keys))
-            n = math.ceil(len(keys) / size)
-            self.shards[pipeline] = [keys[i * size:(i + 1) * size] for i in range(n)]
-            for i, chunk in enumerate(self.shards[pipeline]):
-                for k in chunk:
-                    self.shard_of[(pipeline, k)] = i
+                todo.setdefault(r["pipeline"], set()).add(shard_of[session_key(r["participant_id"], r["session_id"])])
+        self.infer_shards = {p: sorted(todo[p]) for p in self.pipelines if p in todo}
 
     # -- paths (one place) --------------------------------------------------------------------
     @property
     def work(self) -> Path:
         return self.out / "work"
 
-    def prep_record(self, key: str) -> str:
-        return str(self.work / "prep" / f"{key}.json")
+    @staticmethod
+    def label(shard) -> str:
+        return f"{shard:05d}" if isinstance(shard, int) else shard  # "{shard}" in rule outputs
 
-    def shard_dir(self, pipeline: str, shard) -> str:
-        label = f"{shard:05d}" if isinstance(shard, int) else shard  # "{shard}" in rule outputs
-        return str(self.work / "infer" / pipeline / f"shard-{label}")
+    def shard_record(self, step: str, shard) -> str:
+        """The declared output of a prepare/finalize job: which sessions it covered, where their
+        per-session records are."""
+        return str(self.work / "shards" / step / f"shard-{self.label(shard)}.json")
 
-    def session_record(self, key: str) -> str:
-        return str(self.work / "records" / f"{key}.json")
+    def infer_record(self, pipeline: str, shard) -> str:
+        return str(self.work / "shards" / "infer" / pipeline / f"shard-{self.label(shard)}.json")
 
     def summary(self) -> str:
         return self.group("summary.csv")
@@ -122,38 +120,31 @@ class Plan:
     def session_keys(self) -> list[str]:
         return sorted(self.sessions)
 
-    def all_session_records(self) -> list[str]:
-        return [self.session_record(k) for k in self.session_keys()]
-
     def expected_sessions(self) -> list[list[str]]:
         return [list(self.sessions[k]) for k in self.session_keys()]
 
-    def inputs_of_wc(self, wc) -> list[str]:
-        return self.inputs_of(wc.session)
+    def all_finalize_records(self) -> list[str]:
+        return [self.shard_record("finalize", i) for i in range(len(self.shards))]
 
-    def shard_inputs_wc(self, wc) -> list[str]:
-        return [self.prep_record(k) for k in self.shard_sessions(wc.pipeline, int(wc.shard))]
+    def all_infer_records(self) -> list[str]:
+        return [self.infer_record(p, i) for p, shards in self.infer_shards.items() for i in shards]
 
-    def session_shards_wc(self, wc) -> list[str]:
-        return self.shards_of_session(wc.session)
-
-    def inputs_of(self, key: str) -> list[str]:
-        """BIDS files a session's prepare job reads (so Snakemake reruns it when one changes)."""
+    def shard_bids_inputs_wc(self, wc) -> list[str]:
+        """BIDS files a shard's prepare job reads (so Snakemake reruns it when one changes)."""
+        by_key = self._rows_by_key()
         paths = set()
-        for r in self._rows_by_key().get(key, []):
-            paths.update(json.loads(r["inputs"]).values())
+        for key in self.shards[int(wc.shard)]:
+            for r in by_key.get(key, []):
+                paths.update(json.loads(r["inputs"]).values())
         return sorted(paths)
 
-    def shards_of_session(self, key: str) -> list[str]:
-        return [self.shard_dir(p, self.shard_of[(p, key)]) for p in self.config["pipelines"]
-                if (p, key) in self.shard_of]
-
-    def shard_sessions(self, pipeline: str, shard: int) -> list[str]:
-        return self.shards[pipeline][shard]
+    def shard_infer_inputs_wc(self, wc) -> list[str]:
+        shard = int(wc.shard)
+        return [self.infer_record(p, shard) for p, shards in self.infer_shards.items() if shard in shards]
 
     def _rows_by_key(self) -> dict:
         if not hasattr(self, "_by_key"):
-            by = {}
+            by: dict = {}
             for r in self.rows:
                 by.setdefault(session_key(r["participant_id"], r["session_id"]), []).append(r)
             self._by_key = by

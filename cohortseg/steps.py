@@ -1,12 +1,23 @@
-"""The three per-subject steps the rules call: prepare (per session), infer (per shard), finalize
-(per session). Data errors are recorded per item and never raised: one broken scan must not block
-its shard or the cohort tables."""
+"""The three steps the rules call, each on one shard of sessions: prepare (CPU), infer (one
+pipeline, GPU), finalize (CPU). A shard job fans its sessions out to `workers` processes.
+
+Every session and item keeps its own files outside the jobs' declared outputs
+(`work/prep/<session>.json`, `work/infer/<pipeline>/<session>/<item>.npz`, `work/records/<session>.json`)
+with a *stamp*: a digest of the item's input files (size, mtime), its pipeline settings, its model
+cards and the cohortseg version. A rerun shard job (killed, resubmitted, or with a new session in it)
+reuses every item whose stamp is unchanged, so nothing already computed is lost (config `reuse`).
+Data errors are recorded per item and never raised: one broken scan must not block its shard or the
+cohort tables."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +32,39 @@ from .pipelines.base import Item, OutputWriter, Prepared
 log = logging.getLogger("cohortseg")
 
 
-def session_rows(config: dict, key: str) -> list[dict]:
-    """A session's manifest rows, read in the job from the cached manifest (keeping them out of
-    rule params saves planning time per job)."""
+def rows_by_session(config: dict, keys) -> dict[str, list[dict]]:
+    """The manifest rows of some sessions, read in the job from the cached manifest (keeping them out
+    of rule params saves planning time per job)."""
     from .discovery import read_manifest
     from .plan import session_key
 
-    rows = read_manifest(Path(config["output_dir"]) / "manifest.tsv")
-    return [r for r in rows if session_key(r["participant_id"], r["session_id"]) == key]
+    want = set(keys)
+    by: dict[str, list[dict]] = {k: [] for k in keys}
+    for r in read_manifest(Path(config["output_dir"]) / "manifest.tsv"):
+        k = session_key(r["participant_id"], r["session_id"])
+        if k in want:
+            by[k].append(r)
+    return by
 
 
-def shard_map(shard_dirs) -> dict:
-    """pipeline -> shard folder, from the finalize job's inputs (.../work/infer/<pipeline>/shard-k)."""
-    return {Path(d).parent.name: str(d) for d in shard_dirs}
+def session_records(finalize_shard_records) -> list[str]:
+    """Per-session record paths listed by finalize shard records (the aggregate's inputs)."""
+    out = []
+    for path in finalize_shard_records:
+        out.extend(json.loads(Path(path).read_text())["sessions"].values())
+    return out
+
+
+def _work(config: dict) -> Path:
+    return Path(config["output_dir"]) / "work"
+
+
+def prep_record_path(config: dict, key: str) -> Path:
+    return _work(config) / "prep" / f"{key}.json"
+
+
+def session_record_path(config: dict, key: str) -> Path:
+    return _work(config) / "records" / f"{key}.json"
 
 
 def _item(row: dict) -> Item:
@@ -56,37 +87,34 @@ def _prep_path(work: Path, item: Item) -> Path:
     return work / "prep" / item.pipeline / item.session_key / f"{item.name}.npz"
 
 
-def _prob_path(shard_dir, item: Item) -> Path:
-    return Path(shard_dir) / item.session_key / f"{item.name}.npz"
+def _prob_path(work: Path, item: Item) -> Path:
+    return work / "infer" / item.pipeline / item.session_key / f"{item.name}.npz"
 
 
-# ---------------------------------------------------------------------------------------------
-def prepare_session(rows: list[dict], config: dict, record_path) -> dict:
-    """Prepare every item of one session for every pipeline; write the session's prep record."""
-    work = Path(config["output_dir"]) / "work"
-    record = {"participant_id": rows[0]["participant_id"] if rows else "", "session_id": rows[0]["session_id"] if rows else "",
-              "pipelines": {}, "cohortseg_version": __version__}
-    cards_cache: dict = {}
-    for row in rows:
-        pname = row["pipeline"]
-        items = record["pipelines"].setdefault(pname, {})
-        if row["status"] != "ok":
-            items[row["item"] or "-"] = {"status": "failed", "stage": "discovery", "error": row["error"]}
-            continue
-        item = _item(row)
-        t0 = time.perf_counter()
+def _read_json(path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _stamp(row: dict, config: dict, cards: list) -> str:
+    """What an item's results depend on; equal stamps mean the stored results can be reused."""
+    inputs = json.loads(row["inputs"])
+    stats = {}
+    for role, path in sorted(inputs.items()):
         try:
-            if pname not in cards_cache:
-                cards_cache[pname] = pipeline_cards(config, pname)
-            prepared = get_pipeline(pname).prepare(item, cards_cache[pname], _cfg(config, pname))
-            path = _prep_path(work, item)
-            prepared.save(path)
-            items[item.name] = {"status": "ok", "prep": str(path), "warnings": prepared.meta.get("warnings", []),
-                                "seconds": round(time.perf_counter() - t0, 2)}
-        except Exception as e:  # noqa: BLE001 - recorded, never fatal
-            items[item.name] = _failure("prepare", e, item)
-    write_json_atomic(record_path, record)
-    return record
+            st = os.stat(path)
+            stats[role] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            stats[role] = None
+    payload = {"version": __version__, "item": [row["pipeline"], row["item"], inputs], "stats": stats,
+               "settings": _cfg(config, row["pipeline"]), "cards": [c.data for c in cards]}
+    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _reuse(config: dict) -> bool:
+    return bool(config.get("reuse", True))
 
 
 def _cfg(config: dict, pipeline: str) -> dict:
@@ -95,52 +123,153 @@ def _cfg(config: dict, pipeline: str) -> dict:
     return cfg
 
 
+def _map_sessions(fn, jobs: list[tuple], workers: int) -> list:
+    """fn(*job) for every job; with workers > 1 in a process pool. A worker that dies (crash, or
+    killed for memory) is retried in a pool of its own, and recorded if it dies again."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(*j) for j in jobs]
+    results: dict[int, object] = {}
+    try:
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as ex:
+            futs = {ex.submit(fn, *j): i for i, j in enumerate(jobs)}
+            for f in as_completed(futs):
+                results[futs[f]] = f.result()
+    except BrokenProcessPool:
+        log.warning("a worker process died; retrying its sessions one by one")
+    for i, j in enumerate(jobs):
+        if i in results:
+            continue
+        try:
+            with ProcessPoolExecutor(max_workers=1) as ex:
+                results[i] = ex.submit(fn, *j).result()
+        except BrokenProcessPool:
+            results[i] = BrokenProcessPool("the worker process died (crash, or killed for memory)")
+    return [results[i] for i in range(len(jobs))]
+
+
 # ---------------------------------------------------------------------------------------------
-def infer_shard(pipeline: str, prep_records: list, shard_dir, config: dict) -> dict:
-    """Load the fold models once, then stream every prepared item of the shard through them."""
+def prepare_shard(keys: list[str], config: dict, record_path, workers: int = 1) -> dict:
+    """Prepare every session of a shard; the shard record lists their per-session prep records."""
+    by = rows_by_session(config, keys)
+    jobs = [(by[k], config, str(prep_record_path(config, k))) for k in keys]
+    results = _map_sessions(_prepare_worker, jobs, workers)
+    shard = {"step": "prepare", "sessions": {}}
+    for (rows, _, path), res in zip(jobs, results):
+        key = Path(path).stem
+        if isinstance(res, BaseException):  # the worker died: record every item of the session as failed
+            _write_crash_record(rows, path, "prepare", res)
+        shard["sessions"][key] = path
+    write_json_atomic(record_path, shard)
+    return shard
+
+
+def _prepare_worker(rows, config, path):
+    prepare_session(rows, config, path)
+    return True
+
+
+def _write_crash_record(rows: list[dict], path, stage: str, exc: BaseException) -> None:
+    rec = {"participant_id": rows[0]["participant_id"], "session_id": rows[0]["session_id"], "pipelines": {},
+           "cohortseg_version": __version__}
+    for r in rows:
+        rec["pipelines"].setdefault(r["pipeline"], {})[r["item"] or "-"] = {
+            "status": "failed", "stage": stage, "error": f"{type(exc).__name__}: {exc}"}
+    write_json_atomic(path, rec)
+
+
+def prepare_session(rows: list[dict], config: dict, record_path) -> dict:
+    """Prepare every item of one session for every pipeline; write the session's prep record."""
+    work = _work(config)
+    old = _read_json(record_path) if _reuse(config) else None
+    record = {"participant_id": rows[0]["participant_id"] if rows else "", "session_id": rows[0]["session_id"] if rows else "",
+              "pipelines": {}, "cohortseg_version": __version__}
+    cards_cache: dict = {}
+    reused_all = old is not None
+    for row in rows:
+        pname = row["pipeline"]
+        items = record["pipelines"].setdefault(pname, {})
+        if row["status"] != "ok":
+            items[row["item"] or "-"] = {"status": "failed", "stage": "discovery", "error": row["error"]}
+            reused_all = reused_all and (old["pipelines"].get(pname, {}).get(row["item"] or "-") == items[row["item"] or "-"])
+            continue
+        item = _item(row)
+        t0 = time.perf_counter()
+        try:
+            if pname not in cards_cache:
+                cards_cache[pname] = pipeline_cards(config, pname)
+            stamp = _stamp(row, config, cards_cache[pname])
+            prev = (old or {}).get("pipelines", {}).get(pname, {}).get(item.name)
+            if prev and prev.get("status") == "ok" and prev.get("stamp") == stamp and Path(prev["prep"]).is_file():
+                items[item.name] = prev
+                continue
+            reused_all = False
+            prepared = get_pipeline(pname).prepare(item, cards_cache[pname], _cfg(config, pname))
+            path = _prep_path(work, item)
+            prepared.save(path)
+            items[item.name] = {"status": "ok", "prep": str(path), "stamp": stamp,
+                                "warnings": prepared.meta.get("warnings", []),
+                                "seconds": round(time.perf_counter() - t0, 2)}
+        except Exception as e:  # noqa: BLE001 - recorded, never fatal
+            reused_all = False
+            items[item.name] = _failure("prepare", e, item)
+    if not (reused_all and old and old["pipelines"].keys() == record["pipelines"].keys()):
+        write_json_atomic(record_path, record)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+def infer_shard(pipeline: str, prep_shard_record, record_path, config: dict) -> dict:
+    """Load the fold models once (only when something is left to predict), then stream every
+    prepared item of the shard through them."""
     from .inference import Timer, configure_tensorflow, load_models, prefetch
     from .store import ModelStore
 
-    shard_dir = Path(shard_dir)
-    shard_dir.mkdir(parents=True, exist_ok=True)
     timer = Timer()
+    work = _work(config)
     inf = config.get("inference", {})
-    configure_tensorflow(threads=int(inf.get("threads", 0) or 0))
     p = get_pipeline(pipeline)
-    cards = pipeline_cards(config, pipeline)
-    store = ModelStore(config["model_dir"], allow_download=config.get("allow_download", False),
-                       cache_file=Path(config["output_dir"]) / "work" / "model_checksums.json")
-    models = load_models(cards, store)
-    t_load = timer()
-    todo, report = [], {"pipeline": pipeline, "items": {}, "model_load_seconds": t_load}
-    for rec_path in prep_records:
-        rec = json.loads(Path(rec_path).read_text())
+    report = {"step": "infer", "pipeline": pipeline, "items": {}, "model_load_seconds": 0.0}
+    todo = []
+    for key, rec_path in json.loads(Path(prep_shard_record).read_text())["sessions"].items():
+        rec = _read_json(rec_path) or {"pipelines": {}}
         for name, it in rec["pipelines"].get(pipeline, {}).items():
-            key = rec["participant_id"] + (f"_{rec['session_id']}" if rec["session_id"] else "")
-            if it["status"] == "ok":
-                todo.append((key, name, it["prep"]))
-            else:
+            if it["status"] != "ok":
                 report["items"][f"{key}/{name}"] = {"status": "skipped", "error": it.get("error", "")}
-    cfg = _cfg(config, pipeline)
-    batch = int(inf.get("batch_size", 16))
-    for (key, name, prep), loaded in prefetch(lambda t: Prepared.load(t[2]), todo, int(inf.get("prefetch", 2))):
-        t0 = time.perf_counter()
-        try:
-            if isinstance(loaded, Exception):
-                raise loaded
-            prob = p.predict(models, loaded, cards, cfg, batch)
-            arrays = prob if isinstance(prob, dict) else {"prob": prob}
-            out = shard_dir / key / f"{name}.npz"
-            with atomic_path(out, suffix=".npz") as tmp, open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
-            report["items"][f"{key}/{name}"] = {"status": "ok", "seconds": round(time.perf_counter() - t0, 3)}
-        except Exception as e:  # noqa: BLE001
-            report["items"][f"{key}/{name}"] = _failure("inference", e)
-            if _is_fatal(e):
-                raise
+                continue
+            out = work / "infer" / pipeline / key / f"{name}.npz"
+            side = _read_json(out.with_suffix(".json")) if _reuse(config) else None
+            if side and side.get("status") == "ok" and side.get("stamp") == it["stamp"] and out.is_file():
+                report["items"][f"{key}/{name}"] = {"status": "ok", "reused": True}
+                continue
+            todo.append((key, name, it["prep"], it["stamp"], out))
+    if todo:
+        configure_tensorflow(threads=int(inf.get("threads", 0) or 0))
+        cards = pipeline_cards(config, pipeline)
+        store = ModelStore(config["model_dir"], allow_download=config.get("allow_download", False),
+                           cache_file=work / "model_checksums.json")
+        models = load_models(cards, store)
+        report["model_load_seconds"] = timer()
+        report["models"] = {c.name: [f.sha256 for f in folds] for c, folds in zip(cards, models)}
+        cfg = _cfg(config, pipeline)
+        batch = int(inf.get("batch_size", 16))
+        for (key, name, _, stamp, out), loaded in prefetch(lambda t: Prepared.load(t[2]), todo, int(inf.get("prefetch", 2))):
+            t0 = time.perf_counter()
+            try:
+                if isinstance(loaded, Exception):
+                    raise loaded
+                prob = p.predict(models, loaded, cards, cfg, batch)
+                arrays = prob if isinstance(prob, dict) else {"prob": prob}
+                with atomic_path(out, suffix=".npz") as tmp, open(tmp, "wb") as fh:
+                    np.savez(fh, **arrays)
+                entry = {"status": "ok", "seconds": round(time.perf_counter() - t0, 3)}
+            except Exception as e:  # noqa: BLE001
+                entry = _failure("inference", e)
+                if _is_fatal(e):
+                    raise
+            write_json_atomic(out.with_suffix(".json"), {**entry, "stamp": stamp})
+            report["items"][f"{key}/{name}"] = entry
     report["seconds"] = timer()
-    report["models"] = {c.name: [f.sha256 for f in folds] for c, folds in zip(cards, models)}
-    write_json_atomic(shard_dir / "shard.json", report)
+    write_json_atomic(record_path, report)
     return report
 
 
@@ -150,28 +279,55 @@ def _is_fatal(e: BaseException) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-def finalize_session(rows: list[dict], prep_record, shard_dirs: dict, config: dict, record_path) -> dict:
+def finalize_shard(prep_shard_record, config: dict, record_path, workers: int = 1) -> dict:
+    """Finalize every session of a shard; the shard record lists their per-session records."""
+    sessions = json.loads(Path(prep_shard_record).read_text())["sessions"]
+    by = rows_by_session(config, list(sessions))
+    jobs = [(by[k], prep, config, str(session_record_path(config, k))) for k, prep in sessions.items()]
+    results = _map_sessions(_finalize_worker, jobs, workers)
+    shard = {"step": "finalize", "sessions": {}}
+    for (rows, _, _, path), res in zip(jobs, results):
+        if isinstance(res, BaseException):
+            _write_crash_record(rows, path, "finalize", res)
+        shard["sessions"][Path(path).stem] = path
+    write_json_atomic(record_path, shard)
+    return shard
+
+
+def _finalize_worker(rows, prep, config, path):
+    finalize_session(rows, prep, config, path)
+    return True
+
+
+def finalize_session(rows: list[dict], prep_record, config: dict, record_path) -> dict:
     """Back to native space, outputs, metrics and QC for every item of one session."""
     rec = json.loads(Path(prep_record).read_text())
     out_dir = Path(config["output_dir"])
+    work = _work(config)
+    old = _read_json(record_path) if _reuse(config) else None
     row_of = {(r["pipeline"], r["item"]): r for r in rows}
     cards_cache: dict = {}
+    reused_all = old is not None
     for pname, items in rec["pipelines"].items():
         _dataset_description(out_dir, pname)
         for name, it in items.items():
+            prev = (old or {}).get("pipelines", {}).get(pname, {}).get(name)
             if it["status"] != "ok":
+                reused_all = reused_all and prev == it
                 continue
+            if (prev and prev.get("status") == "ok" and prev.get("stamp") == it["stamp"]
+                    and all(Path(f).is_file() for f in _files_of(prev))):
+                items[name] = prev
+                continue
+            reused_all = False
             item = _item(row_of[(pname, name)])
             writer = OutputWriter(out_dir, item)
             t0 = time.perf_counter()
             try:
-                shard = shard_dirs.get(pname)
-                prob_file = _prob_path(shard, item) if shard else None
-                if prob_file is None or not prob_file.is_file():
-                    why = ""
-                    if shard and (Path(shard) / "shard.json").is_file():
-                        why = json.loads((Path(shard) / "shard.json").read_text())["items"].get(
-                            f"{item.session_key}/{name}", {}).get("error", "")
+                prob_file = _prob_path(work, item)
+                side = _read_json(prob_file.with_suffix(".json")) or {}
+                if side.get("stamp") != it["stamp"] or side.get("status") != "ok" or not prob_file.is_file():
+                    why = side.get("error", "") if side.get("stamp") == it["stamp"] else ""
                     raise InputError(f"inference produced no output{': ' + why if why else ''}")
                 with np.load(prob_file) as z:
                     arrays = {k: z[k] for k in z.files}
@@ -185,9 +341,17 @@ def finalize_session(rows: list[dict], prep_record, shard_dirs: dict, config: di
             except Exception as e:  # noqa: BLE001
                 it.update(_failure("finalize", e, item))
                 it.update({"files": writer.files, "sanity_flags": writer.flags})  # kept for QC
+    if reused_all and old and old["pipelines"].keys() == rec["pipelines"].keys():
+        return old  # nothing changed: the record (and its mtime) stays as it was
     rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json_atomic(record_path, rec)
     return rec
+
+
+def _files_of(entry: dict) -> list[str]:
+    files = entry.get("files") or {}
+    vals = files.values() if isinstance(files, dict) else files
+    return [v for v in vals if isinstance(v, str)]
 
 
 def _dataset_description(out_dir: Path, pipeline: str) -> None:

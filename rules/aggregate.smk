@@ -5,7 +5,7 @@ localrules:
 rule aggregate:
     """Cohort tables, written once (no concurrent appends): one row per participant/session."""
     input:
-        records=PLAN.all_session_records(),
+        records=PLAN.all_finalize_records(),
         ratings=PLAN.ratings_input(),
     output:
         summary=report(PLAN.summary(), caption="../docs/report/summary.rst", category="Cohort tables"),

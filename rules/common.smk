@@ -9,6 +9,5 @@ except CohortsegError as e:
     raise WorkflowError(f"cohortseg: {e}") from None
 
 wildcard_constraints:
-    session=r"sub-[A-Za-z0-9]+(_ses-[A-Za-z0-9]+)?",
     pipeline="|".join(PLAN.pipelines),
     shard=r"\d+",

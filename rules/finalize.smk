@@ -1,19 +1,19 @@
 rule finalize:
     """Back to native space, thresholds, metrics, QC snapshots and BIDS-derivatives outputs for
-    every pipeline of one session."""
+    every pipeline of one shard of sessions (a process per thread)."""
     input:
-        prep=PLAN.prep_record("{session}"),
-        shards=PLAN.session_shards_wc,
+        prep=PLAN.shard_record("prepare", "{shard}"),
+        infer=PLAN.shard_infer_inputs_wc,
     output:
-        PLAN.session_record("{session}"),
+        PLAN.shard_record("finalize", "{shard}"),
     params:
         settings=PLAN.step_params(),
     log:
-        PLAN.log("finalize", "{session}"),
-    threads: 1
+        PLAN.log("finalize", "shard-{shard}"),
+    threads: 2
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=8000,
+        runtime=60,
     conda:
         "../envs/imaging.yaml"
     script:

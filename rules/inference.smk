@@ -2,9 +2,9 @@ rule infer:
     """One shard of sessions for one pipeline: load the fold models once, stream the prepared inputs,
     average the folds. The SLURM profile gives this rule the GPU."""
     input:
-        PLAN.shard_inputs_wc,
+        PLAN.shard_record("prepare", "{shard}"),
     output:
-        directory(PLAN.shard_dir("{pipeline}", "{shard}")),
+        PLAN.infer_record("{pipeline}", "{shard}"),
     params:
         settings=lambda wc: PLAN.step_params([wc.pipeline]),
     log:

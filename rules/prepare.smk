@@ -1,18 +1,20 @@
 rule prepare:
     """Input checks, reorientation, registration, resampling and normalisation for every pipeline of
-    one session. Bad data is recorded in the output record, never raised."""
+    one shard of sessions (a process per thread). Bad data is recorded per session, never raised;
+    sessions already prepared with the same inputs and settings are reused."""
     input:
-        PLAN.inputs_of_wc,
+        PLAN.shard_bids_inputs_wc,
     output:
-        PLAN.prep_record("{session}"),
+        PLAN.shard_record("prepare", "{shard}"),
     params:
+        sessions=lambda wc: PLAN.shards[int(wc.shard)],
         settings=PLAN.step_params(),
     log:
-        PLAN.log("prepare", "{session}"),
-    threads: 1
+        PLAN.log("prepare", "shard-{shard}"),
+    threads: 2
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=8000,
+        runtime=60,
     conda:
         "../envs/imaging.yaml"
     script:

@@ -6,7 +6,7 @@ rule qc_page:
     """The cohort QC page (static HTML): one row per participant x pipeline."""
     input:
         summary=PLAN.summary(),
-        records=PLAN.all_session_records(),
+        records=PLAN.all_finalize_records(),
     output:
         report(PLAN.qc_page(), caption="../docs/report/qc_page.rst", category="QC"),
     log:

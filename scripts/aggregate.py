@@ -5,8 +5,9 @@ from pathlib import Path  # noqa: E402
 from _common import setup_logging  # noqa: E402
 
 from cohortseg.aggregate import aggregate  # noqa: E402
+from cohortseg.steps import session_records  # noqa: E402
 
 setup_logging(snakemake)  # noqa: F821
-aggregate(list(snakemake.input.records), Path(snakemake.output.summary).parent, snakemake.config,  # noqa: F821
+aggregate(session_records(snakemake.input.records), Path(snakemake.output.summary).parent, snakemake.config,  # noqa: F821
           expected=[tuple(x) for x in snakemake.params.expected],  # noqa: F821
           ratings=snakemake.input.ratings[0] if snakemake.input.ratings else None)  # noqa: F821

@@ -145,14 +145,15 @@ class TestWorkflowOnSlurm:
             for j in by_rule[rule]:
                 info = j["info"]
                 assert _gpus_requested(info) == 0, f"{rule} job {j['id']} asked for a GPU: {info}"
-                assert info.get("NumCPUs") == "1" and info.get("MinMemoryNode") == "4000M", info
+                assert info.get("NumCPUs") == "4" and info.get("MinMemoryNode") == "12000M", info
 
     def test_few_submissions_per_session(self, slurm_run):
         jobs = slurm_run["jobs"]
         assert all(j["state"] == "COMPLETED" for j in jobs), [(j["id"], j["comment"], j["state"]) for j in jobs]
         counts = Counter(j["rule"] for j in jobs)
         # aggregate, qc_page and all are local rules: never submitted
-        assert counts == {"prepare": 4, "infer": 1, "finalize": 4}, counts
+        # 4 sessions in one shard: one prepare, one infer (one pipeline), one finalize
+        assert counts == {"prepare": 1, "infer": 1, "finalize": 1}, counts
         per_session = len(jobs) / 4
         print(f"sbatch submissions per session: {per_session:.2f} ({dict(counts)})")
         assert per_session <= 3
@@ -187,7 +188,7 @@ def test_profile_slurm_resolves_from_repo_root():
     assert {k: got["set_resources"]["infer"][k] for k in ("gpu", "cpus_per_task")} == {"gpu": 1, "cpus_per_task": 4}
     assert "gpu" not in got["set_resources"]["prepare"] and "gpu" not in got["set_resources"]["finalize"]
     # memory grows with the attempt (retries get more)
-    assert got["set_resources"]["prepare"]["mem_mb"] == "4000 * attempt"
+    assert got["set_resources"]["prepare"]["mem_mb"] == "12000 * attempt"
     assert {"mem_mb", "runtime", "cpus_per_task"} <= set(got["default_resources"])
 
 
@@ -204,9 +205,9 @@ def test_profile_slurm_dryrun_from_repo_root(tmp_path, shared_dir):
     text = res.stdout + res.stderr
     assert res.returncode == 0, text[-5000:]
     assert "Using profile slurm" in text
-    assert job_counts(res.stdout) == {"prepare": 4, "infer": 1, "finalize": 4, "aggregate": 1, "qc_page": 1, "all": 1}
+    assert job_counts(res.stdout) == {"prepare": 1, "infer": 1, "finalize": 1, "aggregate": 1, "qc_page": 1, "all": 1}
     blocks = re.findall(r"^(?:local)?rule (\w+):\n(.*?)(?=^\S|\Z)", res.stdout, re.S | re.M)
     resources = {name: re.search(r"resources: (.*)", body).group(1) for name, body in blocks}
     assert "gpu=1" in resources["infer"] and "cpus_per_task=4" in resources["infer"], resources["infer"]
     for rule in ("prepare", "finalize"):
-        assert "gpu=" not in resources[rule] and "cpus_per_task=1" in resources[rule], resources[rule]
+        assert "gpu=" not in resources[rule] and "cpus_per_task=4" in resources[rule], resources[rule]

@@ -17,8 +17,9 @@ def test_dryrun_fake_tree_with_sessions(fake_cohort):
     tmp, cfg = fake_cohort
     res = snakemake(tmp, "-n", "--cores", "1", configfile=cfg)
     counts = job_counts(res.stdout)
-    # 7 participants, every 3rd with 2 sessions -> 3*2 + 4 = 10 sessions; shards of 2 -> 5
-    assert counts == {"prepare": 10, "infer": 5, "finalize": 10, "aggregate": 1, "qc_page": 1, "all": 1}
+    # 7 participants, every 3rd with 2 sessions -> 3*2 + 4 = 10 sessions; shards of 2 -> 5 shards,
+    # each with one prepare, one infer (one pipeline) and one finalize job
+    assert counts == {"prepare": 5, "infer": 5, "finalize": 5, "aggregate": 1, "qc_page": 1, "all": 1}
     man = (tmp / "out" / "manifest.tsv").read_text().splitlines()
     assert len(man) == 11 and "sub-00001\tses-02\tsc_gm\tsub-00001_ses-02_T2starw\tok" in man[2]
 
@@ -30,7 +31,7 @@ def test_dryrun_demo_cohort(tmp_path, shared_dir):
     cfg = write_config(tmp_path / "cfg.yaml", bids_dir=str(bids), output_dir=str(tmp_path / "out"),
                        model_dir=str(shared_dir / "models"), pipelines=["sc_gm"])
     counts = job_counts(snakemake(tmp_path, "-n", "--cores", "1", configfile=cfg).stdout)
-    assert counts == {"prepare": 4, "infer": 1, "finalize": 4, "aggregate": 1, "qc_page": 1, "all": 1}
+    assert counts == {"prepare": 1, "infer": 1, "finalize": 1, "aggregate": 1, "qc_page": 1, "all": 1}
 
 
 @pytest.mark.parametrize("override, message", [
