@@ -131,10 +131,9 @@ def test_csa_at_c3_t1w_vs_t2w(run):
           f"(manual masks: T1w 68.2, T2w 77.5, gap 12.8 %)")
     for v in (t1, t2):
         assert 40.0 <= v <= 110.0  # plausible adult cervical cord CSA
-    if gap <= 0.10:
-        print("T1w and T2w CSA at C3 agree within 10 %")
-    else:  # reported, not asserted: the manual masks themselves differ by 12.8 % at C3
-        print(f"T1w and T2w CSA at C3 differ by more than 10 % ({100 * gap:.1f} %)")
+    # the committed bundle's models learnt one cord from the consensus of both contrasts' masks
+    # (in-sample for this subject: it is the only labelled one; docs/TRAINING.md)
+    assert gap <= 0.10, f"T1w and T2w CSA at C3 differ by {100 * gap:.1f} %"
 
 
 @pytest.mark.shared

@@ -164,6 +164,41 @@ def test_preprocessing_grid_and_soft_labels(shared_dir):
     assert vol.y_bin.sum() == pytest.approx(native.sum(), rel=0.2)
 
 
+def _cylinder(path, affine, shape, centre_xy, radius_mm):
+    """Binary cylinder along world z on any grid (evaluated at every voxel's world position)."""
+    import nibabel as nib
+
+    ijk = np.indices(shape).reshape(3, -1)
+    xyz = affine[:3, :3] @ ijk + affine[:3, 3:4]
+    inside = np.hypot(xyz[0] - centre_xy[0], xyz[1] - centre_xy[1]) <= radius_mm
+    nib.save(nib.Nifti1Image(inside.reshape(shape).astype(np.uint8), affine), str(path))
+    return str(path)
+
+
+def test_consensus_masks_coregister_then_average(tmp_path):
+    """Two contrasts of one subject on different grids (RAS and PSR), the second rater's cord 1.5 mm
+    to the right and 1 mm back and wider: align_mask finds the shift, and the consensus label of each
+    image is the average of its own mask and the other one aligned onto it."""
+    import nibabel as nib
+
+    ras = np.eye(4)
+    psr = np.array([[0, 0, 1, 0], [-1, 0, 0, 45], [0, 1, 0, 0], [0, 0, 0, 1]], float)  # i->P, j->S, k->R
+    a = _cylinder(tmp_path / "a.nii.gz", ras, (40, 40, 30), (20, 20), 4.0)
+    b = _cylinder(tmp_path / "b.nii.gz", psr, (46, 30, 40), (21.5, 19.0), 5.0)
+    aligned, shift = ds.align_mask(nib.load(b), nib.load(a))
+    assert shift[:2] == pytest.approx([-1.5, 1.0], abs=0.15) and shift[2] == pytest.approx(0.0, abs=1e-6)
+    own = nib.load(a).get_fdata()
+    cy, cx = np.array(np.nonzero(aligned[..., 15] > 0.5)).mean(axis=1)
+    assert (cy, cx) == pytest.approx((20.0, 20.0), abs=0.2)  # the wider cord, now concentric
+    pairs = [ds.Pair("a_img", a, "s1", "T1w"), ds.Pair("b_img", b, "s1", "T2w"), ds.Pair("c", a, "s2", "T1w")]
+    cons = ds.consensus_masks(pairs)
+    assert set(cons) == {0, 1}  # subject s2 has a single image: no consensus
+    per_slice = cons[0][..., 15].sum()  # 1 mm voxels: mm^2
+    assert per_slice == pytest.approx((own[..., 15].sum() + aligned[..., 15].sum()) / 2, rel=1e-6)
+    assert per_slice == pytest.approx(np.pi * (16 + 25) / 2, rel=0.06)
+    assert 0.0 <= cons[1].min() and cons[1].max() <= 1.0
+
+
 # ------------------------------------------------------------------------- CI-sized training run
 def _ci_config() -> dict:
     cfg = yaml.safe_load(RECIPE.read_text())
@@ -207,6 +242,12 @@ def test_ci_training_writes_valid_bundle(ci_bundle):
         assert 0.0 <= f["dice"] <= 1.0
         assert f["held_out"] and all("dice" in h and "contrast" in h for h in f["held_out"])
     assert set(rep["leave_one_contrast_out"]) == {"T1w", "T2w"}
+    # the shipped folds are the final models (all data, consensus labels); CV models are not shipped
+    finals = rep["final_models"]["models"]
+    assert [m["file"] for m in finals] == [f["file"] for f in card["folds"]] == ["fold_0.keras", "fold_1.keras"]
+    assert all(m["consensus_labels"] and len(m["in_sample"]) == 2 for m in finals)
+    assert all(f["params"]["trained_on"] == "all" for f in card["folds"])
+    assert not list(path.glob("cv_*"))
     png = (path / "learning_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
 

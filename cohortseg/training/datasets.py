@@ -197,7 +197,8 @@ def soft_label(mask: np.ndarray, affine, sigma_mm: float) -> np.ndarray:
 
     from ..resampling import through_plane_axis, voxel_sizes
 
-    m = (np.asarray(mask) > 0.5).astype(np.float64)
+    m = np.asarray(mask, dtype=np.float64)
+    m = (m > 0.5).astype(np.float64) if np.isin(m, (0.0, 1.0)).all() or m.max() > 1 else np.clip(m, 0.0, 1.0)
     if sigma_mm <= 0:
         return m
     t = through_plane_axis(affine)
@@ -207,8 +208,10 @@ def soft_label(mask: np.ndarray, affine, sigma_mm: float) -> np.ndarray:
 
 
 def load_volume(pair: Pair, inplane_mm: float = 1.0, crop: Sequence[int] = (64, 64),
-                label: str = "binary", soft_sigma_mm: float = 0.5, center=None) -> Volume:
-    """Load and preprocess one pair (see module doc). ``label``: 'binary' or 'soft'."""
+                label: str = "binary", soft_sigma_mm: float = 0.5, center=None, target=None) -> Volume:
+    """Load and preprocess one pair (see module doc). ``label``: 'binary' or 'soft'. ``target``: a
+    soft mask in the pair's native grid to train on instead of its own mask (e.g. the consensus of
+    :func:`consensus_masks`); ``y_bin`` stays the pair's own manual mask (what Dice is measured on)."""
     from ..resampling import to_axial_slices
 
     try:
@@ -226,7 +229,11 @@ def load_volume(pair: Pair, inplane_mm: float = 1.0, crop: Sequence[int] = (64, 
         raise InputError("empty mask", pair.mask)
     binimg = nib.Nifti1Image((m > 0.5).astype(np.float32), msk.affine)
     ybin, _ = to_axial_slices(binimg, inplane_mm=inplane_mm, crop=tuple(crop), order=1, center=center)
-    if label == "soft":
+    if target is not None and label == "soft":
+        simg = nib.Nifti1Image(soft_label(target, msk.affine, soft_sigma_mm).astype(np.float32), msk.affine)
+        y, _ = to_axial_slices(simg, inplane_mm=inplane_mm, crop=tuple(crop), order=1, center=center)
+        y = np.clip(y, 0.0, 1.0).astype(np.float32)
+    elif label == "soft":
         simg = nib.Nifti1Image(soft_label(m, msk.affine, soft_sigma_mm).astype(np.float32), msk.affine)
         y, _ = to_axial_slices(simg, inplane_mm=inplane_mm, crop=tuple(crop), order=1, center=center)
         y = np.clip(y, 0.0, 1.0).astype(np.float32)
@@ -236,6 +243,83 @@ def load_volume(pair: Pair, inplane_mm: float = 1.0, crop: Sequence[int] = (64, 
         raise ConfigError(f"label must be 'binary' or 'soft', not {label!r}")
     valid = np.asarray(grid["valid_fraction"]) > 0
     return Volume(pair=pair, x=x, y=y, y_bin=ybin > 0.5, valid=valid, grid=grid)
+
+
+def _slice_centroids(mask: np.ndarray, affine, t: int) -> dict[int, np.ndarray]:
+    """World coordinates of the mask's centroid on every slice along axis ``t``."""
+    out = {}
+    for z in range(mask.shape[t]):
+        sl = np.take(mask, z, axis=t)
+        w = sl.sum()
+        if w <= 0.5:
+            continue
+        ij = np.array(np.nonzero(sl > 0)).astype(float)
+        c2 = (ij * sl[sl > 0]).sum(axis=1) / sl[sl > 0].sum()
+        vox = np.insert(c2, t, z)
+        out[z] = affine[:3, :3] @ vox + affine[:3, 3]
+    return out
+
+
+def align_mask(moving: nib.Nifti1Image, fixed: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
+    """Co-register another image's binary mask of the same subject onto ``fixed``'s grid.
+
+    Both come from one session, so scanner coordinates already align them up to subject motion and
+    where each rater drew; what is left is mostly a translation of the cord. The moving mask is
+    resampled into the fixed grid (linear, scanner coordinates), then shifted in-plane by the median
+    difference of the two masks' slice centroids (in world mm) over the slices both cover.
+    Returns (aligned soft mask in the fixed grid, the in-plane shift applied in mm)."""
+    from nibabel.processing import resample_from_to
+    from scipy import ndimage
+
+    from ..resampling import through_plane_axis
+
+    t = through_plane_axis(fixed.affine)
+    fdat = (np.asarray(fixed.dataobj, dtype=np.float64) > 0.5).astype(np.float64)
+    mimg = nib.Nifti1Image((np.asarray(moving.dataobj, dtype=np.float64) > 0.5).astype(np.float32), moving.affine)
+    warped = np.clip(resample_from_to(mimg, (fixed.shape[:3], fixed.affine), order=1).get_fdata(), 0, 1)
+    cf, cm = _slice_centroids(fdat, fixed.affine, t), _slice_centroids(warped, fixed.affine, t)
+    both = sorted(set(cf) & set(cm))
+    if not both:
+        raise InputError("masks of the same subject do not overlap in scanner coordinates", str(moving.get_filename()))
+    shift_world = np.median([cf[z] - cm[z] for z in both], axis=0)
+    shift_vox = np.linalg.solve(fixed.affine[:3, :3], shift_world)
+    shift_vox[t] = 0.0  # in-plane only: the slices were matched by position
+    aligned = ndimage.shift(warped, shift_vox, order=1, mode="constant")
+    return np.clip(aligned, 0.0, 1.0), fixed.affine[:3, :3] @ shift_vox
+
+
+def consensus_masks(pairs: Sequence[Pair]) -> dict[int, np.ndarray]:
+    """For every pair whose subject has other labelled images: the average of its own binary mask and
+    the other images' masks co-registered onto it (:func:`align_mask`) -- the soft ground truth of
+    the contrast-agnostic cord segmentation (one cord, whatever the contrast). Where only the own
+    mask covers a slice, the own mask is kept there."""
+    from ..resampling import through_plane_axis
+
+    out: dict[int, np.ndarray] = {}
+    by_subject: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        by_subject.setdefault(p.subject, []).append(i)
+    for idx in by_subject.values():
+        if len(idx) < 2:
+            continue
+        for i in idx:
+            fixed = nib.load(pairs[i].mask)
+            own = (np.asarray(fixed.dataobj, dtype=np.float64) > 0.5).astype(np.float64)
+            t = through_plane_axis(fixed.affine)
+            total, count = own.copy(), np.ones(own.shape[t])
+            for j in idx:
+                if j == i:
+                    continue
+                aligned, _ = align_mask(nib.load(pairs[j].mask), fixed)
+                covered = np.array([np.take(aligned, z, axis=t).sum() > 0.5 for z in range(own.shape[t])])
+                shape = [1, 1, 1]
+                shape[t] = -1
+                total += aligned * covered.reshape(shape)
+                count += covered
+            shape = [1, 1, 1]
+            shape[t] = -1
+            out[i] = total / count.reshape(shape)
+    return out
 
 
 # ---------------------------------------------------------------------------------------- splits

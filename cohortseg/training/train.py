@@ -8,8 +8,12 @@ Config (YAML/dict; every key optional except ``data``; defaults in ``DEFAULTS``)
     data: {root: "{shared}/data/spine", items: [{image, mask, subject, contrast}, ...]}
           # or {tsv: pairs.tsv} or {bids: <root>, derivatives: <labels root>, suffixes: [T2w]}
     grid: {inplane_mm: 1.0, crop: [64, 64]}
-    label: {type: soft|binary, soft_sigma_mm: 0.5}
+    label: {type: soft|binary, soft_sigma_mm: 0.5, consensus: false}
+          # consensus (soft only, final models only): train on the average of the co-registered
+          # masks of all images of the same subject (datasets.consensus_masks)
     split: {by: subject|contrast, k: null (= one fold per group), val_fraction: 0.2}
+    final: {models: 0}           # n > 0: after cross-validation, train n models on ALL the data
+          # (seeds differ); they become the bundle's folds and the CV models only give the report
     net: {base_filters: 8, depth: 3, norm: instance|batch|none, dropout: 0.0, bn_momentum: 0.9}
     loss: {name: dice_bce|dice|bce|mse|adaptive_wing, params: {}}
     train: {epochs: 40, batch_size: 16, learning_rate: 0.001, patience: 8, min_epochs: 3,
@@ -64,7 +68,8 @@ DEFAULTS: dict = {
     "seed": 42,
     "threads": 2,
     "grid": {"inplane_mm": 1.0, "crop": [64, 64]},
-    "label": {"type": "binary", "soft_sigma_mm": 0.5},
+    "label": {"type": "binary", "soft_sigma_mm": 0.5, "consensus": False},
+    "final": {"models": 0},
     "split": {"by": "subject", "k": None, "val_fraction": 0.2},
     "net": {"base_filters": 8, "depth": 3, "norm": "instance", "dropout": 0.0},
     "loss": {"name": "dice_bce", "params": {}},
@@ -345,6 +350,7 @@ def train_bundle(config: dict, out_dir, progress=None) -> Path:
     folds = ds.kfold_splits(pairs, cfg["split"].get("k"), by=by, seed=int(cfg["seed"]))
     keys = ds.group_keys(pairs, by)
 
+    n_final = int((cfg.get("final") or {}).get("models") or 0)
     fold_entries, fold_files, histories, report_folds = [], {}, [], []
     with tempfile.TemporaryDirectory(prefix="cohortseg-train-") as tmpd:
         for k, (tr_idx, te_idx) in enumerate(folds):
@@ -357,7 +363,7 @@ def train_bundle(config: dict, out_dir, progress=None) -> Path:
             t0 = time.perf_counter()
             model, hist, init = train_fold(cfg, k, volumes, tr_sel, va_sel, progress=say)
             hist["test"] = ",".join(test_groups)
-            fname = bnd.fold_filename(k)
+            fname = bnd.fold_filename(k) if not n_final else f"cv_{bnd.fold_filename(k)}"
             path = Path(tmpd) / fname
             digest = bnd.save_fold_model(model, path, build_fn=None if init else (lambda: _build(cfg, g["crop"])))
             fold_files[fname] = path
@@ -380,6 +386,33 @@ def train_bundle(config: dict, out_dir, progress=None) -> Path:
                                  "params": {"test_groups": test_groups, "best_epoch": hist["best_epoch"]}})
             histories.append(hist)
             del model
+        final_report = []
+        if n_final:  # the shipped models: all the data, consensus labels if asked
+            fold_entries, fold_files = [], {}
+            targets = ds.consensus_masks(pairs) if cfg["label"].get("consensus") and soft else {}
+            fvols = ([ds.load_volume(p, float(g["inplane_mm"]), g["crop"], "soft",
+                                     float(cfg["label"].get("soft_sigma_mm", 0.5)), target=targets.get(i))
+                      for i, p in enumerate(pairs)] if targets else volumes)
+            every = list(range(len(pairs)))
+            for j in range(n_final):
+                k = len(folds) + j
+                tr_sel, va_sel = ds.validation_split(every, pairs, fvols, float(cfg["split"].get("val_fraction", 0.2)),
+                                                     by, seed=int(cfg["seed"]) + 2000 + j)
+                say(f"final model {j}: all data ({sum(len(s) for _, s in tr_sel)} train / "
+                    f"{sum(len(s) for _, s in va_sel)} val slices, consensus labels: {bool(targets)})")
+                model, hist, init = train_fold(cfg, k, fvols, tr_sel, va_sel, progress=say)
+                hist["test"] = f"final {j} (all data)"
+                fname = bnd.fold_filename(j)
+                path = Path(tmpd) / fname
+                digest = bnd.save_fold_model(model, path, build_fn=None if init else (lambda: _build(cfg, g["crop"])))
+                fold_files[fname] = path
+                final_report.append({"model": j, "file": fname, "best_epoch": hist["best_epoch"],
+                                     "epochs_run": hist["epochs_run"], "consensus_labels": bool(targets),
+                                     "in_sample": [evaluate_volume(model, fvols[i], cfg) for i in every]})
+                fold_entries.append({"file": fname, "sha256": digest,
+                                     "params": {"trained_on": "all", "best_epoch": hist["best_epoch"]}})
+                histories.append(hist)
+                del model
         all_held = [h for f in report_folds for h in f["held_out"]]
         cv = {
             "name": cfg["name"], "split": {"by": by, "k": len(folds)},
@@ -393,6 +426,11 @@ def train_bundle(config: dict, out_dir, progress=None) -> Path:
                 "dice_by_subject": _mean_by(all_held, "subject"),
             },
         }
+        if final_report:
+            cv["final_models"] = {
+                "note": "the bundle's folds: trained on all the data after cross-validation; their figures are "
+                        "in-sample (the CV folds above are the out-of-sample estimate and are not shipped)",
+                "models": final_report}
         if by == "contrast":
             cv["leave_one_contrast_out"] = {
                 f["test_groups"][0] if len(f["test_groups"]) == 1 else ",".join(f["test_groups"]):
