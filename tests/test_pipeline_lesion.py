@@ -121,7 +121,8 @@ def _plant(vol, ball):
 
 
 def make_cohort(root, t1_base, with_sub02=False):
-    """BIDS dataset: sub-01 SWI (5 CMBs) + T1w and FLAIR (2 WMHs); optionally sub-02 with a SWI only."""
+    """BIDS dataset: sub-01 SWI (5 CMBs) + T1w and FLAIR (2 WMHs); optionally sub-02 with a SWI only
+    and sub-03 with sub-01's T1w only (no FLAIR)."""
     t1, aff = t1_base
     bids = root / "bids"
     anat = bids / "sub-01" / "anat"
@@ -160,6 +161,9 @@ def make_cohort(root, t1_base, with_sub02=False):
         a2 = bids / "sub-02" / "anat"
         a2.mkdir(parents=True)
         shutil.copy(anat / "sub-01_swi.nii.gz", a2 / "sub-02_swi.nii.gz")
+        a3 = bids / "sub-03" / "anat"  # a T1w without FLAIR: the T1-only WMH card takes it
+        a3.mkdir(parents=True)
+        shutil.copy(anat / "sub-01_T1w.nii.gz", a3 / "sub-03_T1w.nii.gz")
     return bids, truth
 
 
@@ -168,19 +172,21 @@ def bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     cmb_desc, _ = make_shiva_bundle(root, target="CMB", modalities=("swi",), n_folds=2, fmt="savedmodel")
     wmh_desc, _ = make_shiva_bundle(root, target="WMH", modalities=("t1", "flair"), n_folds=2, fmt="h5")
-    return root, cmb_desc, wmh_desc
+    t1_desc, _ = make_shiva_bundle(root, target="WMH", modalities=("t1",), n_folds=2, fmt="h5")
+    return root, cmb_desc, wmh_desc, t1_desc
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, t1_base, bundles):
     tmp = tmp_path_factory.mktemp("lesion_e2e")
     bids, truth = make_cohort(tmp, t1_base, with_sub02=True)
-    root, cmb_desc, wmh_desc = bundles
+    root, cmb_desc, wmh_desc, t1_desc = bundles
     out = tmp / "out"
     cfg = write_config(tmp / "cfg.yaml", bids_dir=str(bids), output_dir=str(out), model_dir=str(root),
                        pipelines=["cmb", "wmh"], inference={"shard_size": 2},
                        cmb={"models": [str(cmb_desc)], "interpolation": "linear"},
-                       wmh={"models": [str(wmh_desc)], "interpolation": "linear"})
+                       # T1+FLAIR where the session has a FLAIR, else the T1-only card (FLAIR optional)
+                       wmh={"models": [str(wmh_desc), str(t1_desc)], "interpolation": "linear"})
     res = snakemake(tmp, "--cores", "2", configfile=cfg)
     return {"tmp": tmp, "out": out, "truth": truth, "res": res, "cmb_desc": cmb_desc, "wmh_desc": wmh_desc}
 
@@ -231,6 +237,25 @@ def test_wmh_census_and_regions(run):
 
 
 @pytest.mark.slow
+def test_wmh_without_flair_uses_the_t1_only_card(run):
+    """FLAIR is optional: sub-03 (sub-01's T1w, no FLAIR) runs the T1-only card listed beside the
+    T1+FLAIR one, finds the same planted WMHs, and says which model it used; sub-01 used T1+FLAIR."""
+    anat = run["out"] / "wmh" / "sub-03" / "anat"
+    census = pd.read_csv(anat / "sub-03_T1w_desc-WMH_census.tsv", sep="\t")
+    assert len(census) == len(WMH_SITES)
+    for t, row, dist in _match(census, run["truth"]["wmh"]):  # same T1w grid as sub-01
+        assert dist < 1.5 and row.volume_mm3 == pytest.approx(t["volume"], rel=0.3), (t, row.to_dict())
+    t1_only, t1_flair = (f"shiva-{m}-wmh-standin" for m in ("t1", "t1-flair"))
+    side = json.loads((anat / "sub-03_T1w_label-WMH_dseg.json").read_text())
+    assert [m["name"] for m in side["models"]] == [t1_only]
+    side1 = json.loads((run["out"] / "wmh/sub-01/anat/sub-01_T1w_label-WMH_dseg.json").read_text())
+    assert [m["name"] for m in side1["models"]] == [t1_flair]
+    rec = json.loads((run["out"] / "work" / "records" / "sub-03.json").read_text())
+    item = rec["pipelines"]["wmh"]["sub-03_T1w"]
+    assert item["status"] == "ok" and any(f"models used: {t1_only}" in w for w in item["warnings"])
+
+
+@pytest.mark.slow
 def test_outputs_on_the_native_grids(run):
     truth = run["truth"]
     for pipe, stem, grid in [("cmb", "sub-01_swi", truth["swi_grid"]), ("wmh", "sub-01_T1w", truth["t1_grid"])]:
@@ -263,7 +288,8 @@ def test_summary_tables_and_provenance(run):
     df = pd.read_csv(out / "group" / "summary.csv", dtype={"session_id": str}, keep_default_na=False)
     row = df.set_index("participant_id").loc["sub-01"]
     assert row.cmb_status == "ok" and row.wmh_status == "ok"
-    assert int(row.cmb_count) == 5 and int(row.cmb_count_infratentorial) == 2 and int(row.cmb_count_deep) == 1
+    # (float columns: sub-03 has no SWI, so no cmb values)
+    assert float(row.cmb_count) == 5 and float(row.cmb_count_infratentorial) == 2 and float(row.cmb_count_deep) == 1
     assert float(row.wmh_count) == 2  # (a float column: sub-02 has no wmh value)
     truth_wmh = sum(t["volume"] for t in run["truth"]["wmh"])
     assert float(row.wmh_volume_mm3) == pytest.approx(truth_wmh, rel=0.3)
@@ -271,8 +297,10 @@ def test_summary_tables_and_provenance(run):
     assert 900 < float(row.wmh_brain_mask_ml) < 2000
     # sub-02: SWI only -> CMBs found with an SWI -> MNI registration; wmh has no T1 -> failed, explained
     r2 = df.set_index("participant_id").loc["sub-02"]
-    assert r2.cmb_status == "ok" and int(r2.cmb_count) == 5 and r2.wmh_status == "failed"
+    assert r2.cmb_status == "ok" and float(r2.cmb_count) == 5 and r2.wmh_status == "failed"
     assert "no image for role 'image'" in r2.error and r2.cmb_etiv_ml == ""
+    r3 = df.set_index("participant_id").loc["sub-03"]  # T1w only: wmh through the T1-only card, no cmb
+    assert r3.wmh_status == "ok" and float(r3.wmh_count) == 2 and r3.cmb_status == "failed"
     census = pd.read_csv(out / "group" / "cmb_census.csv")
     assert list(census.columns[:4]) == ["participant_id", "session_id", "contrast", "lesion_id"]
     assert (census.participant_id == "sub-01").sum() == 5 and (census.participant_id == "sub-02").sum() == 5
@@ -288,7 +316,7 @@ def test_summary_tables_and_provenance(run):
 
 
 def test_wrong_md5_stops_the_run_before_any_job(tmp_path, bundles, t1_base):
-    root, cmb_desc, _ = bundles
+    root, cmb_desc, *_ = bundles
     info = json.loads(cmb_desc.read_text())
     info["files"][1]["md5"] = "0" * 32
     bad = tmp_path / "model_info_swi-cmb-bad.json"

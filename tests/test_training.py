@@ -247,7 +247,7 @@ def test_ci_training_writes_valid_bundle(ci_bundle):
     assert [m["file"] for m in finals] == [f["file"] for f in card["folds"]] == ["fold_0.keras", "fold_1.keras"]
     assert all(m["consensus_labels"] and len(m["in_sample"]) == 2 for m in finals)
     assert all(f["params"]["trained_on"] == "all" for f in card["folds"])
-    assert not list(path.glob("cv_*"))
+    assert not list(path.glob("cv_*.keras"))
     png = (path / "learning_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
 

@@ -317,10 +317,26 @@ class _Lesion(Pipeline):
     region_names: tuple = ()
 
     # -- prepare ---------------------------------------------------------------------------------
-    def _channels(self, cards) -> list[str]:
+    def _choose(self, cards, available: set) -> tuple[list[int], list[str]]:
+        """The segmentation cards a session can run: those whose modalities it has, and of those the
+        ones using the most modalities (a T1+FLAIR card where the FLAIR exists, a T1-only card listed
+        beside it where it does not). Returns (card indices, warnings)."""
+        _, seg = split_cards(cards)
+        self._channels(cards)  # every modality must be one the pipeline provides
+        usable = [i for i in seg if set(card_modalities(cards[i])) <= available]
+        if not usable:
+            return [], []
+        best = max(len(card_modalities(cards[i])) for i in usable)
+        chosen = [i for i in usable if len(card_modalities(cards[i])) == best]
+        skipped = [cards[i].name for i in seg if i not in chosen]
+        warn = [f"models used: {', '.join(cards[i].name for i in chosen)}; not used: {', '.join(skipped)} "
+                f"(session has {', '.join(sorted(available))})"] if skipped else []
+        return chosen, warn
+
+    def _channels(self, cards, only=None) -> list[str]:
         _, seg = split_cards(cards)
         chans: list[str] = []
-        for i in seg:
+        for i in (seg if only is None else only):
             for m in card_modalities(cards[i]):
                 if m not in self.modality_roles:
                     raise ModelError(f"model '{cards[i].name}' needs modality '{m}', which the {self.name} pipeline "
@@ -354,6 +370,9 @@ class _Lesion(Pipeline):
         from ..inference import fold_average
 
         mask_i, seg = split_cards(cards)
+        used = prepared.meta.get("models_used")
+        if used is not None:
+            seg = [i for i in seg if cards[i].name in used]
         vol = full_volume(prepared)  # (256, 256, 256, C) float32
         channels = prepared.meta["channels"]
         if mask_i is not None:
@@ -433,7 +452,8 @@ class _Lesion(Pipeline):
             "Sources": [f"bids:raw:{os.path.basename(p)}" for p in item.inputs.values()],
             "postprocessing": params,
             "models": [{"name": c.name, "folds": [{"file": f["file"], **{k: f[k] for k in ("md5", "sha256") if k in f}}
-                                                  for f in c.folds]} for c in cards],
+                                                  for f in c.folds]} for c in cards
+                       if is_mask_card(c) or c.name in meta.get("models_used", [c.name])],
             "brain_mask": mask_source if mask_source != "fallback" else meta.get("brain_mask_fallback", "fallback"),
             "crop_box": box.to_dict(),
             "mni": {k: mni.get(k) for k in ("from", "det", "error", "tool", "fixed")},
@@ -667,16 +687,18 @@ class Wmh(_Lesion):
 
         g = cfg["_global"]
         order = _INTERP_ORDER[cfg.get("interpolation", "cubic")]
-        channels = self._channels(cards)
-        if "flair" in channels and not item.inputs.get("flair"):
+        available = {"t1"} | ({"flair"} if item.inputs.get("flair") else set())
+        chosen, choice_warnings = self._choose(cards, available)
+        if not chosen:
             need = [c.name for c in cards if not is_mask_card(c) and "flair" in card_modalities(c)]
             raise InputError(f"model(s) {', '.join(need)} need a FLAIR but the session has none (role 'flair', "
                              f"filters {(cfg.get('filters') or {}).get('flair', self.roles['flair'].filters)}); add "
-                             "the FLAIR or use a T1-only WMH model card")
+                             "the FLAIR, or list a T1-only WMH model card beside it in wmh.models")
+        channels = self._channels(cards, only=chosen)
         t1 = _t1_entry(item.inputs["image"], g, order)
         conf = t1["conf"]
-        meta: dict = {"warnings": list(t1["warnings"]), "registration": {}, "mni": dict(t1["mni"]),
-                      "etiv_ml": _etiv_ml(t1["mni"])}
+        meta: dict = {"warnings": list(t1["warnings"]) + choice_warnings, "registration": {}, "mni": dict(t1["mni"]),
+                      "etiv_ml": _etiv_ml(t1["mni"]), "models_used": [cards[i].name for i in chosen]}
         if t1["mni"].get("error"):
             meta["warnings"].append(f"MNI registration: {t1['mni']['error']}")
         chans = {"t1": np.asarray(conf.dataobj)}
