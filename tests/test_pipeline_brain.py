@@ -185,7 +185,7 @@ def test_crop_to_native_matches_whole_grid_resampling():
     caff = conformed_affine(naff, nshape, 64, 2.5, "LIA")
     full = np.zeros((64, 64, 64), np.uint8)
     full[20:40, 18:45, 25:50] = rng.integers(1, 4, (20, 27, 25))
-    lo, hi = [20, 18, 25], [40, 45, 50]
+    lo = [20, 18, 25]
     crop = full[20:40, 18:45, 25:50]
     assert np.array_equal(crop_to_native(crop, lo, caff, (nshape, naff), "labels"),
                           labels_to_native(full, caff, (nshape, naff)))
