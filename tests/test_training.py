@@ -242,6 +242,13 @@ def test_ci_training_writes_valid_bundle(ci_bundle):
         assert 0.0 <= f["dice"] <= 1.0
         assert f["held_out"] and all("dice" in h and "contrast" in h for h in f["held_out"])
     assert set(rep["leave_one_contrast_out"]) == {"T1w", "T2w"}
+    # the held-out slices inside the training images' S-I extent (geometry only, model-independent):
+    # the T2w covers world S-I -19.3..34.7 mm, 55 of the T1w's 77 slices; the T1w covers all the T2w
+    held = {h["contrast"]: h for f in rep["folds"] for h in f["held_out"]}
+    assert held["T1w"]["trained_si_mm"] == [-19.3, 34.7]
+    assert (held["T1w"]["n_slices_in_trained_si"], held["T1w"]["n_slices"]) == (55, 77)
+    assert held["T2w"]["n_slices_in_trained_si"] == held["T2w"]["n_slices"] == 55
+    assert all(0.0 <= h["dice_in_trained_si"] <= 1.0 for h in held.values())
     # the shipped folds are the final models (all data, consensus labels); CV models are not shipped
     finals = rep["final_models"]["models"]
     assert [m["file"] for m in finals] == [f["file"] for f in card["folds"]] == ["fold_0.keras", "fold_1.keras"]

@@ -271,8 +271,25 @@ def train_fold(cfg: dict, fold: int, volumes, tr_sel, va_sel, progress=None):
     return model, hist, init
 
 
-def evaluate_volume(model, vol: ds.Volume, cfg: dict, batch_size: int = 32) -> dict:
-    """Held-out metrics of one volume: native/grid Dice, mean CSA of prediction vs manual."""
+def si_range(paths) -> tuple[float, float]:
+    """Lowest and highest world S-I coordinate (mm) of the voxel centres of some images."""
+    import nibabel as nib
+
+    lo, hi = np.inf, -np.inf
+    for path in paths:
+        img = nib.load(path)
+        corners = np.array(np.meshgrid(*[[0, n - 1] for n in img.shape[:3]], indexing="ij")).reshape(3, -1).T
+        z = nib.affines.apply_affine(img.affine, corners)[:, 2]
+        lo, hi = min(lo, float(z.min())), max(hi, float(z.max()))
+    return lo, hi
+
+
+def evaluate_volume(model, vol: ds.Volume, cfg: dict, batch_size: int = 32, trained_si=None) -> dict:
+    """Held-out metrics of one volume: native/grid Dice, mean CSA of prediction vs manual.
+
+    ``trained_si`` (lo, hi): the S-I extent (world mm) of the training images; the Dice is then also
+    given over the held-out slices inside it (``dice_in_trained_si``), which separates a contrast
+    change from anatomy no training image covered (e.g. C1-C2 above a lower-cervical scan)."""
     import nibabel as nib
 
     from .. import csa
@@ -296,6 +313,20 @@ def evaluate_volume(model, vol: ds.Volume, cfg: dict, batch_size: int = 32) -> d
     if pp.get("largest_component"):
         prob_native = csa.largest_component(prob_native, thr)
     res["dice"] = round(dice_score(manual > 0.5, prob_native, thr), 4)
+    if trained_si is not None:
+        from ..resampling import through_plane_axis
+
+        t = through_plane_axis(msk.affine)
+        idx = np.zeros((3, manual.shape[t]))
+        idx[t] = np.arange(manual.shape[t])
+        z = nib.affines.apply_affine(msk.affine, idx.T)[:, 2]
+        inside = np.nonzero((z >= trained_si[0] - 0.5) & (z <= trained_si[1] + 0.5))[0]
+        res["trained_si_mm"] = [round(float(v), 1) for v in trained_si]
+        res["n_slices_in_trained_si"] = int(len(inside))
+        res["n_slices"] = int(manual.shape[t])
+        if len(inside):
+            res["dice_in_trained_si"] = round(dice_score(np.take(manual, inside, axis=t) > 0.5,
+                                                         np.take(prob_native, inside, axis=t), thr), 4)
     try:
         a_pred = csa.csa_per_slice(np.clip(prob_native, 0, 1), msk.affine)
         a_man = csa.csa_per_slice(manual > 0.5, msk.affine)
@@ -367,7 +398,8 @@ def train_bundle(config: dict, out_dir, progress=None) -> Path:
             path = Path(tmpd) / fname
             digest = bnd.save_fold_model(model, path, build_fn=None if init else (lambda: _build(cfg, g["crop"])))
             fold_files[fname] = path
-            held = [evaluate_volume(model, volumes[i], cfg) for i in te_idx]
+            trained_si = si_range([pairs[i].image for i in tr_idx])
+            held = [evaluate_volume(model, volumes[i], cfg, trained_si=trained_si) for i in te_idx]
             dices = [h["dice"] for h in held]
             report_folds.append({
                 "fold": k, "file": fname,
@@ -434,7 +466,10 @@ def train_bundle(config: dict, out_dir, progress=None) -> Path:
         if by == "contrast":
             cv["leave_one_contrast_out"] = {
                 f["test_groups"][0] if len(f["test_groups"]) == 1 else ",".join(f["test_groups"]):
-                    {"trained_on": f["train_groups"], "dice": f["dice"]} for f in report_folds}
+                    {"trained_on": f["train_groups"], "dice": f["dice"],
+                     "dice_in_trained_si": round(float(np.mean([h.get("dice_in_trained_si", np.nan)
+                                                                for h in f["held_out"]])), 4)}
+                for f in report_folds}
         cv["seconds_total"] = round(time.perf_counter() - t_start, 1)
         training = {
             "seed": int(cfg["seed"]),
