@@ -49,6 +49,11 @@ class Plan:
             plan.verify_models()
         return plan
 
+    @classmethod
+    def training_only(cls, config: dict) -> Plan:
+        """The plan of a run whose only target is `train`: paths, but no sessions (bids_dir unused)."""
+        return cls(config=config, rows=[], out=Path(config["output_dir"]))
+
     def verify_models(self) -> dict:
         from .cards import pipeline_cards
         from .store import ModelStore
@@ -158,6 +163,20 @@ class Plan:
         keep["allow_4d"] = self.config.get("allow_4d", False)
         keep["max_voxels"] = self.config.get("max_voxels")
         return json.dumps(keep, sort_keys=True)
+
+
+def only_target_is(rule: str, argv) -> bool:
+    """Whether a snakemake command line asks for `rule` and nothing else (as a target, or as the
+    only rule of --target-jobs in a cluster job). False when unsure (e.g. the Python API)."""
+    from snakemake.cli import get_argument_parser
+
+    try:
+        args, _ = get_argument_parser().parse_known_args(list(argv))
+    except (SystemExit, Exception):  # noqa: BLE001 - unsure: plan everything
+        return False
+    targets = set(getattr(args, "targets", None) or ())
+    jobs = {getattr(j, "rulename", None) or str(j).split(":")[0] for j in (getattr(args, "target_jobs", None) or ())}
+    return (targets == {rule} and not jobs) or (jobs == {rule} and not targets)
 
 
 def validate_semantics(config: dict) -> None:

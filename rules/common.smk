@@ -1,10 +1,12 @@
 # Plan once per parse: config checks, cached manifest, shards, paths. Cluster jobs (remote_exec)
 # trust the cached manifest and never rescan the dataset.
 from cohortseg.errors import CohortsegError
-from cohortseg.plan import Plan
+from cohortseg.plan import Plan, only_target_is
 
+# `snakemake train` alone needs no dataset: plan no sessions then (no discovery, no model checks).
 try:
-    PLAN = Plan.from_config(config, check=not workflow.remote_exec)
+    PLAN = (Plan.training_only(config) if only_target_is("train", sys.argv[1:])
+            else Plan.from_config(config, check=not workflow.remote_exec))
 except CohortsegError as e:
     raise WorkflowError(f"cohortseg: {e}") from None
 

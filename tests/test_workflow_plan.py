@@ -80,3 +80,28 @@ def test_lint_reports_nothing_serious(fake_cohort):
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
     assert "Congratulations" in out or "Lints for" not in out, out
+
+
+@pytest.mark.parametrize("argv, only", [
+    (["--cores", "2", "train"], True),
+    (["train", "--cores", "2", "--config", "train_dir=m"], True),
+    (["--cores", "2"], False),  # default target
+    (["--cores", "2", "train", "all"], False),
+    (["--forcerun", "train", "--cores", "1"], False),  # an option's value is not a target
+    (["--mode", "remote", "--target-jobs", "train:", "--cores", "2"], True),  # the cluster job of train
+    (["--mode", "remote", "--target-jobs", "finalize:shard=00000"], False),
+])
+def test_only_target_is(argv, only):
+    from cohortseg.plan import only_target_is
+
+    assert only_target_is("train", argv) is only
+
+
+def test_train_target_needs_no_dataset(tmp_path, shared_dir):
+    """`snakemake train` plans without a BIDS dataset; any other target still requires one."""
+    cfg = write_config(tmp_path / "cfg.yaml", bids_dir=str(tmp_path / "missing"), output_dir=str(tmp_path / "out"),
+                       model_dir=str(shared_dir / "models"), pipelines=["sc_csa"])
+    res = snakemake(tmp_path, "--cores", "1", "-n", "train", configfile=cfg)
+    assert job_counts(res.stdout) == {"train": 1}
+    res = snakemake(tmp_path, "--cores", "1", "-n", configfile=cfg, check=False)
+    assert res.returncode != 0 and "config key 'bids_dir'" in res.stdout + res.stderr
