@@ -8,4 +8,4 @@ from cohortseg.report import write_cohort_qc_page  # noqa: E402
 from cohortseg.steps import session_records  # noqa: E402
 
 setup_logging(snakemake)  # noqa: F821
-write_cohort_qc_page(snakemake.input.summary, session_records(snakemake.input.records), Path(snakemake.output[0]).parent)  # noqa: F821
+write_cohort_qc_page(snakemake.input.summary, session_records(snakemake.params.records), Path(snakemake.output[0]).parent)  # noqa: F821

@@ -105,3 +105,10 @@ def test_train_target_needs_no_dataset(tmp_path, shared_dir):
     assert job_counts(res.stdout) == {"train": 1}
     res = snakemake(tmp_path, "--cores", "1", "-n", configfile=cfg, check=False)
     assert res.returncode != 0 and "config key 'bids_dir'" in res.stdout + res.stderr
+
+
+def test_batches_of_shards(fake_cohort):
+    """`--batch aggregate=i/n` plans a part of the shards (tables and QC page wait for the last part)."""
+    tmp, cfg = fake_cohort
+    counts = job_counts(snakemake(tmp, "-n", "--cores", "1", "--batch", "aggregate=1/5", configfile=cfg).stdout)
+    assert counts == {"prepare": 1, "infer": 1, "finalize": 1}  # 5 shards of 2 sessions -> one per part
