@@ -190,3 +190,22 @@ def test_rerun_is_a_noop_and_train_is_not_in_the_default_target(run):
     res = snakemake(run["tmp"], "-n", "--cores", "1", configfile=run["cfg"])
     assert "Nothing to be done" in res.stdout + res.stderr
     assert "rule train" not in res.stdout + res.stderr
+
+
+def test_flip_tta_averages_the_mirrored_prediction():
+    """A card with tta.flip_lr averages f(x) with the left-right mirror of f(mirrored x); without it,
+    the plain fold average. The stand-in 'model' weights pixels by a left-right ramp (not symmetric)."""
+    from types import SimpleNamespace
+
+    from cohortseg.pipelines import get_pipeline
+    from cohortseg.pipelines.base import Prepared
+
+    ramp = np.linspace(0.0, 1.0, 8)[None, :, None, None]
+    fold = SimpleNamespace(predict=lambda x: x * ramp)
+    x = np.random.default_rng(0).random((3, 8, 6, 1)).astype(np.float32)
+    prep = Prepared(x=x, meta={})
+    p = get_pipeline("sc_csa")
+    plain = p.predict([[fold]], prep, [{"tta": {"flip_lr": False}}], {}, 2)
+    np.testing.assert_allclose(plain, x * ramp, rtol=1e-6)
+    tta = p.predict([[fold]], prep, [{"tta": {"flip_lr": True}}], {}, 2)
+    np.testing.assert_allclose(tta, 0.5 * (x * ramp + (x[:, ::-1] * ramp)[:, ::-1]), rtol=1e-6)

@@ -184,7 +184,20 @@ class ScCsa(Pipeline):
                 warnings.append(f"vertebral levels {Path(lfile).name} unusable ({reason}): VertLevel is n/a")
         return Prepared(x=x[..., None].astype(np.float32), meta=meta, arrays=arrays)
 
-    # predict: the base class's soft fold average over every fold of every card
+    def predict(self, models, prepared, cards, cfg, batch_size):
+        """Soft fold average over every fold of every card; a card with ``tta.flip_lr`` also averages
+        the prediction of the left-right mirrored slices (axis 1 of the stack runs towards the Left)."""
+        from ..inference import fold_average
+
+        acc, n = None, 0
+        for card, folds in zip(cards, models):
+            fns = [f.predict for f in folds]
+            p = fold_average(fns, prepared.x, batch_size).astype(np.float64)
+            if (card.get("tta") or {}).get("flip_lr"):
+                p = 0.5 * (p + fold_average(fns, np.ascontiguousarray(prepared.x[:, ::-1]), batch_size)[:, ::-1])
+            acc = p * len(folds) if acc is None else acc + p * len(folds)
+            n += len(folds)
+        return (acc / n).astype(np.float32)
 
     # ------------------------------------------------------------------------------ finalize
     def finalize(self, item: Item, prepared: Prepared, prob, cards, cfg, out: OutputWriter) -> dict:

@@ -105,6 +105,7 @@ def build_card(cfg: dict, folds: Sequence[dict], training: dict, contrasts: Sequ
         "thresholds": {"mask": float(cfg.get("thresholds", {}).get("mask", 0.5))},
         "postprocess": {k: bool((cfg.get("postprocess") or {}).get(k, False))
                         for k in ("tube_filter", "largest_component")},
+        "tta": {"flip_lr": bool((cfg.get("tta") or {}).get("flip_lr", False))},
         "labels": {int(k): str(v) for k, v in (cfg.get("labels") or {1: "SC"}).items()},
         "outputs": list(cfg.get("outputs", ["label-SC_probseg", "label-SC_mask"])),
         "training": training,

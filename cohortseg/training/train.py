@@ -26,6 +26,7 @@ Config (YAML/dict; every key optional except ``data``; defaults in ``DEFAULTS``)
     init_from: null              # fine-tune: a bundle folder; fold k starts from its fold k % n
     thresholds: {mask: 0.5}
     postprocess: {tube_filter: false, largest_component: false}  # card + CV evaluation (csa.py)
+    tta: {flip_lr: false}        # card + CV evaluation: average with the left-right mirrored prediction
 
 Per fold: the held-out group(s) are the test set; the fold's training groups are split again into
 train/validation (``datasets.validation_split``) and training stops early when the validation
@@ -81,6 +82,7 @@ DEFAULTS: dict = {
     "init_from": None,
     "thresholds": {"mask": 0.5},
     "postprocess": {"tube_filter": False, "largest_component": False},
+    "tta": {"flip_lr": False},
     "labels": {1: "SC"},
     "outputs": ["label-SC_probseg", "label-SC_mask"],
 }
@@ -297,6 +299,9 @@ def evaluate_volume(model, vol: ds.Volume, cfg: dict, batch_size: int = 32, trai
 
     thr = float(cfg["thresholds"].get("mask", 0.5))
     prob = _predict(model, vol.x[..., None], batch_size)[..., 0]
+    if (cfg.get("tta") or {}).get("flip_lr"):  # axis 1 of the slice stack runs towards the Left
+        flipped = _predict(model, np.ascontiguousarray(vol.x[:, ::-1, :, None]), batch_size)[..., 0]
+        prob = 0.5 * (prob + flipped[:, ::-1])
     prob = np.where(vol.valid[:, None, None], prob, 0.0)
     res = {"subject": vol.pair.subject, "contrast": vol.pair.contrast,
            "image": os.path.basename(vol.pair.image),
