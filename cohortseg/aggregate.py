@@ -86,14 +86,14 @@ def aggregate(record_paths: list, out_dir, config: dict, expected: list[tuple[st
     status_cols = [f"{p}_status" for p in pipelines if f"{p}_status" in df.columns]
     metric_cols = sorted(c for c in df.columns if c not in ID_COLUMNS + QC_COLUMNS and c not in status_cols)
     df = df.reindex(columns=ID_COLUMNS + ["qc_flags"] + status_cols + metric_cols)
-    df = _add_qc(df, records, out_dir, config, ratings)
+    df = _add_qc(df, config, ratings)
     write_text_atomic(out_dir / "summary.csv", df.to_csv(index=False, na_rep=""))
     _group_tables(records, pipelines, out_dir)
     write_json_atomic(out_dir / "summary.json", provenance(config, records))
     return df
 
 
-def _add_qc(df, records, out_dir, config, ratings):
+def _add_qc(df, config, ratings):
     """Automatic flags (sanity flags from finalize + Tukey outliers across the cohort) and the
     raters' verdicts from qc_ratings.tsv (per pipeline, and the worst of them as `qc_rating`)."""
     from .qc.outliers import add_qc_flags
