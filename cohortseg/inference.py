@@ -83,15 +83,22 @@ def predict_batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch
             log.warning("out of memory: retrying with batch size %d", bs)
 
 
-def fold_average(fold_fns: Sequence[Callable], x: np.ndarray, batch_size: int = 8) -> np.ndarray:
-    """Mean of the fold models' predictions (the ensemble every pipeline uses)."""
+def fold_average(fold_fns: Sequence[Callable], x: np.ndarray, batch_size: int = 8,
+                 mirror_axis: int | None = None) -> np.ndarray:
+    """Mean of the fold models' predictions (the ensemble every pipeline uses). ``mirror_axis``:
+    test-time augmentation, each fold also predicts ``x`` mirrored along that axis (mirrored back)."""
     if not fold_fns:
         raise ValueError("fold_average needs at least one fold")
+    views = [(x, None)]
+    if mirror_axis is not None:
+        views.append((np.ascontiguousarray(np.flip(x, mirror_axis)), mirror_axis))
     acc = None
     for fn in fold_fns:
-        p = predict_batched(fn, x, batch_size)
-        acc = p.astype(np.float64) if acc is None else acc + p
-    return (acc / len(fold_fns)).astype(np.float32)
+        for xin, axis in views:
+            p = predict_batched(fn, xin, batch_size)
+            p = np.flip(p, axis) if axis is not None else p
+            acc = p.astype(np.float64) if acc is None else acc + p
+    return (acc / (len(fold_fns) * len(views))).astype(np.float32)
 
 
 def prefetch(loader: Callable, keys: Sequence, depth: int = 2):

@@ -25,7 +25,7 @@ class Plan:
     out: Path
     sessions: dict = field(default_factory=dict)  # session_key -> (participant_id, session_id)
     shards: list = field(default_factory=list)  # [[session_key, ...], ...] in sorted order
-    infer_shards: dict = field(default_factory=dict)  # pipeline -> [shard index with an item to infer]
+    infer_shards: dict = field(default_factory=dict)  # pipeline -> {shard indices with an item to infer}
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -75,7 +75,7 @@ class Plan:
         for r in self.rows:
             if r["status"] == "ok":
                 todo.setdefault(r["pipeline"], set()).add(shard_of[session_key(r["participant_id"], r["session_id"])])
-        self.infer_shards = {p: sorted(todo[p]) for p in self.pipelines if p in todo}
+        self.infer_shards = {p: todo[p] for p in self.pipelines if p in todo}
 
     # -- paths (one place) --------------------------------------------------------------------
     @property
@@ -130,9 +130,6 @@ class Plan:
 
     def all_finalize_records(self) -> list[str]:
         return [self.shard_record("finalize", i) for i in range(len(self.shards))]
-
-    def all_infer_records(self) -> list[str]:
-        return [self.infer_record(p, i) for p, shards in self.infer_shards.items() for i in shards]
 
     def shard_bids_inputs_wc(self, wc) -> list[str]:
         """BIDS files a shard's prepare job reads (so Snakemake reruns it when one changes)."""

@@ -152,20 +152,26 @@ def prepare_shard(keys: list[str], config: dict, record_path, workers: int = 1) 
     """Prepare every session of a shard; the shard record lists their per-session prep records."""
     by = rows_by_session(config, keys)
     jobs = [(by[k], config, str(prep_record_path(config, k))) for k in keys]
-    results = _map_sessions(_prepare_worker, jobs, workers)
-    shard = {"step": "prepare", "sessions": {}}
-    for (rows, _, path), res in zip(jobs, results):
-        key = Path(path).stem
-        if isinstance(res, BaseException):  # the worker died: record every item of the session as failed
-            _write_crash_record(rows, path, "prepare", res)
-        shard["sessions"][key] = path
+    return _run_shard("prepare", prepare_session, jobs, workers, record_path)
+
+
+def _run_shard(step: str, session_fn, jobs: list[tuple], workers: int, record_path) -> dict:
+    """session_fn(rows, ..., record path) for every job (the rows first, the session's record path
+    last); a session whose worker died gets a record saying so. Writes the shard record."""
+    results = _map_sessions(_session_worker, [(session_fn, *j) for j in jobs], workers)
+    shard = {"step": step, "sessions": {}}
+    for job, res in zip(jobs, results):
+        rows, path = job[0], job[-1]
+        if isinstance(res, BaseException):  # the worker died: every item of the session failed
+            _write_crash_record(rows, path, step, res)
+        shard["sessions"][Path(path).stem] = path
     write_json_atomic(record_path, shard)
     return shard
 
 
-def _prepare_worker(rows, config, path):
-    prepare_session(rows, config, path)
-    return True
+def _session_worker(session_fn, *args) -> bool:
+    session_fn(*args)
+    return True  # the record is on disk; nothing large goes back through the pool
 
 
 def _write_crash_record(rows: list[dict], path, stage: str, exc: BaseException) -> None:
@@ -184,13 +190,11 @@ def prepare_session(rows: list[dict], config: dict, record_path) -> dict:
     record = {"participant_id": rows[0]["participant_id"] if rows else "", "session_id": rows[0]["session_id"] if rows else "",
               "pipelines": {}, "cohortseg_version": __version__}
     cards_cache: dict = {}
-    reused_all = old is not None
     for row in rows:
         pname = row["pipeline"]
         items = record["pipelines"].setdefault(pname, {})
         if row["status"] != "ok":
             items[row["item"] or "-"] = {"status": "failed", "stage": "discovery", "error": row["error"]}
-            reused_all = reused_all and (old["pipelines"].get(pname, {}).get(row["item"] or "-") == items[row["item"] or "-"])
             continue
         item = _item(row)
         t0 = time.perf_counter()
@@ -202,7 +206,6 @@ def prepare_session(rows: list[dict], config: dict, record_path) -> dict:
             if prev and prev.get("status") == "ok" and prev.get("stamp") == stamp and Path(prev["prep"]).is_file():
                 items[item.name] = prev
                 continue
-            reused_all = False
             prepared = get_pipeline(pname).prepare(item, cards_cache[pname], _cfg(config, pname))
             path = _prep_path(work, item)
             prepared.save(path)
@@ -210,9 +213,8 @@ def prepare_session(rows: list[dict], config: dict, record_path) -> dict:
                                 "warnings": prepared.meta.get("warnings", []),
                                 "seconds": round(time.perf_counter() - t0, 2)}
         except Exception as e:  # noqa: BLE001 - recorded, never fatal
-            reused_all = False
             items[item.name] = _failure("prepare", e, item)
-    if not (reused_all and old and old["pipelines"].keys() == record["pipelines"].keys()):
+    if record != old:  # everything reused: the record (and its mtime) stays as it was
         write_json_atomic(record_path, record)
     return record
 
@@ -284,19 +286,7 @@ def finalize_shard(prep_shard_record, config: dict, record_path, workers: int = 
     sessions = json.loads(Path(prep_shard_record).read_text())["sessions"]
     by = rows_by_session(config, list(sessions))
     jobs = [(by[k], prep, config, str(session_record_path(config, k))) for k, prep in sessions.items()]
-    results = _map_sessions(_finalize_worker, jobs, workers)
-    shard = {"step": "finalize", "sessions": {}}
-    for (rows, _, _, path), res in zip(jobs, results):
-        if isinstance(res, BaseException):
-            _write_crash_record(rows, path, "finalize", res)
-        shard["sessions"][Path(path).stem] = path
-    write_json_atomic(record_path, shard)
-    return shard
-
-
-def _finalize_worker(rows, prep, config, path):
-    finalize_session(rows, prep, config, path)
-    return True
+    return _run_shard("finalize", finalize_session, jobs, workers, record_path)
 
 
 def finalize_session(rows: list[dict], prep_record, config: dict, record_path) -> dict:
@@ -307,19 +297,16 @@ def finalize_session(rows: list[dict], prep_record, config: dict, record_path) -
     old = _read_json(record_path) if _reuse(config) else None
     row_of = {(r["pipeline"], r["item"]): r for r in rows}
     cards_cache: dict = {}
-    reused_all = old is not None
     for pname, items in rec["pipelines"].items():
         _dataset_description(out_dir, pname)
         for name, it in items.items():
-            prev = (old or {}).get("pipelines", {}).get(pname, {}).get(name)
             if it["status"] != "ok":
-                reused_all = reused_all and prev == it
                 continue
+            prev = (old or {}).get("pipelines", {}).get(pname, {}).get(name)
             if (prev and prev.get("status") == "ok" and prev.get("stamp") == it["stamp"]
                     and all(Path(f).is_file() for f in _files_of(prev))):
                 items[name] = prev
                 continue
-            reused_all = False
             item = _item(row_of[(pname, name)])
             writer = OutputWriter(out_dir, item)
             t0 = time.perf_counter()
@@ -341,17 +328,15 @@ def finalize_session(rows: list[dict], prep_record, config: dict, record_path) -
             except Exception as e:  # noqa: BLE001
                 it.update(_failure("finalize", e, item))
                 it.update({"files": writer.files, "sanity_flags": writer.flags})  # kept for QC
-    if reused_all and old and old["pipelines"].keys() == rec["pipelines"].keys():
-        return old  # nothing changed: the record (and its mtime) stays as it was
+    if old is not None and rec == {k: v for k, v in old.items() if k != "finished"}:
+        return old  # everything reused: the record (and its mtime) stays as it was
     rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json_atomic(record_path, rec)
     return rec
 
 
 def _files_of(entry: dict) -> list[str]:
-    files = entry.get("files") or {}
-    vals = files.values() if isinstance(files, dict) else files
-    return [v for v in vals if isinstance(v, str)]
+    return list((entry.get("files") or {}).values())
 
 
 def _dataset_description(out_dir: Path, pipeline: str) -> None:

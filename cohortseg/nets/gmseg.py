@@ -261,19 +261,13 @@ def predict_slices(model, x: np.ndarray, batch_size: int = 8, flip_tta: bool = F
     flip_tta: average with the prediction on left-right flipped slices (axis H of the canonical
     slice grid runs R->L), flipped back.
     """
+    from ..inference import fold_average
+
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 3:
         x = x[..., None]
-    out = np.empty(x.shape[:3], dtype=np.float32)
-    bs = max(1, int(batch_size))
-    for i in range(0, x.shape[0], bs):
-        xb = x[i:i + bs]
-        p = np.asarray(model(xb, training=False))[..., 0]
-        if flip_tta:
-            pf = np.asarray(model(np.ascontiguousarray(xb[:, ::-1]), training=False))[..., 0]
-            p = 0.5 * (p + pf[:, ::-1])
-        out[i:i + bs] = p
-    return out
+    return fold_average([lambda b: model(b, training=False)], x, batch_size,
+                        mirror_axis=1 if flip_tta else None)[..., 0]
 
 
 def fine_to_native(prob_fine: np.ndarray, grid: dict, native_img=None,

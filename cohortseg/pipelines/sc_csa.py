@@ -189,13 +189,10 @@ class ScCsa(Pipeline):
         the prediction of the left-right mirrored slices (axis 1 of the stack runs towards the Left)."""
         from ..inference import fold_average
 
-        acc, n = None, 0
+        acc, n = 0.0, 0
         for card, folds in zip(cards, models):
-            fns = [f.predict for f in folds]
-            p = fold_average(fns, prepared.x, batch_size).astype(np.float64)
-            if (card.get("tta") or {}).get("flip_lr"):
-                p = 0.5 * (p + fold_average(fns, np.ascontiguousarray(prepared.x[:, ::-1]), batch_size)[:, ::-1])
-            acc = p * len(folds) if acc is None else acc + p * len(folds)
+            mirror = 1 if (card.get("tta") or {}).get("flip_lr") else None
+            acc = acc + fold_average([f.predict for f in folds], prepared.x, batch_size, mirror).astype(np.float64) * len(folds)
             n += len(folds)
         return (acc / n).astype(np.float32)
 

@@ -42,13 +42,9 @@ class ScGm(Pipeline):
                     norm = {**card["normalisation"], **fold.params}
                     mean, std = float(norm["mean"]), float(norm["std"])
                 xs = (x - mean) / max(std, 1e-6)
-                fns = [fold.predict]
-                p = fold_average(fns, xs, batch_size)
-                if cfg.get("flip_tta"):
-                    # left-right flip of each slice (axis 1 of the slice grid runs R->L), flipped back
-                    pf = fold_average(fns, xs[:, ::-1], batch_size)[:, ::-1]
-                    p = 0.5 * (p + pf)
-                per_card.append(p)
+                # flip_tta: left-right mirror of each slice (axis 1 of the slice grid runs R->L)
+                per_card.append(fold_average([fold.predict], xs, batch_size,
+                                             mirror_axis=1 if cfg.get("flip_tta") else None))
         return np.mean(per_card, axis=0).astype(np.float32)
 
     def finalize(self, item: Item, prepared: Prepared, prob, cards, cfg, out: OutputWriter) -> dict:

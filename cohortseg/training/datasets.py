@@ -191,14 +191,15 @@ def preprocess_image(img: nib.Nifti1Image, inplane_mm: float, crop: Sequence[int
     return x, grid
 
 
-def soft_label(mask: np.ndarray, affine, sigma_mm: float) -> np.ndarray:
-    """Binary mask -> soft mask: in-plane Gaussian blur (sigma in mm, native space)."""
+def soft_label(mask: np.ndarray, affine, sigma_mm: float, binarise: bool = True) -> np.ndarray:
+    """Mask -> soft mask: in-plane Gaussian blur (sigma in mm, native space). ``binarise``: threshold
+    at 0.5 first (manual masks); False keeps fractional values (a consensus of several masks)."""
     from scipy import ndimage
 
     from ..resampling import through_plane_axis, voxel_sizes
 
     m = np.asarray(mask, dtype=np.float64)
-    m = (m > 0.5).astype(np.float64) if np.isin(m, (0.0, 1.0)).all() or m.max() > 1 else np.clip(m, 0.0, 1.0)
+    m = (m > 0.5).astype(np.float64) if binarise else np.clip(m, 0.0, 1.0)
     if sigma_mm <= 0:
         return m
     t = through_plane_axis(affine)
@@ -230,7 +231,8 @@ def load_volume(pair: Pair, inplane_mm: float = 1.0, crop: Sequence[int] = (64, 
     binimg = nib.Nifti1Image((m > 0.5).astype(np.float32), msk.affine)
     ybin, _ = to_axial_slices(binimg, inplane_mm=inplane_mm, crop=tuple(crop), order=1, center=center)
     if target is not None and label == "soft":
-        simg = nib.Nifti1Image(soft_label(target, msk.affine, soft_sigma_mm).astype(np.float32), msk.affine)
+        simg = nib.Nifti1Image(soft_label(target, msk.affine, soft_sigma_mm, binarise=False).astype(np.float32),
+                               msk.affine)
         y, _ = to_axial_slices(simg, inplane_mm=inplane_mm, crop=tuple(crop), order=1, center=center)
         y = np.clip(y, 0.0, 1.0).astype(np.float32)
     elif label == "soft":
@@ -306,19 +308,18 @@ def consensus_masks(pairs: Sequence[Pair]) -> dict[int, np.ndarray]:
             fixed = nib.load(pairs[i].mask)
             own = (np.asarray(fixed.dataobj, dtype=np.float64) > 0.5).astype(np.float64)
             t = through_plane_axis(fixed.affine)
+            per_slice = [1, 1, 1]
+            per_slice[t] = -1  # broadcasts a per-slice vector along the through-plane axis
+            other_axes = tuple(a for a in range(3) if a != t)
             total, count = own.copy(), np.ones(own.shape[t])
             for j in idx:
                 if j == i:
                     continue
                 aligned, _ = align_mask(nib.load(pairs[j].mask), fixed)
-                covered = np.array([np.take(aligned, z, axis=t).sum() > 0.5 for z in range(own.shape[t])])
-                shape = [1, 1, 1]
-                shape[t] = -1
-                total += aligned * covered.reshape(shape)
+                covered = aligned.sum(axis=other_axes) > 0.5
+                total += aligned * covered.reshape(per_slice)
                 count += covered
-            shape = [1, 1, 1]
-            shape[t] = -1
-            out[i] = total / count.reshape(shape)
+            out[i] = total / count.reshape(per_slice)
     return out
 
 

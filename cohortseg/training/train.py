@@ -298,10 +298,10 @@ def evaluate_volume(model, vol: ds.Volume, cfg: dict, batch_size: int = 32, trai
     from ..resampling import slices_to_native
 
     thr = float(cfg["thresholds"].get("mask", 0.5))
-    prob = _predict(model, vol.x[..., None], batch_size)[..., 0]
-    if (cfg.get("tta") or {}).get("flip_lr"):  # axis 1 of the slice stack runs towards the Left
-        flipped = _predict(model, np.ascontiguousarray(vol.x[:, ::-1, :, None]), batch_size)[..., 0]
-        prob = 0.5 * (prob + flipped[:, ::-1])
+    from ..inference import fold_average
+
+    mirror = 1 if (cfg.get("tta") or {}).get("flip_lr") else None  # axis 1 of the slice stack: Left
+    prob = fold_average([lambda b: _predict(model, b, batch_size)], vol.x[..., None], batch_size, mirror)[..., 0]
     prob = np.where(vol.valid[:, None, None], prob, 0.0)
     res = {"subject": vol.pair.subject, "contrast": vol.pair.contrast,
            "image": os.path.basename(vol.pair.image),
@@ -399,10 +399,13 @@ def train_bundle(config: dict, out_dir, progress=None) -> Path:
             t0 = time.perf_counter()
             model, hist, init = train_fold(cfg, k, volumes, tr_sel, va_sel, progress=say)
             hist["test"] = ",".join(test_groups)
-            fname = bnd.fold_filename(k) if not n_final else f"cv_{bnd.fold_filename(k)}"
-            path = Path(tmpd) / fname
-            digest = bnd.save_fold_model(model, path, build_fn=None if init else (lambda: _build(cfg, g["crop"])))
-            fold_files[fname] = path
+            fname = None if n_final else bnd.fold_filename(k)  # with final models, CV folds are not shipped
+            if fname:
+                path = Path(tmpd) / fname
+                digest = bnd.save_fold_model(model, path, build_fn=None if init else (lambda: _build(cfg, g["crop"])))
+                fold_files[fname] = path
+                fold_entries.append({"file": fname, "sha256": digest,
+                                     "params": {"test_groups": test_groups, "best_epoch": hist["best_epoch"]}})
             trained_si = si_range([pairs[i].image for i in tr_idx])
             held = [evaluate_volume(model, volumes[i], cfg, trained_si=trained_si) for i in te_idx]
             dices = [h["dice"] for h in held]
@@ -419,13 +422,10 @@ def train_bundle(config: dict, out_dir, progress=None) -> Path:
             })
             say(f"fold {k}: held-out Dice " + ", ".join(f"{h['contrast'] or h['subject']} {h['dice']:.3f}"
                                                        for h in held))
-            fold_entries.append({"file": fname, "sha256": digest,
-                                 "params": {"test_groups": test_groups, "best_epoch": hist["best_epoch"]}})
             histories.append(hist)
             del model
         final_report = []
         if n_final:  # the shipped models: all the data, consensus labels if asked
-            fold_entries, fold_files = [], {}
             targets = ds.consensus_masks(pairs) if cfg["label"].get("consensus") and soft else {}
             fvols = ([ds.load_volume(p, float(g["inplane_mm"]), g["crop"], "soft",
                                      float(cfg["label"].get("soft_sigma_mm", 0.5)), target=targets.get(i))
