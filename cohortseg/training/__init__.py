@@ -1,7 +1,8 @@
 """Training of the project's own models (k-fold 2D U-Nets) into model bundles.
 
 One entry point: :func:`train_bundle` (``python -m cohortseg.training --config ... --out ...``).
-Submodules: ``datasets`` (pairs, preprocessing, soft labels, splits), ``augment``, ``losses``,
+Submodules: ``datasets`` (pairs, preprocessing, soft labels, splits), ``augment``, ``synthetic``
+(random-contrast slices from a template's label maps), ``losses``,
 ``train`` (the fold loop), ``bundle`` (card.yaml + fold_<k>.keras + cv_report.json + curves).
 TensorFlow is imported only when training starts.
 """

@@ -52,22 +52,28 @@ def save_fold_model(model, path, build_fn=None) -> str:
 
 
 def plot_learning_curves(histories: Sequence[dict], path, title: str = "") -> None:
-    """One panel per fold: train/val loss (left axis) and validation Dice (right axis)."""
+    """One panel per trained model: train/val loss (left axis) and validation Dice (right axis);
+    a history's ``title`` names its panel (default: ``fold k``), up to 4 panels per row."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     n = max(1, len(histories))
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
-    for k, (ax, h) in enumerate(zip(axes[0], histories)):
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for k, (ax, h) in enumerate(zip(axes.flat, histories)):
         ep = np.arange(1, len(h.get("loss", [])) + 1)
         ax.plot(ep, h.get("loss", []), label="train loss", color="tab:blue")
         if h.get("val_loss"):
             ax.plot(ep, h["val_loss"], label="val loss", color="tab:orange")
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss")
-        ax.set_title(f"fold {k}" + (f" (test: {h['test']})" if h.get("test") else ""), fontsize=9)
+        ax.set_title(h.get("title") or (f"fold {k}" + (f" (test: {h['test']})" if h.get("test") else "")),
+                     fontsize=9)
         if h.get("best_epoch"):
             ax.axvline(h["best_epoch"], color="grey", ls="--", lw=0.8, label="best epoch")
         ax2 = ax.twinx()

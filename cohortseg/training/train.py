@@ -11,9 +11,14 @@ Config (YAML/dict; every key optional except ``data``; defaults in ``DEFAULTS``)
     label: {type: soft|binary, soft_sigma_mm: 0.5, consensus: false}
           # consensus (soft only, final models only): train on the average of the co-registered
           # masks of all images of the same subject (datasets.consensus_masks)
-    split: {by: subject|contrast, k: null (= one fold per group), val_fraction: 0.2}
+    split: {by: subject|contrast, k: null (= one fold per group), val_fraction: 0.2,
+            models_per_fold: null (= max(1, final.models): each fold trains the ensemble that ships,
+            averaged, seeds differ; every model's own Dice is reported too)}
     final: {models: 0}           # n > 0: after cross-validation, train n models on ALL the data
           # (seeds differ); they become the bundle's folds and the CV models only give the report
+    synthetic: null              # or {template: "{shared}/data/PAM50", levels: [1, 7], above_mm: 10,
+          # fraction: 0.5, shift_px: 8}: that share of every epoch's slices is synthesised from the
+          # template's label maps with random contrasts (cohortseg.training.synthetic)
     net: {base_filters: 8, depth: 3, norm: instance|batch|none, dropout: 0.0, bn_momentum: 0.9}
     loss: {name: dice_bce|dice|bce|mse|adaptive_wing, params: {}}
     train: {epochs: 40, batch_size: 16, learning_rate: 0.001, patience: 8, min_epochs: 3,
@@ -71,7 +76,8 @@ DEFAULTS: dict = {
     "grid": {"inplane_mm": 1.0, "crop": [64, 64]},
     "label": {"type": "binary", "soft_sigma_mm": 0.5, "consensus": False},
     "final": {"models": 0},
-    "split": {"by": "subject", "k": None, "val_fraction": 0.2},
+    "split": {"by": "subject", "k": None, "val_fraction": 0.2, "models_per_fold": None},
+    "synthetic": None,
     "net": {"base_filters": 8, "depth": 3, "norm": "instance", "dropout": 0.0},
     "loss": {"name": "dice_bce", "params": {}},
     "train": {"epochs": 40, "batch_size": 16, "learning_rate": 1e-3, "patience": 8, "min_epochs": 3,
@@ -115,6 +121,15 @@ def merge_config(cfg: dict) -> dict:
     if out["train"]["monitor"] not in ("val_dice", "val_loss"):
         raise ConfigError("train.monitor must be val_dice or val_loss")
     aug.AugmentConfig.from_dict(out["augment"])
+    syn = out.get("synthetic")
+    if syn is not None:
+        from .synthetic import KEYS
+
+        if not isinstance(syn, dict) or "template" not in syn:
+            raise ConfigError("synthetic must be null or a mapping with a 'template' folder")
+        unknown = set(syn) - set(KEYS)
+        if unknown:
+            raise ConfigError(f"unknown synthetic keys: {sorted(unknown)} (known: {list(KEYS)})")
     return out
 
 
@@ -191,13 +206,17 @@ def _loss_value(loss_fn, y: np.ndarray, p: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------ training
-def train_fold(cfg: dict, fold: int, volumes, tr_sel, va_sel, progress=None):
-    """Train one fold; returns (model with the best weights, history dict, init provenance)."""
+def train_fold(cfg: dict, fold: int, volumes, tr_sel, va_sel, progress=None, synth=None, member: int = 0):
+    """Train one fold; returns (model with the best weights, history dict, init provenance).
+
+    ``synth``: a :class:`synthetic.TemplateSlices`; each epoch, its ``fraction`` of the slices are
+    fresh synthetic ones (drawn from the epoch's generator, then augmented like the real ones).
+    ``member``: the index of this model in the fold's ensemble (a different seed)."""
     import keras
 
     seed = int(cfg["seed"])
     tcfg = cfg["train"]
-    keras.utils.set_random_seed(seed + fold)
+    keras.utils.set_random_seed(seed + fold + 1000 * member)
     model, init = _init_model(cfg, fold)
     loss_fn = get_loss(cfg["loss"]["name"], **(cfg["loss"].get("params") or {}))
     model.compile(optimizer=keras.optimizers.Adam(float(tcfg["learning_rate"])), loss=loss_fn,
@@ -237,11 +256,21 @@ def train_fold(cfg: dict, fold: int, volumes, tr_sel, va_sel, progress=None):
             lr_min = lr0 * float(tcfg.get("lr_min_factor", 0.05))
             lr = lr_min + 0.5 * (lr0 - lr_min) * (1 + np.cos(np.pi * epoch / max(1, n_epochs - 1)))
             model.optimizer.learning_rate.assign(lr)
-        rng = np.random.default_rng([seed, fold, epoch])
+        rng = np.random.default_rng([seed, fold, epoch] + ([member] if member else []))
         n_ep = int(tcfg.get("slices_per_epoch") or len(x_tr))
-        reps = -(-n_ep // len(x_tr))
-        order = np.concatenate([rng.permutation(len(x_tr)) for _ in range(reps)])[:n_ep]
-        xa, ya = aug.augment_batch(x_tr[order], y_tr[order], rng, acfg, binary_label=binary)
+        n_syn = int(round(synth.fraction * n_ep)) if synth is not None else 0
+        n_real = n_ep - n_syn
+        reps = -(-n_real // len(x_tr))
+        order = np.concatenate([rng.permutation(len(x_tr)) for _ in range(reps)])[:n_real]
+        xe, ye = x_tr[order], y_tr[order]
+        if n_syn:
+            xs, ys = synth.sample(rng, n_syn, xe.shape[1:3])
+            if binary:
+                ys = (ys > 0.5).astype(np.float32)
+            mix = rng.permutation(n_ep)
+            xe = np.concatenate([xe, xs[..., None]])[mix]
+            ye = np.concatenate([ye, ys[..., None]])[mix]
+        xa, ya = aug.augment_batch(xe, ye, rng, acfg, binary_label=binary)
         losses = []
         for b0 in range(0, n_ep, bs):
             out = model.train_on_batch(xa[b0:b0 + bs], ya[b0:b0 + bs])
@@ -289,6 +318,8 @@ def si_range(paths) -> tuple[float, float]:
 def evaluate_volume(model, vol: ds.Volume, cfg: dict, batch_size: int = 32, trained_si=None) -> dict:
     """Held-out metrics of one volume: native/grid Dice, mean CSA of prediction vs manual.
 
+    ``model``: one model or a list, whose predictions are averaged as inference averages folds.
+
     ``trained_si`` (lo, hi): the S-I extent (world mm) of the training images; the Dice is then also
     given over the held-out slices inside it (``dice_in_trained_si``), which separates a contrast
     change from anatomy no training image covered (e.g. C1-C2 above a lower-cervical scan)."""
@@ -301,7 +332,9 @@ def evaluate_volume(model, vol: ds.Volume, cfg: dict, batch_size: int = 32, trai
     from ..inference import fold_average
 
     mirror = 1 if (cfg.get("tta") or {}).get("flip_lr") else None  # axis 1 of the slice stack: Left
-    prob = fold_average([lambda b: _predict(model, b, batch_size)], vol.x[..., None], batch_size, mirror)[..., 0]
+    models = model if isinstance(model, (list, tuple)) else [model]
+    prob = fold_average([lambda b, m=m: _predict(m, b, batch_size) for m in models], vol.x[..., None],
+                        batch_size, mirror)[..., 0]
     prob = np.where(vol.valid[:, None, None], prob, 0.0)
     res = {"subject": vol.pair.subject, "contrast": vol.pair.contrast,
            "image": os.path.basename(vol.pair.image),
@@ -387,6 +420,16 @@ def train_bundle(config: dict, out_dir, progress=None) -> Path:
     keys = ds.group_keys(pairs, by)
 
     n_final = int((cfg.get("final") or {}).get("models") or 0)
+    # each CV fold trains the ensemble that ships (final.models models, averaged), so the CV figures
+    # estimate the shipped recipe rather than one seed's luck; split.models_per_fold overrides
+    n_members = int(cfg["split"].get("models_per_fold") or max(1, n_final))
+    synth = None
+    if cfg.get("synthetic"):
+        from .synthetic import load_template
+
+        synth = load_template(cfg["synthetic"], float(g["inplane_mm"]))
+        say(f"synthetic slices: {synth.n} template slices from {synth.source}, "
+            f"{synth.fraction:.0%} of every epoch")
     fold_entries, fold_files, histories, report_folds = [], {}, [], []
     with tempfile.TemporaryDirectory(prefix="cohortseg-train-") as tmpd:
         for k, (tr_idx, te_idx) in enumerate(folds):
@@ -395,35 +438,44 @@ def train_bundle(config: dict, out_dir, progress=None) -> Path:
                                                  seed=int(cfg["seed"]) + 1000 + k)
             test_groups = sorted({keys[i] for i in te_idx})
             say(f"fold {k}: train {sorted({keys[i] for i in tr_idx})} -> test {test_groups} "
-                f"({sum(len(s) for _, s in tr_sel)} train / {sum(len(s) for _, s in va_sel)} val slices)")
+                f"({sum(len(s) for _, s in tr_sel)} train / {sum(len(s) for _, s in va_sel)} val slices"
+                f", {n_members} model(s))")
             t0 = time.perf_counter()
-            model, hist, init = train_fold(cfg, k, volumes, tr_sel, va_sel, progress=say)
-            hist["test"] = ",".join(test_groups)
-            fname = None if n_final else bnd.fold_filename(k)  # with final models, CV folds are not shipped
-            if fname:
-                path = Path(tmpd) / fname
-                digest = bnd.save_fold_model(model, path, build_fn=None if init else (lambda: _build(cfg, g["crop"])))
-                fold_files[fname] = path
-                fold_entries.append({"file": fname, "sha256": digest,
-                                     "params": {"test_groups": test_groups, "best_epoch": hist["best_epoch"]}})
             trained_si = si_range([pairs[i].image for i in tr_idx])
-            held = [evaluate_volume(model, volumes[i], cfg, trained_si=trained_si) for i in te_idx]
+            models, members = [], []
+            for j in range(n_members):
+                model, hist, init = train_fold(cfg, k, volumes, tr_sel, va_sel, progress=say, synth=synth, member=j)
+                hist["test"] = ",".join(test_groups)
+                hist["title"] = f"CV fold {k}" + (f" model {j}" if n_members > 1 else "") + f" (test: {hist['test']})"
+                histories.append(hist)
+                models.append(model)
+                members.append({"best_epoch": hist["best_epoch"], "epochs_run": hist["epochs_run"],
+                                "best_val_dice": max(hist["val_dice"]) if hist["val_dice"] else None})
+                if n_members > 1:
+                    members[-1]["dice"] = [evaluate_volume(model, volumes[i], cfg)["dice"] for i in te_idx]
+                if not n_final:  # with final models, the CV models are not shipped
+                    fname = bnd.fold_filename(len(fold_entries))
+                    path = Path(tmpd) / fname
+                    digest = bnd.save_fold_model(model, path, build_fn=None if init else (lambda: _build(cfg, g["crop"])))
+                    fold_files[fname] = path
+                    fold_entries.append({"file": fname, "sha256": digest,
+                                         "params": {"test_groups": test_groups, "best_epoch": hist["best_epoch"]}})
+                    members[-1]["file"] = fname
+            held = [evaluate_volume(models, volumes[i], cfg, trained_si=trained_si) for i in te_idx]
             dices = [h["dice"] for h in held]
             report_folds.append({
-                "fold": k, "file": fname,
+                "fold": k, "models": n_members, "members": members,
                 "train_groups": sorted({keys[i] for i in tr_idx}), "test_groups": test_groups,
                 "n_train_slices": int(sum(len(s) for _, s in tr_sel)),
                 "n_val_slices": int(sum(len(s) for _, s in va_sel)),
-                "best_epoch": hist["best_epoch"], "epochs_run": hist["epochs_run"],
-                "best_val_dice": max(hist["val_dice"]) if hist["val_dice"] else None,
                 "dice": round(float(np.mean(dices)), 4), "held_out": held,
                 "seconds": round(time.perf_counter() - t0, 1),
                 **({"init_from": init} if init else {}),
             })
             say(f"fold {k}: held-out Dice " + ", ".join(f"{h['contrast'] or h['subject']} {h['dice']:.3f}"
-                                                       for h in held))
-            histories.append(hist)
-            del model
+                                                       for h in held)
+                + (f" (ensemble of {n_members})" if n_members > 1 else ""))
+            del models, model
         final_report = []
         if n_final:  # the shipped models: all the data, consensus labels if asked
             targets = ds.consensus_masks(pairs) if cfg["label"].get("consensus") and soft else {}
@@ -437,8 +489,9 @@ def train_bundle(config: dict, out_dir, progress=None) -> Path:
                                                      by, seed=int(cfg["seed"]) + 2000 + j)
                 say(f"final model {j}: all data ({sum(len(s) for _, s in tr_sel)} train / "
                     f"{sum(len(s) for _, s in va_sel)} val slices, consensus labels: {bool(targets)})")
-                model, hist, init = train_fold(cfg, k, fvols, tr_sel, va_sel, progress=say)
+                model, hist, init = train_fold(cfg, k, fvols, tr_sel, va_sel, progress=say, synth=synth)
                 hist["test"] = f"final {j} (all data)"
+                hist["title"] = f"final model {j} (all data; shipped as {bnd.fold_filename(j)})"
                 fname = bnd.fold_filename(j)
                 path = Path(tmpd) / fname
                 digest = bnd.save_fold_model(model, path, build_fn=None if init else (lambda: _build(cfg, g["crop"])))
@@ -463,6 +516,11 @@ def train_bundle(config: dict, out_dir, progress=None) -> Path:
                 "dice_by_subject": _mean_by(all_held, "subject"),
             },
         }
+        if synth is not None:
+            cv["synthetic"] = {"template": synth.source, "template_slices": synth.n,
+                               "fraction": synth.fraction, "levels": list(cfg["synthetic"].get("levels", [1, 7])),
+                               "note": "every training run (CV folds and final models) mixed these synthetic "
+                                       "slices in; they come from the template, never from a held-out image"}
         if final_report:
             cv["final_models"] = {
                 "note": "the bundle's folds: trained on all the data after cross-validation; their figures are "
@@ -481,6 +539,9 @@ def train_bundle(config: dict, out_dir, progress=None) -> Path:
             "data": [{"image": p.image, "mask": p.mask, "subject": p.subject, "contrast": p.contrast,
                       "image_sha256": sha256sum(p.image), "mask_sha256": sha256sum(p.mask)} for p in pairs],
             "split": cfg["split"], "label": cfg["label"], "loss": cfg["loss"],
+            **({"synthetic": {"template": synth.source,
+                              "files_sha256": {Path(f).name: sha256sum(f) for f in synth.files}}}
+               if synth is not None else {}),
             "epochs": [h["epochs_run"] for h in histories],
             "best_epochs": [h["best_epoch"] for h in histories],
             "cv_dice_mean": cv["summary"]["dice_mean"],
