@@ -412,3 +412,25 @@ def test_committed_bundle_meets_the_leave_one_contrast_out_aim():
     assert all(f["models"] == len(card["folds"]) == 2 for f in rep["folds"])  # CV ensemble = shipped one
     assert rep["synthetic"]["template_slices"] > 0
     assert [m["file"] for m in rep["final_models"]["models"]] == [f["file"] for f in card["folds"]]
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_without_final_models_every_cv_model_ships(shared_dir, tmp_path):
+    """final.models 0 + models_per_fold 2: the bundle ships the four CV models (two per held-out
+    contrast), named in the report's members; binary labels with synthetic slices (fake template)."""
+    from cohortseg.training import train_bundle
+    from cohortseg.training.bundle import verify_bundle
+
+    cfg = _ci_config()
+    cfg.update(final={"models": 0}, split={**cfg["split"], "models_per_fold": 2},
+               label={"type": "binary"}, synthetic={"template": str(_fake_template(tmp_path / "t")), "fraction": 0.25})
+    cfg["train"] = {**cfg["train"], "epochs": 1, "slices_per_epoch": 16}
+    path = train_bundle(cfg, tmp_path / "b", progress=lambda m: None)
+    card = verify_bundle(path)
+    rep = json.loads((path / "cv_report.json").read_text())
+    files = [m["file"] for f in rep["folds"] for m in f["members"]]
+    assert files == [f["file"] for f in card["folds"]] == [f"fold_{i}.keras" for i in range(4)]
+    assert [f["params"]["test_groups"] for f in card["folds"]] == [["T2w"], ["T2w"], ["T1w"], ["T1w"]]
+    assert "final_models" not in rep and rep["synthetic"]["fraction"] == 0.25
+    assert rep["synthetic"]["template_slices"] == 15
