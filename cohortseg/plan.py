@@ -165,10 +165,13 @@ class Plan:
 def only_target_is(rule: str, argv) -> bool:
     """Whether a snakemake command line asks for `rule` and nothing else (as a target, or as the
     only rule of --target-jobs in a cluster job). False when unsure (e.g. the Python API)."""
+    argv = list(argv)
+    if not any(rule in str(a) for a in argv):  # the common case, without building snakemake's parser
+        return False
     from snakemake.cli import get_argument_parser
 
     try:
-        args, _ = get_argument_parser().parse_known_args(list(argv))
+        args, _ = get_argument_parser().parse_known_args(argv)
     except (SystemExit, Exception):  # noqa: BLE001 - unsure: plan everything
         return False
     targets = set(getattr(args, "targets", None) or ())

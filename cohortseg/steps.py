@@ -117,6 +117,13 @@ def _reuse(config: dict) -> bool:
     return bool(config.get("reuse", True))
 
 
+def _reusable(entry: dict | None, stamp: str, *files) -> bool:
+    """A stored result stands in for recomputing it: it succeeded, under the same stamp, and its
+    files are all still there."""
+    return (bool(entry) and entry.get("status") == "ok" and entry.get("stamp") == stamp
+            and all(Path(f).is_file() for f in files))
+
+
 def _cfg(config: dict, pipeline: str) -> dict:
     cfg = dict(config.get(pipeline) or {})
     cfg["_global"] = {k: config.get(k) for k in ("allow_4d", "max_voxels", "output_dir", "model_dir")}
@@ -203,7 +210,7 @@ def prepare_session(rows: list[dict], config: dict, record_path) -> dict:
                 cards_cache[pname] = pipeline_cards(config, pname)
             stamp = _stamp(row, config, cards_cache[pname])
             prev = (old or {}).get("pipelines", {}).get(pname, {}).get(item.name)
-            if prev and prev.get("status") == "ok" and prev.get("stamp") == stamp and Path(prev["prep"]).is_file():
+            if _reusable(prev, stamp, (prev or {}).get("prep", "")):
                 items[item.name] = prev
                 continue
             prepared = get_pipeline(pname).prepare(item, cards_cache[pname], _cfg(config, pname))
@@ -240,7 +247,7 @@ def infer_shard(pipeline: str, prep_shard_record, record_path, config: dict) -> 
                 continue
             out = work / "infer" / pipeline / key / f"{name}.npz"
             side = _read_json(out.with_suffix(".json")) if _reuse(config) else None
-            if side and side.get("status") == "ok" and side.get("stamp") == it["stamp"] and out.is_file():
+            if _reusable(side, it["stamp"], out):
                 report["items"][f"{key}/{name}"] = {"status": "ok", "reused": True}
                 continue
             todo.append((key, name, it["prep"], it["stamp"], out))
@@ -303,8 +310,7 @@ def finalize_session(rows: list[dict], prep_record, config: dict, record_path) -
             if it["status"] != "ok":
                 continue
             prev = (old or {}).get("pipelines", {}).get(pname, {}).get(name)
-            if (prev and prev.get("status") == "ok" and prev.get("stamp") == it["stamp"]
-                    and all(Path(f).is_file() for f in _files_of(prev))):
+            if _reusable(prev, it["stamp"], *((prev or {}).get("files") or {}).values()):
                 items[name] = prev
                 continue
             item = _item(row_of[(pname, name)])
@@ -333,10 +339,6 @@ def finalize_session(rows: list[dict], prep_record, config: dict, record_path) -
     rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json_atomic(record_path, rec)
     return rec
-
-
-def _files_of(entry: dict) -> list[str]:
-    return list((entry.get("files") or {}).values())
 
 
 def _dataset_description(out_dir: Path, pipeline: str) -> None:

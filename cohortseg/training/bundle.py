@@ -53,7 +53,7 @@ def save_fold_model(model, path, build_fn=None) -> str:
 
 def plot_learning_curves(histories: Sequence[dict], path, title: str = "") -> None:
     """One panel per trained model: train/val loss (left axis) and validation Dice (right axis);
-    a history's ``title`` names its panel (default: ``fold k``), up to 4 panels per row."""
+    a history's ``title`` names its panel (default: ``model k``), up to 4 panels per row."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -72,8 +72,7 @@ def plot_learning_curves(histories: Sequence[dict], path, title: str = "") -> No
             ax.plot(ep, h["val_loss"], label="val loss", color="tab:orange")
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss")
-        ax.set_title(h.get("title") or (f"fold {k}" + (f" (test: {h['test']})" if h.get("test") else "")),
-                     fontsize=9)
+        ax.set_title(h.get("title") or f"model {k}", fontsize=9)
         if h.get("best_epoch"):
             ax.axvline(h["best_epoch"], color="grey", ls="--", lw=0.8, label="best epoch")
         ax2 = ax.twinx()

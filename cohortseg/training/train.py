@@ -432,6 +432,15 @@ def train_bundle(config: dict, out_dir, progress=None) -> Path:
             f"{synth.fraction:.0%} of every epoch")
     fold_entries, fold_files, histories, report_folds = [], {}, [], []
     with tempfile.TemporaryDirectory(prefix="cohortseg-train-") as tmpd:
+        def ship(model, init, params: dict) -> str:
+            """Save a model as the bundle's next fold file; returns its name."""
+            fname = bnd.fold_filename(len(fold_entries))
+            path = Path(tmpd) / fname
+            digest = bnd.save_fold_model(model, path, build_fn=None if init else (lambda: _build(cfg, g["crop"])))
+            fold_files[fname] = path
+            fold_entries.append({"file": fname, "sha256": digest, "params": params})
+            return fname
+
         for k, (tr_idx, te_idx) in enumerate(folds):
             tr_sel, va_sel = ds.validation_split(tr_idx, pairs, volumes,
                                                  float(cfg["split"].get("val_fraction", 0.2)), by,
@@ -445,8 +454,7 @@ def train_bundle(config: dict, out_dir, progress=None) -> Path:
             models, members = [], []
             for j in range(n_members):
                 model, hist, init = train_fold(cfg, k, volumes, tr_sel, va_sel, progress=say, synth=synth, member=j)
-                hist["test"] = ",".join(test_groups)
-                hist["title"] = f"CV fold {k}" + (f" model {j}" if n_members > 1 else "") + f" (test: {hist['test']})"
+                hist["title"] = f"CV fold {k}" + (f" model {j}" if n_members > 1 else "") + f" (test: {','.join(test_groups)})"
                 histories.append(hist)
                 models.append(model)
                 members.append({"best_epoch": hist["best_epoch"], "epochs_run": hist["epochs_run"],
@@ -454,13 +462,7 @@ def train_bundle(config: dict, out_dir, progress=None) -> Path:
                 if n_members > 1:
                     members[-1]["dice"] = [evaluate_volume(model, volumes[i], cfg)["dice"] for i in te_idx]
                 if not n_final:  # with final models, the CV models are not shipped
-                    fname = bnd.fold_filename(len(fold_entries))
-                    path = Path(tmpd) / fname
-                    digest = bnd.save_fold_model(model, path, build_fn=None if init else (lambda: _build(cfg, g["crop"])))
-                    fold_files[fname] = path
-                    fold_entries.append({"file": fname, "sha256": digest,
-                                         "params": {"test_groups": test_groups, "best_epoch": hist["best_epoch"]}})
-                    members[-1]["file"] = fname
+                    members[-1]["file"] = ship(model, init, {"test_groups": test_groups, "best_epoch": hist["best_epoch"]})
             held = [evaluate_volume(models, volumes[i], cfg, trained_si=trained_si) for i in te_idx]
             dices = [h["dice"] for h in held]
             report_folds.append({
@@ -490,17 +492,11 @@ def train_bundle(config: dict, out_dir, progress=None) -> Path:
                 say(f"final model {j}: all data ({sum(len(s) for _, s in tr_sel)} train / "
                     f"{sum(len(s) for _, s in va_sel)} val slices, consensus labels: {bool(targets)})")
                 model, hist, init = train_fold(cfg, k, fvols, tr_sel, va_sel, progress=say, synth=synth)
-                hist["test"] = f"final {j} (all data)"
-                hist["title"] = f"final model {j} (all data; shipped as {bnd.fold_filename(j)})"
-                fname = bnd.fold_filename(j)
-                path = Path(tmpd) / fname
-                digest = bnd.save_fold_model(model, path, build_fn=None if init else (lambda: _build(cfg, g["crop"])))
-                fold_files[fname] = path
+                fname = ship(model, init, {"trained_on": "all", "best_epoch": hist["best_epoch"]})
+                hist["title"] = f"final model {j} (all data; shipped as {fname})"
                 final_report.append({"model": j, "file": fname, "best_epoch": hist["best_epoch"],
                                      "epochs_run": hist["epochs_run"], "consensus_labels": bool(targets),
                                      "in_sample": [evaluate_volume(model, fvols[i], cfg) for i in every]})
-                fold_entries.append({"file": fname, "sha256": digest,
-                                     "params": {"trained_on": "all", "best_epoch": hist["best_epoch"]}})
                 histories.append(hist)
                 del model
         all_held = [h for f in report_folds for h in f["held_out"]]
