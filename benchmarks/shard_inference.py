@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Shard benchmark: N sessions through ONE inference job vs N one-session jobs (same models).
 
-Each "job" is a fresh Python process running `cohortseg.steps.infer_shard`, exactly what the
+Each "job" is a fresh Python process running `cohortseg.workflow.steps.infer_shard`, exactly what the
 `infer` rule runs, so the one-session variant pays the TensorFlow import and the model build N times,
 as a cluster would. Uses the real sc_gm ensemble (both gmseg models) on the real T2*w scan.
 Reports wall times, the speed-up (target >= 3x on CPU) and, where a GPU is visible, throughput and
@@ -28,7 +28,7 @@ from _common import emit  # noqa: E402
 
 JOB = """
 import json, sys
-from cohortseg.steps import infer_shard
+from cohortseg.workflow.steps import infer_shard
 cfg = json.load(open(sys.argv[1]))
 infer_shard("sc_gm", sys.argv[2], sys.argv[3], cfg)
 """
@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     from cohortseg.demo import build_demo
-    from cohortseg.steps import prepare_session
+    from cohortseg.workflow.steps import prepare_session
 
     with tempfile.TemporaryDirectory(prefix="cohortseg-shard-") as tmp:
         tmp = Path(tmp)

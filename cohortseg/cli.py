@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     v.add_argument("--configfile", default="config/config.yaml")
     a = ap.parse_args(argv)
     if a.cmd == "make-demo":
-        from .demo import build_demo
+        from cohortseg.demo import build_demo
 
         if not Path(a.shared, "data").is_dir():
             print(f"cohortseg: {a.shared}/data not found (the demo needs ../shared)", file=sys.stderr)
@@ -26,9 +26,9 @@ def main(argv=None) -> int:
     elif a.cmd == "verify-models":
         import yaml
 
-        from .errors import CohortsegError
-        from .cards import pipeline_cards
-        from .store import ModelStore
+        from cohortseg.errors import CohortsegError
+        from cohortseg.models.cards import pipeline_cards
+        from cohortseg.models.store import ModelStore
 
         cfg = yaml.safe_load(Path(a.configfile).read_text())
         store = ModelStore(cfg.get("model_dir", "models"), allow_download=cfg.get("allow_download", False))

@@ -10,7 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .io import save_nifti_atomic, write_json_atomic, write_text_atomic
+from cohortseg.io import save_nifti_atomic, write_json_atomic, write_text_atomic
 
 
 def _flip_rows(img):

@@ -11,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .errors import InputError
+from cohortseg.errors import InputError
 
 
 _UMASK = os.umask(0o022)

@@ -1,7 +1,7 @@
 # Plan once per parse: config checks, cached manifest, shards, paths. Cluster jobs (remote_exec)
 # trust the cached manifest and never rescan the dataset.
 from cohortseg.errors import CohortsegError
-from cohortseg.plan import Plan, only_target_is
+from cohortseg.workflow.plan import Plan, only_target_is
 
 # `snakemake train` alone needs no dataset: plan no sessions then (no discovery, no model checks).
 try:

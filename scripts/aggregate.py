@@ -1,11 +1,11 @@
-"""Rule `aggregate`: thin adapter from the snakemake object to cohortseg.aggregate."""
+"""Rule `aggregate`: thin adapter from the snakemake object to cohortseg.workflow.aggregate."""
 import sys; sys.path[:0] = [snakemake.scriptdir, snakemake.scriptdir + "/.."]  # noqa: E702,F821
 from pathlib import Path  # noqa: E402
 
 from _common import setup_logging  # noqa: E402
 
-from cohortseg.aggregate import aggregate  # noqa: E402
-from cohortseg.steps import session_records  # noqa: E402
+from cohortseg.workflow.aggregate import aggregate  # noqa: E402
+from cohortseg.workflow.steps import session_records  # noqa: E402
 
 setup_logging(snakemake)  # noqa: F821
 aggregate(session_records(snakemake.input.records), Path(snakemake.output.summary).parent, snakemake.config,  # noqa: F821

@@ -4,8 +4,8 @@ from pathlib import Path  # noqa: E402
 
 from _common import setup_logging  # noqa: E402
 
-from cohortseg.report import write_cohort_qc_page  # noqa: E402
-from cohortseg.steps import session_records  # noqa: E402
+from cohortseg.workflow.report import write_cohort_qc_page  # noqa: E402
+from cohortseg.workflow.steps import session_records  # noqa: E402
 
 setup_logging(snakemake)  # noqa: F821
 write_cohort_qc_page(snakemake.input.summary, session_records(snakemake.params.records), Path(snakemake.output[0]).parent)  # noqa: F821

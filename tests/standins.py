@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cohortseg.shiva import GRID_SHAPE, tree_md5
+from cohortseg.models.shiva import GRID_SHAPE, tree_md5
 
 
 # ----------------------------------------------------------------------------------------------

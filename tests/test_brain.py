@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from cohortseg.brain import (
+from cohortseg.science.brain import (
     ASEG18_DSEG,
     MESHNETS,
     TISSUE_DSEG,
@@ -26,7 +26,7 @@ from cohortseg.brain import (
     tissue_dseg,
     tissue_volumes,
 )
-from cohortseg.conform import conform, conformed_affine, orientation_matrix, to_native
+from cohortseg.science.conform import conform, conformed_affine, orientation_matrix, to_native
 from cohortseg.errors import InputError
 
 
@@ -173,7 +173,7 @@ def test_normalize_crop_and_cleanup():
 # ----------------------------------------------------------------------------- real models
 @pytest.fixture(scope="module")
 def gw_model(shared_dir):
-    from cohortseg.nets.tfjs import load_tfjs_layers_model
+    from cohortseg.models.nets.tfjs import load_tfjs_layers_model
 
     return load_tfjs_layers_model(shared_dir / "models" / "brainchop" / "model5_gw_ae")
 
@@ -210,7 +210,7 @@ def _const_class_model(n_classes: int, cls: int):
 
 def test_segment_conformed_glue_with_stand_in_nets():
     """Keys, units and masking of segment_conformed (tiny synthetic volume, stand-in nets)."""
-    from cohortseg.brain import segment_conformed
+    from cohortseg.science.brain import segment_conformed
 
     vol = np.zeros((40, 44, 36), np.uint8)
     vol[8:30, 10:34, 6:30] = 200  # 22 * 24 * 24 = 12672 voxels
@@ -231,7 +231,7 @@ def test_segment_conformed_glue_with_stand_in_nets():
 @pytest.fixture(scope="module")
 def t1_crop_result(gw_model, t1_crop):
     """segment_conformed on t1_crop with the real GW net and a stand-in head mask."""
-    from cohortseg.brain import segment_conformed
+    from cohortseg.science.brain import segment_conformed
 
     conf, _ = conform(t1_crop)
     res = segment_conformed(conf, {"brain_mask": _head_mask_model(), "tissue": gw_model})
@@ -309,7 +309,7 @@ def test_etiv_atlas_scaling_on_template():
     has 1.1^3 times it (the affine determinant is what is measured)."""
     from nilearn import datasets
 
-    from cohortseg.brain import estimate_etiv, template_icv_ml
+    from cohortseg.science.brain import estimate_etiv, template_icv_ml
 
     t = datasets.load_mni152_template(resolution=1)
     img = nib.Nifti1Image(np.asarray(t.get_fdata(), np.float32), t.affine)

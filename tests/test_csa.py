@@ -1,4 +1,4 @@
-"""Cord CSA / shape metrics (cohortseg.csa): synthetic geometry with known answers + the shared t2."""
+"""Cord CSA / shape metrics (cohortseg.science.csa): synthetic geometry with known answers + the shared t2."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cohortseg import csa
+from cohortseg.science import csa
 from cohortseg.errors import InputError
 
 R_MM = 4.0

@@ -4,7 +4,7 @@ import os
 import time
 
 
-from cohortseg import discovery
+from cohortseg.workflow import discovery
 from cohortseg.fakebids import make_fake_bids
 
 ROLES = {"sc_gm": {"image": ({"suffix": "T2starw"}, True, False)}}

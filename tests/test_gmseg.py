@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cohortseg.errors import ModelError
-from cohortseg.metrics import dice
+from cohortseg.science.metrics import dice
 
 pytestmark = pytest.mark.shared
 
@@ -27,7 +27,7 @@ def gm_paths(shared_dir):
 
 @pytest.fixture(scope="module")
 def models(gm_paths):
-    from cohortseg.nets.gmseg import load_gmseg, read_gmseg_stats
+    from cohortseg.models.nets.gmseg import load_gmseg, read_gmseg_stats
 
     out = {}
     for name, (h5, js) in gm_paths.items():
@@ -47,14 +47,14 @@ def t2s(shared_dir):
 @pytest.fixture(scope="module")
 def ensemble_run(models, t2s):
     """segment_gm with both models, run once per module; per-model results come from its details."""
-    from cohortseg.nets.gmseg import segment_gm
+    from cohortseg.models.nets.gmseg import segment_gm
 
     img, _ = t2s
     return segment_gm(img, [models["challenge"], models["large"]], return_details=True)
 
 
 def _member(ensemble_run, t2s, index):
-    from cohortseg.nets.gmseg import fine_to_native
+    from cohortseg.models.nets.gmseg import fine_to_native
 
     details = ensemble_run[2]
     return fine_to_native(details["member_prob_fine"][index], details["grid"], t2s[0])
@@ -64,7 +64,7 @@ def _member(ensemble_run, t2s, index):
 
 
 def test_architecture_matches_upstream(gm_paths):
-    from cohortseg.nets.gmseg import build_gmseg, read_keras2_weights
+    from cohortseg.models.nets.gmseg import build_gmseg, read_keras2_weights
 
     model = build_gmseg(32)
     assert model.input_shape == (None, 200, 200, 1)
@@ -123,7 +123,7 @@ def test_dice_ensemble_is_mean_of_models(ensemble_run, t2s):
 
 
 def test_dice_volume_standardisation(models, t2s):
-    from cohortseg.nets.gmseg import segment_gm
+    from cohortseg.models.nets.gmseg import segment_gm
 
     img, gt = t2s
     _, mask = segment_gm(img, [models["challenge"]], standardise="volume")
@@ -133,7 +133,7 @@ def test_dice_volume_standardisation(models, t2s):
 
 
 def test_flip_tta_averages_left_right_flipped_prediction(models):
-    from cohortseg.nets.gmseg import predict_slices
+    from cohortseg.models.nets.gmseg import predict_slices
 
     model = models["challenge"][0]
     rng = np.random.default_rng(1)
@@ -153,7 +153,7 @@ def test_same_mask_whatever_the_storage_orientation(models, ensemble_run, t2s):
     Slices are processed independently, so three middle slices keep the test fast; the reference is
     the challenge model's result on the full image restricted to those slices.
     """
-    from cohortseg.nets.gmseg import segment_gm
+    from cohortseg.models.nets.gmseg import segment_gm
 
     img_full, gt_full = t2s
     ks = slice(3, 6)
@@ -187,7 +187,7 @@ def test_same_mask_whatever_the_storage_orientation(models, ensemble_run, t2s):
 
 
 def test_corrupt_or_mismatched_weights_raise_model_error(gm_paths, tmp_path):
-    from cohortseg.nets.gmseg import build_gmseg, load_gmseg, load_gmseg_weights
+    from cohortseg.models.nets.gmseg import build_gmseg, load_gmseg, load_gmseg_weights
 
     garbage = tmp_path / "garbage.hdf5"
     garbage.write_bytes(b"not an hdf5 file" * 100)

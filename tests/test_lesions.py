@@ -5,9 +5,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cohortseg import lesions
+from cohortseg.science import lesions
 from cohortseg.errors import InputError
-from cohortseg.lesions import lesion_census, regional_volumes
+from cohortseg.science.lesions import lesion_census, regional_volumes
 
 from standins import crude_brain_mask, gaussian_blob
 
@@ -218,7 +218,7 @@ def test_census_recovers_planted_lesions_in_real_t1(shared_dir):
 
 
 def test_cmb_classes_and_wmh_regions_on_the_mni_template():  # nilearn's MNI152 ships in the wheel
-    from cohortseg import wmh
+    from cohortseg.science import wmh
     from nilearn import datasets
 
     tpl = datasets.load_mni152_template(resolution=1)

@@ -3,7 +3,7 @@
 * Glue with stand-in nets (1x1x1 convolutions thresholding the normalised intensity, no ../shared): a
   synthetic head of nested balls (WM, GM, CSF) on an oblique-free 1.5 mm grid goes through prepare ->
   predict -> finalize; the volumes are the balls' and the outputs compact / on the native grid.
-* The cards: schema, checksums in ../shared, labels = brainchop's colormaps = cohortseg.brain's tables.
+* The cards: schema, checksums in ../shared, labels = brainchop's colormaps = cohortseg.science.brain's tables.
 * End to end (``shared``, ``slow``): the real Snakefile with the three real MeshNets on brainchop's
   t1_crop (sub-01, already conformed) and the same head moved to a 1.2 mm RAS grid in scanner units
   (sub-02). The MNI152 Dice of the GM/WM net is tests/test_brain.py's job, not repeated here.
@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from cohortseg.cards import find_card
+from cohortseg.models.cards import find_card
 from cohortseg.errors import InputError, ModelError
 from cohortseg.pipelines import get_pipeline
 from cohortseg.pipelines.base import Item, OutputWriter, Prepared
@@ -175,7 +175,7 @@ def test_head_crop_and_optional_parts(glue, cards, tmp_path):
 
 
 def test_crop_to_native_matches_whole_grid_resampling():
-    from cohortseg.conform import conformed_affine, labels_to_native, to_native
+    from cohortseg.science.conform import conformed_affine, labels_to_native, to_native
     from cohortseg.pipelines.brain_tissue import crop_to_native
 
     rng = np.random.default_rng(0)
@@ -214,9 +214,9 @@ def test_bad_inputs_and_model_lists(tmp_path, cards):
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.shared
 def test_cards_match_the_models_in_shared(cards, shared_dir):
-    from cohortseg.brain import ASEG18_LABELS, GW_LABELS
+    from cohortseg.science.brain import ASEG18_LABELS, GW_LABELS
     from cohortseg.pipelines.brain_tissue import card_roles
-    from cohortseg.store import ModelStore
+    from cohortseg.models.store import ModelStore
 
     roles = card_roles(cards)
     assert {r: cards[i].name for r, (i, _) in roles.items()} == {

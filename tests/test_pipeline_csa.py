@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cohortseg import csa
+from cohortseg.science import csa
 from helpers import snakemake, write_config
 
 SCT_PERSLICE = list(csa.PER_SLICE_COLUMNS)

@@ -31,7 +31,7 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from cohortseg.cards import ModelCard, find_card
+from cohortseg.models.cards import ModelCard, find_card
 from cohortseg.errors import InputError, ModelError
 from cohortseg.pipelines import get_pipeline
 from cohortseg.pipelines.base import Item, OutputWriter, Prepared
@@ -372,7 +372,7 @@ def test_conform_ras_reindexes_exactly_or_interpolates():
 
 
 def test_census_in_the_suprathreshold_box_equals_the_full_census():
-    from cohortseg.lesions import WMH_REGIONS, lesion_census
+    from cohortseg.science.lesions import WMH_REGIONS, lesion_census
     from cohortseg.pipelines.lesion import _census
 
     rng = np.random.default_rng(5)
@@ -498,7 +498,7 @@ def test_meshnet_mask_path_keeps_the_orientation(t1_base):
     conv = keras.layers.Conv3D(2, 1)
     model = keras.Model(inp, conv(inp))
     conv.set_weights([np.array([0.0, 40.0], np.float32).reshape(1, 1, 1, 1, 2), np.array([0.0, -10.0], np.float32)])
-    from cohortseg.brain import MeshNetSpec, largest_component
+    from cohortseg.science.brain import MeshNetSpec, largest_component
 
     m = meshnet_brain_mask([model], conf, MeshNetSpec("x", "brain_mask", ("bg", "brain"), crop_padding=2))
     pos = conf[conf > 0]

@@ -5,8 +5,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cohortseg import registration as R
-from cohortseg import wmh
+from cohortseg.science import registration as R
+from cohortseg.science import wmh
 from cohortseg.errors import InputError
 
 from standins import ball, crude_brain_mask

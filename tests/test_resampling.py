@@ -1,4 +1,4 @@
-"""Synthetic geometry tests for cohortseg.resampling and cohortseg.metrics (no ../shared needed).
+"""Synthetic geometry tests for cohortseg.science.resampling and cohortseg.science.metrics (no ../shared needed).
 
 The phantom is defined physically: a cylinder of radius R along world S-I (plus, where needed, a
 small marker rod left-anterior of it), sampled at the voxel centres of each test grid. Every grid
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from cohortseg.errors import InputError
-from cohortseg.metrics import area_per_slice, dice, inplane_area_mm2, volume_mm3
-from cohortseg.resampling import (axial_grid_affine, fov_mask, resample_like, resample_to_spacing,
+from cohortseg.science.metrics import area_per_slice, dice, inplane_area_mm2, volume_mm3
+from cohortseg.science.resampling import (axial_grid_affine, fov_mask, resample_like, resample_to_spacing,
                                   slices_to_native, through_plane_axis, to_axial_slices)
 
 R = 5.0  # mm

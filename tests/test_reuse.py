@@ -9,7 +9,7 @@ from concurrent.futures.process import BrokenProcessPool
 import pandas as pd
 import pytest
 
-from cohortseg import steps
+from cohortseg.workflow import steps
 from cohortseg.demo import build_demo
 from helpers import snakemake, write_config
 

@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cohortseg import shiva
+from cohortseg.models import shiva
 from cohortseg.errors import InputError, ModelError
-from cohortseg.lesions import lesion_census
+from cohortseg.science.lesions import lesion_census
 
 from standins import ball, crude_brain_mask, make_shiva_bundle, reference_prediction
 

@@ -12,10 +12,10 @@ pytestmark = pytest.mark.shared
 
 keras = pytest.importorskip("keras")
 
-from cohortseg.brain import MESHNETS  # noqa: E402
+from cohortseg.science.brain import MESHNETS  # noqa: E402
 from cohortseg.errors import ModelError  # noqa: E402
 from cohortseg.io import sha256sum  # noqa: E402
-from cohortseg.nets.tfjs import (  # noqa: E402
+from cohortseg.models.nets.tfjs import (  # noqa: E402
     convert_tfjs_to_keras,
     load_converted,
     load_tfjs_layers_model,

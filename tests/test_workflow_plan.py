@@ -92,7 +92,7 @@ def test_lint_reports_nothing_serious(fake_cohort):
     (["--mode", "remote", "--target-jobs", "finalize:shard=00000"], False),
 ])
 def test_only_target_is(argv, only):
-    from cohortseg.plan import only_target_is
+    from cohortseg.workflow.plan import only_target_is
 
     assert only_target_is("train", argv) is only
 

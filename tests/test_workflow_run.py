@@ -16,7 +16,7 @@ import pytest
 
 from badinputs import make_bad
 from cohortseg.demo import build_demo
-from cohortseg.metrics import dice
+from cohortseg.science.metrics import dice
 from helpers import snakemake, write_config
 
 pytestmark = [pytest.mark.shared, pytest.mark.slow]

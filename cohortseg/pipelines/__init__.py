@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import ConfigError
+from cohortseg.errors import ConfigError
 
 REGISTRY = {
     "sc_gm": "cohortseg.pipelines.sc_gm:ScGm",

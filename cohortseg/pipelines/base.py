@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import save_nifti_atomic, write_text_atomic
+from cohortseg.io import save_nifti_atomic, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Prepared:
     def save(self, path) -> None:
         import json
 
-        from ..io import atomic_path
+        from cohortseg.io import atomic_path
 
         with atomic_path(path, suffix=".npz") as tmp:
             with open(tmp, "wb") as f:
@@ -110,8 +110,8 @@ class OutputWriter:
 
     def snapshot(self, key: str, make) -> Path:
         """Write a QC PNG atomically with `make(tmp_png_path)`, plus its thumbnail for the QC page."""
-        from ..io import atomic_path
-        from ..qc.snapshots import thumbnail
+        from cohortseg.io import atomic_path
+        from cohortseg.qc.snapshots import thumbnail
 
         p = self.figure_path(key)
         with atomic_path(p) as tmp:
@@ -137,7 +137,7 @@ class Pipeline:
     def predict(self, models: list, prepared: Prepared, cards: list, cfg: dict, batch_size: int) -> np.ndarray:
         """`models[i]` are the FoldModels of `cards[i]`. Default: the mean over every fold of every
         card (an ensemble); pipelines whose cards play different parts (mask, tissue) override this."""
-        from ..inference import fold_average
+        from cohortseg.models.ensemble import fold_average
 
         return fold_average([f.predict for folds in models for f in folds], prepared.x, batch_size)
 

@@ -1,21 +1,21 @@
 """Brain tissue (``brain_tissue``, T1w): brain mask, GM/WM/CSF, 18 subcortical labels, volumes and eTIV
-with brainchop's MeshNets. The science lives in :mod:`cohortseg.brain` (nets, clean-up, volumes,
-eTIV) and :mod:`cohortseg.conform` (FreeSurfer-style conform and the way back); this module wires
+with brainchop's MeshNets. The science lives in :mod:`cohortseg.science.brain` (nets, clean-up, volumes,
+eTIV) and :mod:`cohortseg.science.conform` (FreeSurfer-style conform and the way back); this module wires
 it into the three steps.
 
 ``prepare`` (CPU, per session)
     :func:`cohortseg.io.load_image` checks (bad data -> InputError), then
-    :func:`cohortseg.conform.conform` to the cards' grid (256^3, 1 mm, LIA, uint8: uint8 inputs keep
+    :func:`cohortseg.science.conform.conform` to the cards' grid (256^3, 1 mm, LIA, uint8: uint8 inputs keep
     their values, others get FreeSurfer's robust [0, 255] scaling; ``interpolation`` cubic/linear).
     ``x`` = the conformed volume cut to its non-zero bounding box (uint8, ~10 MB);
     ``meta`` = the conform info (native grid, conformed affine) + that box.
 ``predict`` (GPU, per shard)
     The three MeshNets one after the other, each layer by layer
-    (:func:`cohortseg.brain.run_meshnet_crop`: two activations alive at a time), folds of a card
+    (:func:`cohortseg.science.brain.run_meshnet_crop`: two activations alive at a time), folds of a card
     averaged: (1) brain mask (card ``task: brain_mask``, mindgrab; brain probability > 0.5, largest
     component, holes filled); (2) GM/WM (``task: tissue``, model5_gw_ae) with the white-matter
-    rescaling of :func:`cohortseg.brain.segment_tissue` (``wm_target``), largest foreground
-    component, then :func:`cohortseg.brain.tissue_dseg` (1 GM, 2 WM, 3 CSF = mask minus GM/WM);
+    rescaling of :func:`cohortseg.science.brain.segment_tissue` (``wm_target``), largest foreground
+    component, then :func:`cohortseg.science.brain.tissue_dseg` (1 GM, 2 WM, 3 CSF = mask minus GM/WM);
     (3) 18 classes (``task: aseg``, model30chan18cls), largest foreground component, masked.
     Nets (2) and (3) run on the bounding box of the brain mask plus their padding of context
     (``crop: brain_mask``; ``head`` = brainchop's head box): on brainchop's t1_crop 2x faster, half
@@ -29,7 +29,7 @@ it into the three steps.
     label's indicator + argmax, probabilities trilinear, only over the native sub-grid the box
     covers); outputs ``desc-brain_mask``, ``dseg`` (+ ``dseg.tsv``), ``desc-aseg_dseg`` (+ tsv),
     ``label-GM_probseg``, ``label-WM_probseg``, ``desc-tissue_volumes.tsv`` (+ json, one row, the
-    cohort's ``group/tissue_volumes.csv``); eTIV (:func:`cohortseg.brain.estimate_etiv` on the
+    cohort's ``group/tissue_volumes.csv``); eTIV (:func:`cohortseg.science.brain.estimate_etiv` on the
     conformed T1 with the brain mask) with a registration QC figure; QC mosaics; sanity flags.
 """
 from __future__ import annotations
@@ -42,8 +42,8 @@ import time
 
 import numpy as np
 
-from ..errors import InputError, ModelError
-from .base import Item, OutputWriter, Pipeline, Prepared, Role
+from cohortseg.errors import InputError, ModelError
+from cohortseg.pipelines.base import Item, OutputWriter, Pipeline, Prepared, Role
 
 log = logging.getLogger("cohortseg")
 
@@ -62,10 +62,10 @@ _ORDER = {"cubic": 3, "linear": 1}
 # cards
 # ----------------------------------------------------------------------------------------------
 def meshnet_spec(card):
-    """The :class:`cohortseg.brain.MeshNetSpec` of a card: ``architecture.params.meshnet`` names one of
-    :data:`cohortseg.brain.MESHNETS` (params ``norm``, ``crop_padding``, ``crop_threshold`` override it);
+    """The :class:`cohortseg.science.brain.MeshNetSpec` of a card: ``architecture.params.meshnet`` names one of
+    :data:`cohortseg.science.brain.MESHNETS` (params ``norm``, ``crop_padding``, ``crop_threshold`` override it);
     an unknown MeshNet gets a spec from the card itself (task, labels, normalisation.method)."""
-    from ..brain import MESHNETS, MeshNetSpec
+    from cohortseg.science.brain import MESHNETS, MeshNetSpec
 
     params = dict(card["architecture"].get("params") or {})
     name = params.pop("meshnet", None)
@@ -152,10 +152,10 @@ def crop_to_native(crop: np.ndarray, lo, conformed_affine, native, kind: str = "
     """Map a crop of the conformed grid (its first voxel at conformed index ``lo``; zero outside) onto
     the native grid ``native = (shape, affine)``, resampling only the native voxels the crop covers.
 
-    kind 'labels': :func:`cohortseg.conform.labels_to_native` (trilinear indicator per label + argmax,
+    kind 'labels': :func:`cohortseg.science.conform.labels_to_native` (trilinear indicator per label + argmax,
     dtype kept); 'prob': trilinear, float32. The crop is zero-padded by ``pad`` voxels first, so a
     native voxel near its edge sees the background it really has."""
-    from ..conform import labels_to_native, to_native
+    from cohortseg.science.conform import labels_to_native, to_native
 
     nshape, naff = tuple(int(s) for s in native[0][:3]), np.asarray(native[1], float)
     crop = np.pad(np.asarray(crop), pad)
@@ -193,8 +193,8 @@ class BrainTissue(Pipeline):
     def prepare(self, item: Item, cards: list, cfg: dict) -> Prepared:
         import nibabel as nib
 
-        from ..conform import conform
-        from ..io import load_image
+        from cohortseg.science.conform import conform
+        from cohortseg.io import load_image
 
         card_roles(cards)  # a bad model list fails here, before any GPU time is spent
         g = cfg["_global"]
@@ -223,7 +223,7 @@ class BrainTissue(Pipeline):
 
     # -- predict ---------------------------------------------------------------------------------
     def predict(self, models, prepared, cards, cfg, batch_size):
-        from .. import brain
+        from cohortseg.science import brain
 
         roles = card_roles(cards)
         vol = conformed_volume(prepared)
@@ -302,7 +302,7 @@ class BrainTissue(Pipeline):
     def finalize(self, item: Item, prepared: Prepared, prob, cards, cfg, out: OutputWriter) -> dict:
         import nibabel as nib
 
-        from .. import brain
+        from cohortseg.science import brain
 
         if not isinstance(prob, dict) or "box" not in prob or "brain_mask" not in prob:
             raise InputError("inference output lacks the brain_tissue arrays (stale work files? rerun infer)")
@@ -375,7 +375,7 @@ class BrainTissue(Pipeline):
                                                              "interpolation_order", "fov_clipped")},
             "etiv": {k: v for k, v in etiv.items() if k != "etiv_ml"},
         }
-        from ..io import write_json_atomic
+        from cohortseg.io import write_json_atomic
 
         sp = out.path("desc-tissue_volumes.json")
         write_json_atomic(sp, side)
@@ -391,7 +391,7 @@ class BrainTissue(Pipeline):
         """eTIV from the conformed T1 + brain mask; a failure is a flag, not a failed session."""
         import nibabel as nib
 
-        from ..brain import estimate_etiv
+        from cohortseg.science.brain import estimate_etiv
 
         vol = conformed_volume(prepared)
         mask = np.zeros(vol.shape, np.uint8)
@@ -414,9 +414,9 @@ class BrainTissue(Pipeline):
     def _registration_qc(item, vol, mask, caff, matrix, out: OutputWriter) -> None:
         import nibabel as nib
 
-        from .. import registration
-        from ..io import atomic_path
-        from ..qc.snapshots import registration_check
+        from cohortseg.science import registration
+        from cohortseg.io import atomic_path
+        from cohortseg.qc.snapshots import registration_check
 
         tpl, _ = registration.mni_template(2)
         stripped = nib.Nifti1Image(vol.astype(np.float32) * mask, caff)
@@ -427,8 +427,8 @@ class BrainTissue(Pipeline):
 
     @staticmethod
     def _qc(item, data, aff, mask, tissue, aseg, out: OutputWriter) -> None:
-        from ..io import atomic_path
-        from ..qc.snapshots import mosaic
+        from cohortseg.io import atomic_path
+        from cohortseg.qc.snapshots import mosaic
 
         main = tissue if tissue is not None else mask.astype(np.uint8)
         what = "GM/WM/CSF" if tissue is not None else "brain mask"
@@ -443,7 +443,7 @@ class BrainTissue(Pipeline):
 
     @staticmethod
     def _flags(mask, aff, vols, cfg, etiv) -> list[str]:
-        from ..qc.outliers import sanity_flags
+        from cohortseg.qc.outliers import sanity_flags
 
         lo_ml, hi_ml = cfg.get("brain_mask_range_ml") or (700.0, 2200.0)
         flags = [f"brain_mask_{f}" for f in sanity_flags(mask, aff, (lo_ml * 1000.0, hi_ml * 1000.0))]
@@ -462,7 +462,7 @@ class BrainTissue(Pipeline):
 def conformed_volumes(mask, tissue, aseg, affine, aseg_labels=None) -> dict[str, float]:
     """Volumes (mL) from the conformed-grid crops: brain_mask_ml, gm/wm/csf/brain_ml (tissue),
     ventricles_ml + aseg_<structure>_ml (aseg)."""
-    from ..brain import ASEG18_LABELS, TISSUE_LABELS, metric_name, tissue_volumes, voxel_volume_ml
+    from cohortseg.science.brain import ASEG18_LABELS, TISSUE_LABELS, metric_name, tissue_volumes, voxel_volume_ml
 
     vols = {"brain_mask_ml": float(np.count_nonzero(mask)) * voxel_volume_ml(affine)}
     if tissue is not None:
@@ -476,7 +476,7 @@ def conformed_volumes(mask, tissue, aseg, affine, aseg_labels=None) -> dict[str,
 
 
 def _aseg_table(labels):
-    from ..brain import ASEG18_DSEG
+    from cohortseg.science.brain import ASEG18_DSEG
 
     if not labels or tuple(labels) == tuple(t[1] for t in ASEG18_DSEG):
         return ASEG18_DSEG
@@ -493,9 +493,9 @@ def _box_list(box) -> list[list[int]]:
 
 def _run_folds(folds, vol, spec, gain: float = 1.0, padding: int | None = None, threshold: float | None = None,
                mask=None):
-    """(box, mean softmax of the folds on the box) with :func:`cohortseg.brain.run_meshnet_crop` (layer by
+    """(box, mean softmax of the folds on the box) with :func:`cohortseg.science.brain.run_meshnet_crop` (layer by
     layer; one fold's activations alive at a time)."""
-    from ..brain import run_meshnet_crop
+    from cohortseg.science.brain import run_meshnet_crop
 
     kw = {"norm": spec.norm, "padding": spec.crop_padding if padding is None else padding,
           "threshold": spec.crop_threshold if threshold is None else threshold, "mask": mask, "gain": gain}

@@ -1,5 +1,5 @@
 """Cerebral microbleeds (``cmb``, SWI [+ T1]) and white-matter hyperintensities (``wmh``, T1 [+ FLAIR]) with
-the SHIVA 3D U-Nets (Boutinaud et al.), following the SHIVA contract of :mod:`cohortseg.shiva`.
+the SHIVA 3D U-Nets (Boutinaud et al.), following the SHIVA contract of :mod:`cohortseg.models.shiva`.
 
 Steps and where they run
 ------------------------
@@ -8,9 +8,9 @@ Steps and where they run
     * the primary image (SWI for cmb, T1 for wmh) is conformed to a 256^3, 1 mm, RAS grid centred on
       the centre of its field of view (:func:`conform_ras`; FreeSurfer's centring rule, pure
       re-indexing when the image already is such a grid, else ``interpolation`` = cubic/linear);
-    * cmb with a T1: rigid SWI -> T1 (antspyx, :func:`cohortseg.registration.rigid`); wmh with a FLAIR
+    * cmb with a T1: rigid SWI -> T1 (antspyx, :func:`cohortseg.science.registration.rigid`); wmh with a FLAIR
       the model needs: rigid FLAIR -> T1, the FLAIR resampled once into the T1's conformed grid;
-    * affine to MNI152 (:func:`cohortseg.registration.affine_to_mni`) of the T1 (cmb without a T1: of
+    * affine to MNI152 (:func:`cohortseg.science.registration.affine_to_mni`) of the T1 (cmb without a T1: of
       the SWI itself), only for MNI coordinates, lesion locations/regions and eTIV;
     * a *fallback brain mask* (:func:`fallback_brain_mask`, below) on the conformed grid, used to
       skull-strip the images for the MNI registration and, unless a brain-mask model is configured,
@@ -24,7 +24,7 @@ Steps and where they run
       MeshNet card, ``architecture.loader: tfjs_layers``, e.g. ``brainchop_mindgrab``), it runs on the
       first conformed channel (the SWI; the T1 for T1-based WMH cards) (reoriented to the LIA order the MeshNets were trained in, FreeSurfer-like
       uint8 scaling) and its largest component is the mask; otherwise the prepared fallback mask;
-    * SHIVA crop 160x214x176 around the mask (:func:`cohortseg.shiva.crop_box`), p99 normalisation in
+    * SHIVA crop 160x214x176 around the mask (:func:`cohortseg.models.shiva.crop_box`), p99 normalisation in
       the mask per channel, and the **mean over every fold of every SHIVA card** (each card gets the
       channels its modalities name);
     * returns compact arrays: ``prob`` (float16, the crop), ``box`` (10 int32: start, shape, centre,
@@ -33,17 +33,17 @@ Steps and where they run
     * uncrop, back to the native grid of the primary image (trilinear; the mask by nearest neighbour);
     * ``threshold`` (strict ``>``), 26-connected clusters, clusters of <= ``min_cluster_voxels``
       dropped, clusters with more than ``max_outside_fraction`` of their voxels outside the brain mask
-      dropped (:func:`cohortseg.lesions.lesion_census`); the values used are written to the dseg sidecar
+      dropped (:func:`cohortseg.science.lesions.lesion_census`); the values used are written to the dseg sidecar
       JSON and the session record;
     * outputs: ``<stem>_label-CMB_probseg.nii.gz``, ``_label-CMB_dseg.nii.gz`` (lesions numbered 1..n)
       + ``.json`` sidecar, ``_desc-brain_mask.nii.gz``, ``_desc-CMB_census.tsv`` (one row per lesion),
       ``_desc-CMB_regions.tsv``; ``WMH`` likewise; QC mosaic + lesion crops + brain-mask mosaic;
     * regions: cmb: MARS-like ``lobar`` / ``deep`` / ``infratentorial`` from each lesion's MNI centroid
-      (:func:`cohortseg.lesions.cmb_location_mni`, coarse MNI boxes); wmh: ``periventricular`` /
+      (:func:`cohortseg.science.lesions.cmb_location_mni`, coarse MNI boxes); wmh: ``periventricular`` /
       ``deep_white`` / ``infracortical`` voxel-wise from the MNI152 template region map
-      (:func:`cohortseg.wmh.mni_region_map`, cached once per output folder) pulled into the native
+      (:func:`cohortseg.science.wmh.mni_region_map`, cached once per output folder) pulled into the native
       grid with the inverse of the MNI affine (no subject tissue segmentation needed);
-    * eTIV (atlas scaling, as :func:`cohortseg.brain.estimate_etiv`) from the T1 -> MNI affine.
+    * eTIV (atlas scaling, as :func:`cohortseg.science.brain.estimate_etiv`) from the T1 -> MNI affine.
 
 Fallback brain mask
 -------------------
@@ -60,7 +60,7 @@ Models
 ------
 ``shiva_cmb`` (SWI-CMB v2 SavedModel folds) and ``shiva_wmh`` (T1-FLAIR WMH v1 ``.h5`` folds: SHIVA has
 no T1-only WMH model, so a session without FLAIR fails with a clear error unless a T1-only card is used).
-A SHIVA ``model_info_*.json`` path works as a card as is (:func:`cohortseg.cards.find_card`).
+A SHIVA ``model_info_*.json`` path works as a card as is (:func:`cohortseg.models.cards.find_card`).
 """
 from __future__ import annotations
 
@@ -69,8 +69,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError, ModelError
-from .base import Item, OutputWriter, Pipeline, Prepared, Role
+from cohortseg.errors import InputError, ModelError
+from cohortseg.pipelines.base import Item, OutputWriter, Pipeline, Prepared, Role
 
 
 CONFORM_SHAPE = 256
@@ -97,7 +97,7 @@ def conform_ras(img, order: int = 3, shape: int = CONFORM_SHAPE):
     import nibabel as nib
     from scipy import ndimage
 
-    from ..conform import conformed_affine
+    from cohortseg.science.conform import conformed_affine
 
     data = np.asarray(img.dataobj, dtype=np.float32)
     if data.ndim > 3:
@@ -155,7 +155,7 @@ def fallback_brain_mask(data: np.ndarray, affine) -> np.ndarray:
     from scipy import ndimage
     from skimage.filters import threshold_otsu
 
-    from ..lesions import voxel_sizes
+    from cohortseg.science.lesions import voxel_sizes
 
     def ball(r):
         g = np.ogrid[tuple(slice(-r, r + 1) for _ in range(3))]
@@ -209,7 +209,7 @@ def card_modalities(card) -> list[str]:
     mods = card.get("modalities")
     if mods:
         return [str(m).lower() for m in mods]
-    from ..shiva import MODALITY_CONTRAST
+    from cohortseg.models.shiva import MODALITY_CONTRAST
 
     back = {v.lower(): k for k, v in MODALITY_CONTRAST.items()}
     return [back.get(str(c).lower(), str(c).lower()) for c in card["contrasts"]]
@@ -233,7 +233,7 @@ def split_cards(cards: list) -> tuple[int | None, list[int]]:
 
 
 def _meshnet_spec(card):
-    from ..brain import MESHNETS, MeshNetSpec
+    from cohortseg.science.brain import MESHNETS, MeshNetSpec
 
     name = card["architecture"].get("params", {}).get("meshnet")
     if name is None:
@@ -256,7 +256,7 @@ def _file_key(path) -> tuple:
 
 def _conformed_with_mask(path, g: dict, order: int):
     """(native image, warnings, conformed image, fallback mask on the conformed grid)."""
-    from ..io import load_image
+    from cohortseg.io import load_image
 
     img, warnings = load_image(path, allow_4d=g.get("allow_4d", False), max_voxels=g.get("max_voxels") or 200_000_000)
     conf = conform_ras(img, order=order)
@@ -272,7 +272,7 @@ def _mni(conf, mask, source: str) -> dict:
     'error'}; a failure or an implausible scaling is recorded, not raised."""
     import nibabel as nib
 
-    from .. import registration
+    from cohortseg.science import registration
 
     try:
         tr = registration.affine_to_mni(conf, brain_mask=nib.Nifti1Image(mask.astype(np.uint8), conf.affine))
@@ -300,7 +300,7 @@ def _etiv_ml(mni: dict) -> float | None:
     if not mni.get("matrix") or mni.get("from") != "T1w":
         return None
     try:
-        from ..brain import template_icv_ml
+        from cohortseg.science.brain import template_icv_ml
 
         return float(template_icv_ml() / mni["det"])
     except Exception:  # noqa: BLE001 - eTIV is a bonus
@@ -366,8 +366,8 @@ class _Lesion(Pipeline):
 
     # -- predict ---------------------------------------------------------------------------------
     def predict(self, models, prepared, cards, cfg, batch_size):
-        from .. import shiva
-        from ..inference import fold_average
+        from cohortseg.models import shiva
+        from cohortseg.models.ensemble import fold_average
 
         mask_i, seg = split_cards(cards)
         used = prepared.meta.get("models_used")
@@ -403,8 +403,8 @@ class _Lesion(Pipeline):
     def finalize(self, item: Item, prepared: Prepared, prob, cards, cfg, out: OutputWriter) -> dict:
         import nibabel as nib
 
-        from .. import shiva
-        from ..conform import to_native
+        from cohortseg.models import shiva
+        from cohortseg.science.conform import to_native
 
         if not isinstance(prob, dict):
             raise InputError("inference output lacks the crop box (stale work files? rerun infer)")
@@ -459,7 +459,7 @@ class _Lesion(Pipeline):
             "mni": {k: mni.get(k) for k in ("from", "det", "error", "tool", "fixed")},
             "registration": meta.get("registration", {}),
         }
-        from ..io import write_json_atomic
+        from cohortseg.io import write_json_atomic
 
         sp = out.path(f"label-{t}_dseg.json")
         write_json_atomic(sp, side)
@@ -482,7 +482,7 @@ class _Lesion(Pipeline):
         return metrics
 
     def _qc(self, item, data, aff, labels, mask, out: OutputWriter) -> None:
-        from ..qc.snapshots import lesion_crops, mosaic
+        from cohortseg.qc.snapshots import lesion_crops, mosaic
 
         t = self.target
         les = (labels > 0).astype(np.uint8)
@@ -531,11 +531,11 @@ def unpack_mask(packed: np.ndarray, shape) -> np.ndarray:
 def meshnet_brain_mask(folds: list, vol_ras: np.ndarray, spec) -> np.ndarray:
     """Brain mask from a brainchop MeshNet (mindgrab) on a conformed RAS volume: reoriented to LIA (the
     MeshNets' training orientation, pure re-indexing), FreeSurfer-like uint8 scaling (0 .. 99.9th
-    percentile of the non-zero voxels), brainchop's min-max + crop recipe (:func:`cohortseg.brain.run_meshnet`),
+    percentile of the non-zero voxels), brainchop's min-max + crop recipe (:func:`cohortseg.science.brain.run_meshnet`),
     mean of the folds' brain probability > 0.5, largest component with holes filled."""
     import nibabel as nib
 
-    from ..brain import largest_component, run_meshnet
+    from cohortseg.science.brain import largest_component, run_meshnet
 
     ras, lia = nib.orientations.axcodes2ornt("RAS"), nib.orientations.axcodes2ornt("LIA")
     to_lia = nib.orientations.ornt_transform(ras, lia)
@@ -555,11 +555,11 @@ def meshnet_brain_mask(folds: list, vol_ras: np.ndarray, spec) -> np.ndarray:
 
 
 def _census(prob, mask, aff, thr, min_vox, max_out, regions, matrix):
-    """:func:`cohortseg.lesions.lesion_census` on the bounding box of the supra-threshold voxels (+1
+    """:func:`cohortseg.science.lesions.lesion_census` on the bounding box of the supra-threshold voxels (+1
     voxel): the same clusters, numbering (raster order is kept by a shift), rules and world/MNI
     coordinates, for a fraction of the cost on a whole-head grid. Returns (labels on the full grid,
     census rows with every CENSUS_COLUMNS key, voxel centroids in full-grid indices)."""
-    from ..lesions import lesion_census
+    from cohortseg.science.lesions import lesion_census
 
     labels = np.zeros(prob.shape, np.int32)
     sup = prob > thr
@@ -593,7 +593,7 @@ def _complete_census(census: list[dict]) -> list[dict]:
 def _flags(mask, naff, labels, box, mni, caff) -> list[str]:
     """QC flags: ``brain_mask_{empty,edge,volume_low,volume_high}``, ``mni_registration_failed``,
     ``lesion_at_crop_edge`` (a lesion voxel within one voxel of the network's field of view)."""
-    from ..qc.outliers import sanity_flags
+    from cohortseg.qc.outliers import sanity_flags
 
     flags = [f"brain_mask_{f}" for f in sanity_flags(mask, naff, BRAIN_MASK_RANGE_MM3)]
     if mni.get("error") or not mni.get("matrix"):
@@ -626,7 +626,7 @@ class Cmb(_Lesion):
     region_names = ("lobar", "deep", "infratentorial")
 
     def prepare(self, item: Item, cards: list, cfg: dict) -> Prepared:
-        from .. import registration
+        from cohortseg.science import registration
 
         g = cfg["_global"]
         order = _INTERP_ORDER[cfg.get("interpolation", "cubic")]
@@ -653,7 +653,7 @@ class Cmb(_Lesion):
         return self._finish_prepare(chans, channels, mask, conf, swi, meta)
 
     def _regions(self, nshape, naff, matrix, cfg):
-        from ..lesions import cmb_location_mni
+        from cohortseg.science.lesions import cmb_location_mni
 
         return (cmb_location_mni if matrix is not None else None), None
 
@@ -682,8 +682,8 @@ class Wmh(_Lesion):
     region_names = ("periventricular", "deep_white", "infracortical")
 
     def prepare(self, item: Item, cards: list, cfg: dict) -> Prepared:
-        from .. import registration
-        from ..io import load_image
+        from cohortseg.science import registration
+        from cohortseg.io import load_image
 
         g = cfg["_global"]
         order = _INTERP_ORDER[cfg.get("interpolation", "cubic")]
@@ -719,8 +719,8 @@ class Wmh(_Lesion):
     def _regions(self, nshape, naff, matrix, cfg):
         if matrix is None:
             return None, None
-        from .. import registration
-        from ..lesions import WMH_REGIONS
+        from cohortseg.science import registration
+        from cohortseg.science.lesions import WMH_REGIONS
 
         rimg = _mni_wmh_regions(cfg)
         tr = registration.LinearTransform(matrix)
@@ -729,7 +729,7 @@ class Wmh(_Lesion):
         return (rmap, WMH_REGIONS), rmap
 
     def _region_table(self, census, labels, region_vol, aff):
-        from ..lesions import WMH_REGIONS, regional_volumes
+        from cohortseg.science.lesions import WMH_REGIONS, regional_volumes
 
         if region_vol is None:
             vols = {r: 0.0 for r in self.region_names}
@@ -745,11 +745,11 @@ class Wmh(_Lesion):
 
 
 def _mni_wmh_regions(cfg):
-    """The MNI152 WMH region map (:func:`cohortseg.wmh.mni_region_map`, 1 mm), cached on disk under
+    """The MNI152 WMH region map (:func:`cohortseg.science.wmh.mni_region_map`, 1 mm), cached on disk under
     ``<output_dir>/work/cache`` so each finalize job does not redo the distance transforms."""
     import nibabel as nib
 
-    from ..io import atomic_path
+    from cohortseg.io import atomic_path
 
     out_dir = (cfg.get("_global") or {}).get("output_dir")
     path = Path(out_dir) / "work" / "cache" / "wmh_regions_mni152_1mm.nii.gz" if out_dir else None
@@ -759,7 +759,7 @@ def _mni_wmh_regions(cfg):
             return nib.Nifti1Image(np.asarray(img.dataobj, np.uint8), img.affine)
         except Exception:  # noqa: BLE001 - rebuild a bad cache
             pass
-    from ..wmh import mni_region_map
+    from cohortseg.science.wmh import mni_region_map
 
     img = mni_region_map(1)
     if path is not None:

@@ -24,7 +24,7 @@ vertebral level of every native slice. predict: soft fold average (base class). 
 native space, the card's ``postprocess`` (tube filter / largest component), soft values kept only
 within one voxel (in-plane) of the thresholded cord, ``label-SC_probseg`` (soft) and
 ``label-SC_mask`` (exactly ``probseg > threshold``), CSA per slice of the SOFT map
-(``cohortseg.csa.csa_per_slice``, angle-corrected per config) and per vertebral level, QC snapshot
+(``cohortseg.science.csa.csa_per_slice``, angle-corrected per config) and per vertebral level, QC snapshot
 (axial + sagittal) and sanity flags. ``session_metrics``: SD and CV of CSA across a session's
 contrasts (per vertebral level and of the mean CSA).
 """
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError, ModelError
-from .base import Item, OutputWriter, Pipeline, Prepared, Role
+from cohortseg.errors import InputError, ModelError
+from cohortseg.pipelines.base import Item, OutputWriter, Pipeline, Prepared, Role
 
 PERSLICE = "desc-csa_perslice.tsv"
 PERLEVEL = "desc-csa_perlevel.tsv"
@@ -58,7 +58,7 @@ def level_name(level) -> str:
 
 
 def _si_axis(affine) -> int:
-    from ..csa import si_axis
+    from cohortseg.science.csa import si_axis
 
     return si_axis(affine)
 
@@ -78,8 +78,8 @@ def levels_on_image(level_img, target_shape, target_affine, kind: str = "auto",
     through world coordinates (point/centreline labels: their positions; maps: nearest-neighbour
     resampling).
     """
-    from ..csa import vertebral_levels
-    from ..resampling import resample_like
+    from cohortseg.science.csa import vertebral_levels
+    from cohortseg.science.resampling import resample_like
 
     data = np.asarray(level_img.dataobj, dtype=np.float64)
     if data.ndim == 4 and data.shape[3] == 1:
@@ -151,8 +151,8 @@ class ScCsa(Pipeline):
     def prepare(self, item: Item, cards: list, cfg: dict) -> Prepared:
         import nibabel as nib
 
-        from ..io import load_image
-        from ..training.datasets import preprocess_image
+        from cohortseg.io import load_image
+        from cohortseg.training.datasets import preprocess_image
 
         if not cards:
             raise ModelError("sc_csa: no model card configured (sc_csa.models)")
@@ -187,7 +187,7 @@ class ScCsa(Pipeline):
     def predict(self, models, prepared, cards, cfg, batch_size):
         """Soft fold average over every fold of every card; a card with ``tta.flip_lr`` also averages
         the prediction of the left-right mirrored slices (axis 1 of the stack runs towards the Left)."""
-        from ..inference import fold_average
+        from cohortseg.models.ensemble import fold_average
 
         acc, n = 0.0, 0
         for card, folds in zip(cards, models):
@@ -200,9 +200,9 @@ class ScCsa(Pipeline):
     def finalize(self, item: Item, prepared: Prepared, prob, cards, cfg, out: OutputWriter) -> dict:
         import pandas as pd
 
-        from .. import csa
-        from ..io import load_image
-        from ..resampling import slices_to_native
+        from cohortseg.science import csa
+        from cohortseg.io import load_image
+        from cohortseg.science.resampling import slices_to_native
 
         g = cfg.get("_global") or {}
         native, _ = load_image(item.inputs["image"], allow_4d=g.get("allow_4d", False),
@@ -330,7 +330,7 @@ def _near_mask(soft: np.ndarray, thr: float, affine) -> np.ndarray:
 
 
 def _qc(data, mask, affine, out: OutputWriter, item: Item) -> None:
-    from ..qc.outliers import sanity_flags
+    from cohortseg.qc.outliers import sanity_flags
 
     out.snapshot("desc-SC_qc.png", lambda png: qc_figure(data, mask, affine, png, f"{item.name} - SC"))
     # the cord runs through the top and bottom of a cervical slab: touching S/I edges is normal
@@ -343,7 +343,7 @@ def qc_figure(data, mask, affine, png, title: str) -> None:
 
     from PIL import Image
 
-    from ..qc.snapshots import mosaic, to_ras
+    from cohortseg.qc.snapshots import mosaic, to_ras
 
     with tempfile.TemporaryDirectory(prefix="cohortseg-qc-") as d:
         a, s = Path(d) / "axial.png", Path(d) / "sagittal.png"

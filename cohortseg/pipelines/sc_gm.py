@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Item, OutputWriter, Pipeline, Prepared, Role
+from cohortseg.pipelines.base import Item, OutputWriter, Pipeline, Prepared, Role
 
 
 class ScGm(Pipeline):
@@ -13,8 +13,8 @@ class ScGm(Pipeline):
     group_tables = {"sc_gm_perslice.csv": "desc-GM_perslice.tsv"}
 
     def prepare(self, item: Item, cards: list, cfg: dict) -> Prepared:
-        from ..io import load_image
-        from ..resampling import to_axial_slices
+        from cohortseg.io import load_image
+        from cohortseg.science.resampling import to_axial_slices
 
         g = cfg["_global"]
         img, warnings = load_image(item.inputs["image"], allow_4d=g.get("allow_4d", False),
@@ -22,7 +22,7 @@ class ScGm(Pipeline):
         grid_spec = cards[0].get("grid", {})
         slices, grid = to_axial_slices(img, inplane_mm=float(grid_spec.get("inplane_mm", 0.25)),
                                        crop=tuple(grid_spec.get("crop", (200, 200))))
-        from ..resampling import fov_mask
+        from cohortseg.science.resampling import fov_mask
 
         inside = slices[fov_mask(grid)]  # SCT's "volume" standardisation: the resampled slices in the FOV
         meta = {"grid": grid, "volume_mean": float(inside.mean()), "volume_std": float(inside.std()),
@@ -30,7 +30,7 @@ class ScGm(Pipeline):
         return Prepared(x=slices[..., None].astype(np.float32), meta=meta)
 
     def predict(self, models, prepared, cards, cfg, batch_size):
-        from ..inference import fold_average
+        from cohortseg.models.ensemble import fold_average
 
         x = prepared.x
         per_card = []
@@ -51,8 +51,8 @@ class ScGm(Pipeline):
         import nibabel as nib
         import pandas as pd
 
-        from ..metrics import area_per_slice, volume_mm3
-        from ..nets.gmseg import fine_to_native
+        from cohortseg.science.metrics import area_per_slice, volume_mm3
+        from cohortseg.models.nets.gmseg import fine_to_native
 
         native = nib.load(item.inputs["image"])
         fine = prob[..., 0] if prob.ndim == 4 else prob
@@ -81,7 +81,7 @@ class ScGm(Pipeline):
         }
         _qc(native, mask_native, out, item)
         if not mask_native.any():
-            from ..errors import InputError
+            from cohortseg.errors import InputError
 
             raise InputError("no gray matter found: the field of view may miss the cord or the image is not an "
                              "axial T2*w (outputs written for QC)", item.inputs["image"])
@@ -89,8 +89,8 @@ class ScGm(Pipeline):
 
 
 def _qc(native, mask, out: OutputWriter, item: Item) -> None:
-    from ..qc.outliers import sanity_flags
-    from ..qc.snapshots import mosaic
+    from cohortseg.qc.outliers import sanity_flags
+    from cohortseg.qc.snapshots import mosaic
 
     data = np.asarray(native.dataobj, dtype=np.float32)
     out.snapshot("desc-GM_qc.png", lambda png: mosaic(data, mask.astype(np.uint8), native.affine, png,

@@ -27,7 +27,7 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 
-from ..io import write_text_atomic
+from cohortseg.io import write_text_atomic
 
 __all__ = ["write_qc_page", "page_rows", "FIELDS", "PAGE_TEMPLATE_FILES"]
 
@@ -165,7 +165,7 @@ def page_rows(rows, out_dir, *, metrics: Iterable[str] | None = None, base_dir=N
 
 
 def _make_thumbnails(recs, out_dir: Path, base_dir, width: int) -> dict:
-    from .snapshots import thumbnail
+    from cohortseg.qc.snapshots import thumbnail
 
     made = {}
     for n, r in enumerate(recs):

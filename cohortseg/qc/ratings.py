@@ -19,7 +19,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from ..io import write_text_atomic
+from cohortseg.io import write_text_atomic
 
 __all__ = ["RATINGS", "COLUMNS", "read_ratings", "write_ratings", "apply_ratings"]
 

@@ -28,7 +28,7 @@ from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from PIL import Image
 from scipy import ndimage
 
-from ..io import atomic_path
+from cohortseg.io import atomic_path
 
 __all__ = [
     "Snapshot",

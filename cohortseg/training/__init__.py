@@ -11,7 +11,7 @@ from __future__ import annotations
 
 def train_bundle(config: dict, out_dir, progress=None):
     """Train per the config dict and write a model bundle folder; returns its Path."""
-    from .train import train_bundle as _tb
+    from cohortseg.training.train import train_bundle as _tb
 
     return _tb(config, out_dir, progress=progress)
 
@@ -22,7 +22,7 @@ def load_config(path) -> dict:
 
     import yaml
 
-    from ..errors import ConfigError
+    from cohortseg.errors import ConfigError
 
     try:
         cfg = yaml.safe_load(Path(path).read_text())

@@ -17,8 +17,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
 
-    from . import load_config, train_bundle
-    from ..errors import CohortsegError
+    from cohortseg.training import load_config, train_bundle
+    from cohortseg.errors import CohortsegError
 
     try:
         cfg = load_config(a.config)

@@ -1,7 +1,7 @@
 """Deterministic 2D data augmentation for axial cord slices (numpy + scipy only).
 
 Every random draw comes from the ``numpy.random.Generator`` passed in, so the same seed gives the
-same output bit for bit. Slices are (H, W) in the model grid of ``cohortseg.resampling``: axis 0
+same output bit for bit. Slices are (H, W) in the model grid of ``cohortseg.science.resampling``: axis 0
 runs towards the subject's Left, axis 1 towards Anterior. The only flip allowed by anatomy is
 left-right (axis 0); an anterior-posterior flip would put the cord in front of the vertebral body.
 
@@ -62,7 +62,7 @@ class AugmentConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            from ..errors import ConfigError
+            from cohortseg.errors import ConfigError
 
             raise ConfigError(f"unknown augmentation keys: {sorted(unknown)}")
         d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}

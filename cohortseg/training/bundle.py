@@ -27,8 +27,8 @@ from typing import Sequence
 import numpy as np
 import yaml
 
-from ..errors import ModelError
-from ..io import atomic_path, sha256sum, write_json_atomic, write_text_atomic
+from cohortseg.errors import ModelError
+from cohortseg.io import atomic_path, sha256sum, write_json_atomic, write_text_atomic
 
 CARD = "card.yaml"
 CV_REPORT = "cv_report.json"
@@ -102,7 +102,7 @@ def build_card(cfg: dict, folds: Sequence[dict], training: dict, contrasts: Sequ
         "contrasts": sorted(set(contrasts)),
         "grid": {"inplane_mm": float(grid["inplane_mm"]), "crop": [int(c) for c in grid["crop"]],
                  "center": "native_slice_centre",
-                 "layout": "cohortseg.resampling.to_axial_slices (axis 0 Left, axis 1 Anterior)"},
+                 "layout": "cohortseg.science.resampling.to_axial_slices (axis 0 Left, axis 1 Anterior)"},
         "normalisation": {"method": "zscore_volume",
                           "description": "mean/std of the whole native volume, before resampling"},
         "architecture": {"loader": "keras_full", "params": {"net": "unet2d", **net}},
@@ -120,7 +120,7 @@ def build_card(cfg: dict, folds: Sequence[dict], training: dict, contrasts: Sequ
 
 def _validate(card: dict, where) -> None:
     try:
-        from ..cards import validate_card
+        from cohortseg.models.cards import validate_card
     except ImportError:  # pragma: no cover - cards module is part of the package
         return
     validate_card(card, where)

@@ -12,7 +12,7 @@ Sources
 
 Preprocessing (the model grid; the inference pipeline must do the same, see ``preprocess_image``)
 ----------------------------------------------------------------------------------------------
-``cohortseg.resampling.to_axial_slices``: every native slice along the S-I axis is resampled
+``cohortseg.science.resampling.to_axial_slices``: every native slice along the S-I axis is resampled
 in-plane to ``inplane_mm`` (linear) in a canonical layout (axis 0 of a slice towards the subject's
 Left, axis 1 towards Anterior, whatever the storage orientation) and centre-cropped/padded to
 ``crop`` around the native slice centre (or ``center``); pixels outside the native field of view are
@@ -40,7 +40,7 @@ from typing import Iterable, Sequence
 import nibabel as nib
 import numpy as np
 
-from ..errors import ConfigError, InputError
+from cohortseg.errors import ConfigError, InputError
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Pair:
     subject: str
     contrast: str = ""
     levels: str = ""       # optional vertebral level image (points/centreline/map) for CSA per level
-    levels_kind: str = ""  # its kind for cohortseg.csa.vertebral_levels ("" = auto)
+    levels_kind: str = ""  # its kind for cohortseg.science.csa.vertebral_levels ("" = auto)
 
 
 @dataclass
@@ -173,7 +173,7 @@ def _guess_contrast(path: str) -> str:
 # ------------------------------------------------------------------------------- preprocessing
 def preprocess_image(img: nib.Nifti1Image, inplane_mm: float, crop: Sequence[int], center=None):
     """Native image -> (x (N, H, W) float32 z-scored slices, grid). Same as training uses."""
-    from ..resampling import to_axial_slices
+    from cohortseg.science.resampling import to_axial_slices
 
     data = np.asarray(img.dataobj, dtype=np.float64)
     if data.ndim == 4 and data.shape[3] == 1:
@@ -196,7 +196,7 @@ def soft_label(mask: np.ndarray, affine, sigma_mm: float, binarise: bool = True)
     at 0.5 first (manual masks); False keeps fractional values (a consensus of several masks)."""
     from scipy import ndimage
 
-    from ..resampling import through_plane_axis, voxel_sizes
+    from cohortseg.science.resampling import through_plane_axis, voxel_sizes
 
     m = np.asarray(mask, dtype=np.float64)
     m = (m > 0.5).astype(np.float64) if binarise else np.clip(m, 0.0, 1.0)
@@ -213,7 +213,7 @@ def load_volume(pair: Pair, inplane_mm: float = 1.0, crop: Sequence[int] = (64, 
     """Load and preprocess one pair (see module doc). ``label``: 'binary' or 'soft'. ``target``: a
     soft mask in the pair's native grid to train on instead of its own mask (e.g. the consensus of
     :func:`consensus_masks`); ``y_bin`` stays the pair's own manual mask (what Dice is measured on)."""
-    from ..resampling import to_axial_slices
+    from cohortseg.science.resampling import to_axial_slices
 
     try:
         img = nib.load(pair.image)
@@ -273,7 +273,7 @@ def align_mask(moving: nib.Nifti1Image, fixed: nib.Nifti1Image) -> tuple[np.ndar
     from nibabel.processing import resample_from_to
     from scipy import ndimage
 
-    from ..resampling import through_plane_axis
+    from cohortseg.science.resampling import through_plane_axis
 
     t = through_plane_axis(fixed.affine)
     fdat = (np.asarray(fixed.dataobj, dtype=np.float64) > 0.5).astype(np.float64)
@@ -295,7 +295,7 @@ def consensus_masks(pairs: Sequence[Pair]) -> dict[int, np.ndarray]:
     the other images' masks co-registered onto it (:func:`align_mask`) -- the soft ground truth of
     the contrast-agnostic cord segmentation (one cord, whatever the contrast). Where only the own
     mask covers a slice, the own mask is kept there."""
-    from ..resampling import through_plane_axis
+    from cohortseg.science.resampling import through_plane_axis
 
     out: dict[int, np.ndarray] = {}
     by_subject: dict[str, list[int]] = {}

@@ -72,7 +72,7 @@ SOFT_LOSSES = {"mse", "adaptive_wing"}
 
 def get_loss(name: str, **params):
     """Loss function by name (see module doc); ``params`` are bound keyword arguments."""
-    from ..errors import ConfigError
+    from cohortseg.errors import ConfigError
 
     if name not in LOSSES:
         raise ConfigError(f"unknown loss {name!r} (known: {', '.join(LOSSES)})")

@@ -11,7 +11,7 @@ Template: the PAM50 spinal cord template (De Leener et al., NeuroImage 2018; shi
 Spinal Cord Toolbox in ``data/PAM50/template``, LGPL-3.0) -- ``PAM50_cord``, ``PAM50_csf`` and
 ``PAM50_levels`` are required, ``PAM50_gm``/``PAM50_wm`` are used when present (a GM/WM contrast
 inside the cord). The label maps are reoriented to LAS (the slice layout of
-``cohortseg.resampling.to_axial_slices``: axis 0 towards Left, axis 1 towards Anterior), cut to the
+``cohortseg.science.resampling.to_axial_slices``: axis 0 towards Left, axis 1 towards Anterior), cut to the
 vertebral levels asked for (plus ``above_mm`` above the top one, the cranio-cervical junction), and
 block-averaged from the template's voxel size to the training grid (partial-volume fractions).
 
@@ -39,7 +39,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from ..errors import ConfigError, InputError
+from cohortseg.errors import ConfigError, InputError
 
 KEYS = ("template", "prefix", "levels", "above_mm", "fraction", "shift_px")  # the config section
 REQUIRED = ("cord", "csf", "levels")
@@ -144,7 +144,7 @@ def load_template(cfg: dict, inplane_mm: float) -> TemplateSlices:
     Keys: ``template`` (folder with ``PAM50_<name>.nii.gz`` files, or ``prefix`` + name), ``levels``
     [first, last] vertebral levels (PAM50: 1 = C1 ... 7 = C7, 8 = T1), ``above_mm`` kept above the
     first level, ``fraction`` (0-1) of each epoch's slices that are synthetic, ``shift_px``."""
-    from .datasets import expand_path
+    from cohortseg.training.datasets import expand_path
 
     root = Path(expand_path(cfg["template"]))
     prefix = cfg.get("prefix", "PAM50_")

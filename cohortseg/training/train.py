@@ -39,7 +39,7 @@ Dice has not improved for ``patience`` epochs; the best epoch's weights are kept
 computed on every held-out volume in native space (prediction mapped back with
 ``slices_to_native``, post-processed as the card says, thresholded at 0.5, against the manual
 mask; ``dice_raw`` without post-processing) and in the model grid (``dice_grid``); the
-mean CSA of the soft prediction and of the manual mask (``cohortseg.csa``) is reported too.
+mean CSA of the soft prediction and of the manual mask (``cohortseg.science.csa``) is reported too.
 
 Determinism: ``keras.utils.set_random_seed(seed + fold)`` before each fold's model is built,
 ``tf.config.experimental.enable_op_determinism()``, and a numpy Generator seeded with
@@ -59,12 +59,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..io import sha256sum
-from . import augment as aug
-from . import bundle as bnd
-from . import datasets as ds
-from .losses import SOFT_LOSSES, dice_score, get_loss
+from cohortseg.errors import ConfigError
+from cohortseg.io import sha256sum
+from cohortseg.training import augment as aug
+from cohortseg.training import bundle as bnd
+from cohortseg.training import datasets as ds
+from cohortseg.training.losses import SOFT_LOSSES, dice_score, get_loss
 
 log = logging.getLogger("cohortseg.training")
 
@@ -123,7 +123,7 @@ def merge_config(cfg: dict) -> dict:
     aug.AugmentConfig.from_dict(out["augment"])
     syn = out.get("synthetic")
     if syn is not None:
-        from .synthetic import KEYS
+        from cohortseg.training.synthetic import KEYS
 
         if not isinstance(syn, dict) or "template" not in syn:
             raise ConfigError("synthetic must be null or a mapping with a 'template' folder")
@@ -155,7 +155,7 @@ def _setup_tf(threads: int):
 
 # --------------------------------------------------------------------------------------- model
 def _build(cfg: dict, crop):
-    from ..nets.unet2d import build_unet2d
+    from cohortseg.models.nets.unet2d import build_unet2d
 
     n = cfg["net"]
     norm = n.get("norm") or ("batch" if n.get("batch_norm") else "instance")
@@ -325,11 +325,11 @@ def evaluate_volume(model, vol: ds.Volume, cfg: dict, batch_size: int = 32, trai
     change from anatomy no training image covered (e.g. C1-C2 above a lower-cervical scan)."""
     import nibabel as nib
 
-    from .. import csa
-    from ..resampling import slices_to_native
+    from cohortseg.science import csa
+    from cohortseg.science.resampling import slices_to_native
 
     thr = float(cfg["thresholds"].get("mask", 0.5))
-    from ..inference import fold_average
+    from cohortseg.models.ensemble import fold_average
 
     mirror = 1 if (cfg.get("tta") or {}).get("flip_lr") else None  # axis 1 of the slice stack: Left
     models = model if isinstance(model, (list, tuple)) else [model]
@@ -352,7 +352,7 @@ def evaluate_volume(model, vol: ds.Volume, cfg: dict, batch_size: int = 32, trai
         prob_native = csa.largest_component(prob_native, thr)
     res["dice"] = round(dice_score(manual > 0.5, prob_native, thr), 4)
     if trained_si is not None:
-        from ..resampling import through_plane_axis
+        from cohortseg.science.resampling import through_plane_axis
 
         t = through_plane_axis(msk.affine)
         idx = np.zeros((3, manual.shape[t]))
@@ -392,7 +392,7 @@ def _versions() -> dict:
     import keras
     import tensorflow as tf
 
-    from .. import __version__ as cs_version
+    from cohortseg import __version__ as cs_version
 
     return {"cohortseg": cs_version, "tensorflow": tf.__version__, "keras": keras.__version__,
             "numpy": np.__version__, "python": platform.python_version(),
@@ -425,7 +425,7 @@ def train_bundle(config: dict, out_dir, progress=None) -> Path:
     n_members = int(cfg["split"].get("models_per_fold") or max(1, n_final))
     synth = None
     if cfg.get("synthetic"):
-        from .synthetic import load_template
+        from cohortseg.training.synthetic import load_template
 
         synth = load_template(cfg["synthetic"], float(g["inplane_mm"]))
         say(f"synthetic slices: {synth.n} template slices from {synth.source}, "

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ModelError
+from cohortseg.errors import ModelError
 
-PACKAGE_ROOT = Path(__file__).resolve().parent
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 REPO_ROOT = PACKAGE_ROOT.parent
 CARDS_DIR = REPO_ROOT / "config" / "models"
 CARD_SCHEMA = REPO_ROOT / "config" / "schemas" / "model_card.schema.yaml"
@@ -94,7 +94,7 @@ def find_card(name_or_path: str, extra_dirs=()) -> ModelCard:
     """A card by name (config/models, extra dirs) or by path (a card file or a bundle folder)."""
     p = Path(name_or_path)
     if p.suffix == ".json" and p.is_file():  # a SHIVA model_info_*.json registers a model as is
-        from .shiva import card_from_model_info
+        from cohortseg.models.shiva import card_from_model_info
 
         data = card_from_model_info(p)
         validate_card(data, p)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ModelError
-from ..io import atomic_path, sha256sum, write_json_atomic
+from cohortseg.errors import ModelError
+from cohortseg.io import atomic_path, sha256sum, write_json_atomic
 
 #: dtypes a manifest entry may declare (after de-quantisation everything becomes float32/int32)
 _DTYPES = {"float32": np.float32, "int32": np.int32, "bool": np.bool_, "float16": np.float16,

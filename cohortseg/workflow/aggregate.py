@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import __version__
-from .io import write_json_atomic, write_text_atomic
-from .pipelines import get_pipeline
+from cohortseg import __version__
+from cohortseg.io import write_json_atomic, write_text_atomic
+from cohortseg.pipelines import get_pipeline
 
 ID_COLUMNS = ["participant_id", "session_id", "status", "error", "warnings"]
 QC_COLUMNS = ["qc_flags", "qc_rating"]
@@ -96,8 +96,8 @@ def aggregate(record_paths: list, out_dir, config: dict, expected: list[tuple[st
 def _add_qc(df, config, ratings):
     """Automatic flags (sanity flags from finalize + Tukey outliers across the cohort) and the
     raters' verdicts from qc_ratings.tsv (per pipeline, and the worst of them as `qc_rating`)."""
-    from .qc.outliers import add_qc_flags
-    from .qc.ratings import apply_ratings, read_ratings
+    from cohortseg.qc.outliers import add_qc_flags
+    from cohortseg.qc.ratings import apply_ratings, read_ratings
 
     metric_cols = [c for c in df.columns if c not in ID_COLUMNS + QC_COLUMNS and not c.endswith("_status")
                    and pd.api.types.is_numeric_dtype(df[c])]
@@ -142,7 +142,7 @@ def _group_tables(records, pipelines, out_dir: Path) -> None:
 def provenance(config: dict, records: list[dict]) -> dict:
     from importlib import metadata
 
-    from .cards import pipeline_cards
+    from cohortseg.models.cards import pipeline_cards
 
     versions = {}
     for pkg in ("snakemake", "tensorflow", "tensorflow-cpu", "keras", "nibabel", "antspyx", "numpy", "pandas",

@@ -1,6 +1,6 @@
 """Science of the ``brain_tissue`` pipeline: brainchop MeshNets on a FreeSurfer-conformed T1.
 
-Steps (all in the conformed 256^3 1 mm LIA grid, see ``cohortseg.conform``):
+Steps (all in the conformed 256^3 1 mm LIA grid, see ``cohortseg.science.conform``):
 
 1. ``normalize``: min-max to [0, 1] or 5th-95th percentile scaling (brainchop's ``enableQuantileNorm``),
    computed over the whole conformed volume, as brainchop does.
@@ -18,7 +18,7 @@ GM/WM maps > 0.5, in the template grid) and on brainchop's t1_crop:
 
 * brain mask: ``mindgrab`` (min-max; brainchop's web list says quantile, but the instance norm
   after its first, bias-free conv cancels any linear intensity scaling; its convs carry a
-  name-encoded instance norm, see ``cohortseg.nets.tfjs``): Dice 0.965 with the template's
+  name-encoded instance norm, see ``cohortseg.models.nets.tfjs``): Dice 0.965 with the template's
   intracranial mask; 1643 mL on t1_crop (brain + CSF, i.e. a segmented ICV). Without the
   instance norm it returns 6 L of "brain".
 * GM/WM: ``model5_gw_ae`` (min-max, then white-matter-anchored gain, ``segment_tissue``):
@@ -38,7 +38,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from .errors import InputError, ModelError
+from cohortseg.errors import InputError, ModelError
 
 
 # ------------------------------------------------------------------------------- model registry
@@ -457,7 +457,7 @@ def estimate_etiv(t1_img, brain_mask: np.ndarray | None = None, resolution: int 
     """Estimated total intracranial volume by atlas scaling (Buckner et al. 2004; FreeSurfer eTIV).
 
     eTIV = ICV_template / det(A), with A the 12-dof affine subject -> MNI152 2009 template
-    (``cohortseg.registration.affine_to_mni``: ANTs, Mattes MI, at ``resolution`` mm) and
+    (``cohortseg.science.registration.affine_to_mni``: ANTs, Mattes MI, at ``resolution`` mm) and
     ICV_template = ``template_icv_ml()``; a subject identical to the template gets the template's
     ICV, a subject twice as large in every direction 8x it. ``brain_mask`` (the mindgrab mask,
     same grid as ``t1_img``) skull-strips the subject like the template: it is required for
@@ -472,7 +472,7 @@ def estimate_etiv(t1_img, brain_mask: np.ndarray | None = None, resolution: int 
 
     Returns {'etiv_ml', 'det', 'template_icv_ml', 'matrix', 'method'}.
     """
-    from . import registration
+    from cohortseg.science import registration
 
     mask_img = None
     if brain_mask is not None:
@@ -589,12 +589,12 @@ def segment_conformed(conformed: nib.Nifti1Image, models: dict, specs: dict | No
 
 def segment_t1(t1_img, models: dict, specs: dict | None = None, etiv: bool = True,
                **kw) -> tuple[BrainResult, nib.Nifti1Image, dict]:
-    """Conform any T1 (``cohortseg.conform.conform``) and run ``segment_conformed``.
+    """Conform any T1 (``cohortseg.science.conform.conform``) and run ``segment_conformed``.
 
     Returns (result in the conformed grid, conformed image, conform info). Map outputs back with
-    ``cohortseg.conform.to_native`` (labels order 0, probabilities order 1).
+    ``cohortseg.science.conform.to_native`` (labels order 0, probabilities order 1).
     """
-    from .conform import conform
+    from cohortseg.science.conform import conform
 
     conformed, cinfo = conform(t1_img)
     res = segment_conformed(conformed, models, specs, etiv=etiv and models.get("brain_mask") is not None, **kw)

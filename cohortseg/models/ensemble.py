@@ -52,7 +52,7 @@ def configure_tensorflow(threads: int = 0, deterministic: bool = True, seed: int
 
 def load_models(cards: Sequence, store) -> list[list[FoldModel]]:
     """Verify and load every fold of every card (once per job)."""
-    from .loaders import build
+    from cohortseg.models.loaders import build
 
     out = []
     for card in cards:

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .io import atomic_path, write_json_atomic
+from cohortseg.io import atomic_path, write_json_atomic
 
 MANIFEST_COLUMNS = ["participant_id", "session_id", "pipeline", "item", "status", "error", "inputs"]
 MANIFEST_VERSION = 1

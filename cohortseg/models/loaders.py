@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ModelError
+from cohortseg.errors import ModelError
 
 
 def _gmseg_weights(path: Path, card, fold, extra):
-    from .nets.gmseg import build_gmseg, load_gmseg_weights
+    from cohortseg.models.nets.gmseg import build_gmseg, load_gmseg_weights
 
     params = {**card["architecture"].get("params", {}), **fold.get("params", {})}
     model = build_gmseg(filters=int(params.get("filters", 32)))
@@ -20,7 +20,7 @@ def _gmseg_weights(path: Path, card, fold, extra):
 
 
 def _tfjs_layers(path: Path, card, fold, extra):
-    from .nets.tfjs import load_tfjs_layers_model
+    from cohortseg.models.nets.tfjs import load_tfjs_layers_model
 
     return load_tfjs_layers_model(path.parent if path.is_file() else path)
 
@@ -35,7 +35,7 @@ def _keras_full(path: Path, card, fold, extra):
 
 
 def _savedmodel(path: Path, card, fold, extra):
-    from .shiva import load_fold
+    from cohortseg.models.shiva import load_fold
 
     return load_fold(path)
 

@@ -36,7 +36,7 @@ def qc_rows(summary_csv, record_paths, page_dir) -> list[dict]:
 
 
 def write_cohort_qc_page(summary_csv, record_paths, page_dir) -> Path:
-    from .qc.page import write_qc_page
+    from cohortseg.qc.page import write_qc_page
 
     page_dir = Path(page_dir)
     return write_qc_page(qc_rows(summary_csv, record_paths, page_dir), page_dir)

@@ -8,7 +8,7 @@ What the upstream SHIVA models expect (see ../shared/README.md, "Recipes"):
 * intensities: nan -> 0, negatives -> 0, divide by the 99th percentile inside the brain mask, clip at
   1.3, divide by 1.3 (so the network sees [0, 1]);
 * every fold model predicts, the folds are **averaged**; then threshold + connected components
-  (see :mod:`cohortseg.lesions`).
+  (see :mod:`cohortseg.science.lesions`).
 
 A SHIVA user brings a model folder plus a ``model_info_*.json`` descriptor (``files`` with ``name`` and
 ``md5``, ``modalities``, ``target``). Fold files are either Keras full models (``.h5``) or TF SavedModel
@@ -16,7 +16,7 @@ folders (``*.tf_inference`` and the extension-less ``*_bestvalloss`` folders). T
 SHIVA's convention: md5 over the bytes of every file below it, files in sorted path order.
 
 Conforming: a private helper (:func:`_conform_ras`) uses ``nibabel.processing.conform``; it is
-meant to be merged with ``cohortseg.conform`` / ``cohortseg.resampling`` later.
+meant to be merged with ``cohortseg.science.conform`` / ``cohortseg.science.resampling`` later.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import InputError, ModelError
-from .io import md5sum
+from cohortseg.errors import InputError, ModelError
+from cohortseg.io import md5sum
 
 GRID_SHAPE: tuple[int, int, int] = (160, 214, 176)
 CONFORM_SHAPE: tuple[int, int, int] = (256, 256, 256)
@@ -463,7 +463,7 @@ def normalise_p99(volume: np.ndarray, brain_mask: np.ndarray, percentile: float 
 
 
 # ----------------------------------------------------------------------------------------------
-# 1 mm RAS conforming (private; to be merged with cohortseg.conform / cohortseg.resampling)
+# 1 mm RAS conforming (private; to be merged with cohortseg.science.conform / cohortseg.science.resampling)
 # ----------------------------------------------------------------------------------------------
 def _conform_ras(img, shape: Sequence[int] = CONFORM_SHAPE, voxel_size=(1.0, 1.0, 1.0), order: int = 1):
     """Resample a nibabel image onto a `shape` grid of `voxel_size` mm, RAS, centred like the input

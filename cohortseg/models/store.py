@@ -6,9 +6,9 @@ import os
 import urllib.request
 from pathlib import Path
 
-from .cards import ModelCard
-from .errors import ModelError
-from .io import atomic_path, md5sum, sha256sum, write_json_atomic
+from cohortseg.models.cards import ModelCard
+from cohortseg.errors import ModelError
+from cohortseg.io import atomic_path, md5sum, sha256sum, write_json_atomic
 
 
 class ModelStore:
@@ -47,7 +47,7 @@ class ModelStore:
             return self._verified[key]
         if path.is_dir():  # SavedModel folds: md5 over the folder's files (SHIVA's convention)
             if "md5" in entry:
-                from .shiva import tree_md5
+                from cohortseg.models.shiva import tree_md5
 
                 got = tree_md5(path)
                 if got.lower() != entry["md5"].lower():

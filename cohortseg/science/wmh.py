@@ -7,7 +7,7 @@ report WMH volume in total and per region (periventricular, deep white, infracor
 The box grid is the one of the upstream tool (LAS voxel axes, in MNI mm):
 ``x = 90 - i`` (i = 0..183), ``y = -117 + j`` (j = 0..201), ``z = -33 + 1.5 k`` (k = 0..71), i.e.
 x in [-93, 90], y in [-117, 84], z in [-33, 73.5] mm - the cerebrum's white matter, not the whole
-head. The affine to MNI comes from :func:`cohortseg.registration.affine_to_mni` (a 4x4 matrix native
+head. The affine to MNI comes from :func:`cohortseg.science.registration.affine_to_mni` (a 4x4 matrix native
 RAS mm -> MNI RAS mm); the resampling itself is done here with scipy (linear), which keeps the
 matrix the only thing a job has to remember between `prepare` and `finalize`.
 
@@ -22,8 +22,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .errors import InputError
-from .lesions import WMH_REGIONS, wmh_region_map, world_grid
+from cohortseg.errors import InputError
+from cohortseg.science.lesions import WMH_REGIONS, wmh_region_map, world_grid
 
 BOX_SHAPE: tuple[int, int, int] = (184, 202, 72)
 BOX_AFFINE = np.array([[-1.0, 0.0, 0.0, 90.0],
@@ -68,12 +68,12 @@ def to_box(volume: np.ndarray, native_affine: np.ndarray, matrix: np.ndarray, or
 def prepare_t1(t1_img, transform=None, brain_mask=None, zscore_mask=None) -> tuple[np.ndarray, dict]:
     """deep-T1-WMH input for one T1w image.
 
-    `transform`: a :class:`cohortseg.registration.LinearTransform` (or its dict / a 4x4 matrix)
-    native -> MNI; computed with :func:`cohortseg.registration.affine_to_mni` (using `brain_mask`
+    `transform`: a :class:`cohortseg.science.registration.LinearTransform` (or its dict / a 4x4 matrix)
+    native -> MNI; computed with :func:`cohortseg.science.registration.affine_to_mni` (using `brain_mask`
     to strip the skull) when None. Returns ``x`` (1, 184, 202, 72, 1) float32 and a JSON-able
     ``meta`` (matrix, native grid) for :func:`box_to_native`.
     """
-    from . import registration
+    from cohortseg.science import registration
 
     if transform is None:
         transform = registration.affine_to_mni(t1_img, brain_mask=brain_mask)

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from .errors import InputError
+from cohortseg.errors import InputError
 
 # World (RAS+) directions used to present axial slices canonically.
 _LEFT = np.array([-1.0, 0.0, 0.0])

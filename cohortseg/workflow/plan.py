@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from cohortseg.errors import ConfigError
 
 PIPELINE_ORDER = ["sc_gm", "sc_csa", "brain_tissue", "cmb", "wmh"]
 
@@ -30,8 +30,8 @@ class Plan:
     # -- construction -----------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: dict, check: bool = True) -> Plan:
-        from . import discovery
-        from .pipelines import get_pipeline
+        from cohortseg.workflow import discovery
+        from cohortseg.pipelines import get_pipeline
 
         validate_semantics(config)
         out = Path(config["output_dir"])
@@ -55,8 +55,8 @@ class Plan:
         return cls(config=config, rows=[], out=Path(config["output_dir"]))
 
     def verify_models(self) -> dict:
-        from .cards import pipeline_cards
-        from .store import ModelStore
+        from cohortseg.models.cards import pipeline_cards
+        from cohortseg.models.store import ModelStore
 
         store = ModelStore(self.config["model_dir"], allow_download=self.config.get("allow_download", False),
                            cache_file=self.work / "model_checksums.json")
@@ -101,7 +101,7 @@ class Plan:
         return str(self.out / "group" / name)
 
     def group_tables(self) -> list[str]:
-        from .pipelines import get_pipeline
+        from cohortseg.pipelines import get_pipeline
 
         return [self.group(t) for p in self.pipelines for t in get_pipeline(p).group_tables]
 

@@ -17,7 +17,7 @@ files (batch_normalization_1..16 / dropout_1..16 in upstream creation order), so
 by name and checked by shape (`load_gmseg_weights`).
 
 Inference recipe (`segment_gm`): axial slices resampled to 0.25 x 0.25 mm and centre-cropped/padded to
-200 x 200 (`cohortseg.resampling.to_axial_slices`), standardised with the model's training mean/std
+200 x 200 (`cohortseg.science.resampling.to_axial_slices`), standardised with the model's training mean/std
 (or the volume's own), predicted slice by slice, averaged over the ensemble in the 0.25 mm grid,
 binarised at 0.999 there, mapped back to the native grid (linear) and thresholded at 0.5.
 """
@@ -29,8 +29,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..errors import InputError, ModelError
-from ..resampling import fov_mask, slices_to_native, to_axial_slices
+from cohortseg.errors import InputError, ModelError
+from cohortseg.science.resampling import fov_mask, slices_to_native, to_axial_slices
 
 INPLANE_MM = 0.25
 CROP = (200, 200)
@@ -261,7 +261,7 @@ def predict_slices(model, x: np.ndarray, batch_size: int = 8, flip_tta: bool = F
     flip_tta: average with the prediction on left-right flipped slices (axis H of the canonical
     slice grid runs R->L), flipped back.
     """
-    from ..inference import fold_average
+    from cohortseg.models.ensemble import fold_average
 
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 3:

@@ -47,7 +47,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
+from cohortseg.errors import InputError
 
 NEAR_ZERO = 1e-6
 

@@ -26,7 +26,7 @@ Region maps
 
   Expect misclassification within ~5-10 mm of the box borders (e.g. insula vs putamen, anterior
   temporal lobe vs midbrain). For a given subject, map lesion centroids to MNI with
-  :mod:`cohortseg.registration` (``mni_affine_fn``) and classify with :func:`cmb_location_mni`.
+  :mod:`cohortseg.science.registration` (``mni_affine_fn``) and classify with :func:`cmb_location_mni`.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .errors import InputError
+from cohortseg.errors import InputError
 
 WMH_REGIONS = {1: "periventricular", 2: "deep_white", 3: "infracortical"}
 CMB_REGIONS = {1: "lobar", 2: "deep", 3: "infratentorial"}

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .errors import InputError
+from cohortseg.errors import InputError
 
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 DEFAULT_SEED = 20240229

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .cards import pipeline_cards
-from .errors import InputError
-from .io import atomic_path, write_json_atomic
-from .pipelines import get_pipeline
-from .pipelines.base import Item, OutputWriter, Prepared
+from cohortseg import __version__
+from cohortseg.models.cards import pipeline_cards
+from cohortseg.errors import InputError
+from cohortseg.io import atomic_path, write_json_atomic
+from cohortseg.pipelines import get_pipeline
+from cohortseg.pipelines.base import Item, OutputWriter, Prepared
 
 log = logging.getLogger("cohortseg")
 
@@ -35,8 +35,8 @@ log = logging.getLogger("cohortseg")
 def rows_by_session(config: dict, keys) -> dict[str, list[dict]]:
     """The manifest rows of some sessions, read in the job from the cached manifest (keeping them out
     of rule params saves planning time per job)."""
-    from .discovery import read_manifest
-    from .plan import session_key
+    from cohortseg.workflow.discovery import read_manifest
+    from cohortseg.workflow.plan import session_key
 
     want = set(keys)
     by: dict[str, list[dict]] = {k: [] for k in keys}
@@ -230,8 +230,8 @@ def prepare_session(rows: list[dict], config: dict, record_path) -> dict:
 def infer_shard(pipeline: str, prep_shard_record, record_path, config: dict) -> dict:
     """Load the fold models once (only when something is left to predict), then stream every
     prepared item of the shard through them."""
-    from .inference import Timer, configure_tensorflow, load_models, prefetch
-    from .store import ModelStore
+    from cohortseg.models.ensemble import Timer, configure_tensorflow, load_models, prefetch
+    from cohortseg.models.store import ModelStore
 
     timer = Timer()
     work = _work(config)
