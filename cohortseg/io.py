@@ -79,6 +79,17 @@ def sha256sum(path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def git_blob_sha1(path, chunk: int = 1 << 20) -> str:
+    """Git's object id of a file's contents (sha1 of ``blob <size>\\0`` + bytes): what ``git hash-object``
+    prints and what a repository tree lists, so a card can name a file by its upstream git blob."""
+    p = Path(path)
+    h = hashlib.sha1(f"blob {p.stat().st_size}\0".encode())
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def md5sum(path, chunk: int = 1 << 20) -> str:
     h = hashlib.md5()
     with open(path, "rb") as f:

@@ -40,11 +40,20 @@ def _savedmodel(path: Path, card, fold, extra):
     return load_fold(path)
 
 
+def _deepwmh_torch(path: Path, card, fold, extra):
+    """A deep-T1-WMH network (``architecture.params.net``: head, affine, rois, wmh) from its upstream
+    PyTorch state_dict, rebuilt in Keras (no PyTorch needed)."""
+    from cohortseg.models.nets.deepwmh import load_net
+
+    return load_net(card["architecture"].get("params", {}).get("net", ""), path)
+
+
 LOADERS = {
     "gmseg_weights": _gmseg_weights,
     "tfjs_layers": _tfjs_layers,
     "keras_full": _keras_full,
     "savedmodel": _savedmodel,
+    "deepwmh_torch": _deepwmh_torch,
 }
 
 

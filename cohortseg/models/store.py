@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cohortseg.models.cards import ModelCard
 from cohortseg.errors import ModelError
-from cohortseg.io import atomic_path, md5sum, sha256sum, write_json_atomic
+from cohortseg.io import atomic_path, git_blob_sha1, md5sum, sha256sum, write_json_atomic
 
 
 class ModelStore:
@@ -61,6 +61,15 @@ class ModelStore:
                     f"model '{card.name}': checksum mismatch for {path} (sha256 {digest}, card says "
                     f"{entry['sha256']}); the file is corrupt or not the model the card describes"
                 )
+        elif "git_blob_sha1" in entry:  # a file known by its upstream git blob id (git hash-object)
+            got = git_blob_sha1(path)
+            if got.lower() != entry["git_blob_sha1"].lower():
+                raise ModelError(
+                    f"model '{card.name}': checksum mismatch for {path} (git blob {got}, card says "
+                    f"{entry['git_blob_sha1']}); the file is truncated, corrupt (e.g. a git-lfs pointer) or "
+                    "not the model the card describes"
+                )
+            digest = sha256sum(path)
         elif "md5" in entry:
             digest = md5sum(path)
             if digest.lower() != entry["md5"].lower():

@@ -670,8 +670,9 @@ class Cmb(_Lesion):
 class Wmh(_Lesion):
     name = "wmh"
     target = "WMH"
-    description = ("White-matter hyperintensities (SHIVA-WMH 3D U-Net fold ensemble on T1 [+ FLAIR], "
-                   "Boutinaud et al.), per-lesion census, periventricular/deep/infracortical volumes")
+    description = ("White-matter hypointensities on T1 with deep-T1-WMH (Thyreau et al. 2022, JPSC-AD; default), or "
+                   "hyperintensities with the SHIVA-WMH 3D U-Net fold ensemble on T1 [+ FLAIR] (Boutinaud et al.); "
+                   "per-lesion census and regional volumes")
     roles = {
         "image": Role(filters={"suffix": "T1w"}, description="T1w (the output grid)"),
         "flair": Role(filters={"suffix": "FLAIR"}, required=False,
@@ -681,7 +682,30 @@ class Wmh(_Lesion):
     modality_roles = {"t1": "image", "flair": "flair"}
     region_names = ("periventricular", "deep_white", "infracortical")
 
+    # deep-T1-WMH cards (the default) take the T1-only path of cohortseg.pipelines.deepwmh; SHIVA cards
+    # the T1 [+ FLAIR] path below.
     def prepare(self, item: Item, cards: list, cfg: dict) -> Prepared:
+        from cohortseg.pipelines import deepwmh
+
+        if deepwmh.uses_deepwmh(cards):
+            return deepwmh.prepare(item, cards, cfg)
+        return self._prepare_shiva(item, cards, cfg)
+
+    def predict(self, models, prepared, cards, cfg, batch_size):
+        from cohortseg.pipelines import deepwmh
+
+        if deepwmh.uses_deepwmh(cards):
+            return deepwmh.predict(models, prepared, cards, cfg, batch_size)
+        return super().predict(models, prepared, cards, cfg, batch_size)
+
+    def finalize(self, item: Item, prepared: Prepared, prob, cards, cfg, out: OutputWriter) -> dict:
+        from cohortseg.pipelines import deepwmh
+
+        if deepwmh.uses_deepwmh(cards):
+            return deepwmh.finalize(item, prepared, prob, cards, cfg, out)
+        return super().finalize(item, prepared, prob, cards, cfg, out)
+
+    def _prepare_shiva(self, item: Item, cards: list, cfg: dict) -> Prepared:
         from cohortseg.science import registration
         from cohortseg.io import load_image
 

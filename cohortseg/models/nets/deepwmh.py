@@ -35,7 +35,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ...errors import ModelError
+from cohortseg.errors import ModelError
 
 NORM_EPS = 1e-5
 HEAD_SHAPE = (64, 64, 64)
@@ -307,7 +307,7 @@ def load_torch_weights(model, state_dict: dict, source="state_dict") -> None:
 
 def load_net(kind: str, path, shape=None):
     """Build the `kind` network (``head``, ``affine``, ``wmh``, ``rois``) and load upstream weights."""
-    from ..torchfile import load_state_dict
+    from cohortseg.models.torchfile import load_state_dict
 
     if kind not in BUILDERS:
         raise ModelError(f"unknown deep-T1-WMH network '{kind}' (known: {', '.join(NETS)})")

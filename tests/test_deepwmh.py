@@ -1,0 +1,398 @@
+"""deep-T1-WMH: the PyTorch weights reader, the Keras builds of the four networks, the cards/store, and
+the ``wmh`` plugin's deep-T1-WMH path against the upstream program's own outputs.
+
+The accuracy tests run the plugin (prepare -> predict -> finalize, as the workflow does) with the real
+head, affine and region nets of ../shared and a stand-in WMH net (the real one is not redistributable
+here), on deep-T1-WMH's example T1, and compare with the reference outputs beside it (made by the
+upstream program with a WMH net that outputs zeros). The stand-in is a 1x1x1 "darker than air"
+detector: p = sigmoid(8 (-2 - x)) on the box z-scores; nothing in the example T1 is below its
+background (-1.22 in the box) and the planted blobs (whole-image z-score -3, -3.6 in the box) are.
+Found on a real T1: the region net takes such black blobs for CSF - it labels a blob in deep white
+matter periventricular, a thin infracortical site mostly unlabelled - so the blob test checks that the
+blobs come back, that every one lies in a region and that the regional volumes add up to the total;
+the regional formulas themselves are checked on synthetic boxes.
+
+The PyTorch comparison (tests/torch_deepwmh.py, random weights saved by torch in both file formats)
+needs the optional ``torch`` extra and is skipped without it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import io
+import pickle
+import subprocess
+import sys
+import zipfile
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage
+
+from cohortseg.errors import InputError, ModelError
+from cohortseg.models.cards import ModelCard, find_card
+from cohortseg.models.torchfile import load_state_dict
+
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+PARAMS = {"head": "params_head_00075_00000.pt", "affine": "paramsaffineta_00079_00000.pt",
+          "rois": "paramsLRoiNo184_t1fs7_00105_train3800.pt"}
+REF_SIZES = {"head": 65, "affine": 18, "rois": 46}
+
+
+def _dice(a, b) -> float:
+    a, b = np.asarray(a) > 0, np.asarray(b) > 0
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# reader
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.shared
+@pytest.mark.parametrize("net", sorted(PARAMS))
+def test_reads_upstream_files_both_formats(shared_dir, net):
+    path = shared_dir / "models/deep-T1-WMH/torchparams" / PARAMS[net]
+    assert zipfile.is_zipfile(path) == (net == "rois")  # the ROI net is a zip file, the others legacy
+    sd = load_state_dict(path)
+    assert len(sd) == REF_SIZES[net]
+    first = {"head": ("conv0a.weight", (8, 1, 3, 3, 3)), "affine": ("bnaff2.weight", (32, 32, 32)),
+             "rois": ("blockUp0_b2.0.weight", (8, 12, 3, 3, 3))}[net]
+    assert sd[first[0]].shape == first[1] and sd[first[0]].dtype == np.float32
+    assert np.isfinite(sd[first[0]]).all() and sd[first[0]].std() > 0
+
+
+class _Evil:
+    def __reduce__(self):
+        return (subprocess.call, (["true"],))
+
+
+def _legacy_bytes(obj) -> bytes:
+    f = io.BytesIO()
+    for part in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True}, obj, []):
+        pickle.dump(part, f, protocol=4)
+    return f.getvalue()
+
+
+def test_reader_refuses_other_globals(tmp_path):
+    legacy = tmp_path / "evil_legacy.pt"
+    legacy.write_bytes(_legacy_bytes({"w": _Evil()}))
+    with pytest.raises(ModelError, match="refusing to unpickle global 'subprocess.call'"):
+        load_state_dict(legacy)
+    zf = tmp_path / "evil_zip.pt"
+    with zipfile.ZipFile(zf, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"w": _Evil()}, protocol=4))
+    with pytest.raises(ModelError, match="refusing to unpickle global"):
+        load_state_dict(zf)
+
+
+def test_reader_refuses_non_state_dicts(tmp_path):
+    p = tmp_path / "list.pt"
+    p.write_bytes(_legacy_bytes([1, 2, 3]))
+    with pytest.raises(ModelError, match="not a state_dict"):
+        load_state_dict(p)
+    p.write_bytes(b"\x80\x02K\x05.")  # a pickle of 5: bad magic number
+    with pytest.raises(ModelError, match="magic"):
+        load_state_dict(p)
+    with pytest.raises(ModelError, match="does not exist"):
+        load_state_dict(tmp_path / "missing.pt")
+
+
+@pytest.mark.shared
+def test_reader_refuses_truncated_files(shared_dir, tmp_path):
+    for net in ("head", "rois"):
+        raw = (shared_dir / "models/deep-T1-WMH/torchparams" / PARAMS[net]).read_bytes()
+        p = tmp_path / f"{net}.pt"
+        p.write_bytes(raw[: len(raw) - 1000])
+        with pytest.raises(ModelError):
+            load_state_dict(p)
+
+
+# ----------------------------------------------------------------------------------------------
+# nets: layer mapping
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.shared
+def test_mapping_refuses_wrong_shapes_and_extra_keys(shared_dir):
+    from cohortseg.models.nets.deepwmh import build_head, load_torch_weights
+
+    sd = load_state_dict(shared_dir / "models/deep-T1-WMH/torchparams" / PARAMS["head"])
+    model = build_head((16, 16, 16))
+    load_torch_weights(model, sd)  # fully convolutional: any size divisible by 8
+    k = next(layer for layer in model.layers if getattr(layer, "torch_prefix", "") == "conv0b")
+    np.testing.assert_array_equal(k.get_weights()[0], sd["conv0b.weight"].transpose(2, 3, 4, 1, 0))
+    bn = next(layer for layer in model.layers if getattr(layer, "torch_prefix", "") == "bn0a")
+    assert bn.epsilon == 1e-5
+    np.testing.assert_array_equal(bn.get_weights()[3], sd["bn0a.running_var"])
+    bad = dict(sd, **{"conv1a.weight": sd["conv1a.weight"][:, :4]})
+    with pytest.raises(ModelError, match=r"conv1a.weight.*\(16, 4, 3, 3, 3\)"):
+        load_torch_weights(model, bad)
+    with pytest.raises(ModelError, match="does not have"):
+        load_torch_weights(model, dict(sd, extra_layer_weight=np.zeros(3, np.float32)))
+    with pytest.raises(ModelError, match="missing"):
+        load_torch_weights(model, {k: v for k, v in sd.items() if k != "conv1x.bias"})
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="optional extra: pip install torch (CPU wheel) for the PyTorch reference test")
+@pytest.mark.parametrize("net,shape,new_zip", [("head", (16, 16, 24), False), ("affine", (64, 64, 64), False),
+                                               ("wmh", (68, 70, 10), True), ("rois", (68, 70, 20), True)])
+def test_keras_build_matches_pytorch(tmp_path, net, shape, new_zip):
+    """Random weights with the upstream names and shapes, saved by torch (legacy or zip format), read by
+    the torch-free reader: the Keras forward equals the PyTorch forward. The input has a block of
+    zeros so that max-pool windows tie (the first maximum wins in both)."""
+    import torch
+
+    from cohortseg.models.nets.deepwmh import BUILDERS, load_net
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    import torch_deepwmh
+
+    torch.set_num_threads(2)
+    ref = torch_deepwmh.randomised(net, seed=3)
+    path = tmp_path / f"{net}.pt"
+    torch.save(ref.state_dict(), path, _use_new_zipfile_serialization=new_zip)
+    assert zipfile.is_zipfile(path) == new_zip
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, *shape, 2 if net == "affine" else 1)).astype(np.float32)
+    x[:, :6, :6, :4] = 0
+    with torch.no_grad():
+        y_ref = ref(torch.from_numpy(np.moveaxis(x, -1, 1).copy())).numpy()
+    if y_ref.ndim == 5:
+        y_ref = np.moveaxis(y_ref, 1, -1)
+    assert net in BUILDERS
+    y = np.asarray(load_net(net, path, shape=shape if net != "affine" else None)(x))
+    assert y.shape == y_ref.shape
+    np.testing.assert_allclose(y, y_ref, atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# cards and store
+# ----------------------------------------------------------------------------------------------
+def test_git_blob_checksum_and_refusal(tmp_path):
+    from cohortseg.io import git_blob_sha1
+    from cohortseg.models.store import ModelStore
+
+    f = tmp_path / "blob.bin"
+    f.write_bytes(b"deep-T1-WMH\x00" * 1000)
+    got = subprocess.run(["git", "hash-object", str(f)], capture_output=True, text=True, check=True).stdout.strip()
+    assert git_blob_sha1(f) == got
+    card = find_card("deepwmh_wmh")
+    assert card.folds[0]["git_blob_sha1"] == "3334874d9387323611cf51663eda965a20440532"
+    target = tmp_path / card.folds[0]["file"]
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"version https://git-lfs.github.com/spec/v1\n")  # what a clone without LFS might hold
+    with pytest.raises(ModelError, match="git blob"):
+        ModelStore(tmp_path).resolve(card)
+    target.unlink()
+    with pytest.raises(ModelError, match="missing"):
+        ModelStore(tmp_path).resolve(card)
+
+
+@pytest.mark.shared
+def test_cards_verify_against_shared(shared_dir):
+    from cohortseg.models.store import ModelStore
+
+    store = ModelStore(shared_dir / "models")
+    for name in ("deepwmh_head", "deepwmh_affine", "deepwmh_rois"):
+        card = find_card(name)
+        assert card.pipeline == "wmh" and card["licence"] == "MIT"
+        assert "bthyreau/deep-T1-WMH" in card.folds[0]["url"]
+        assert len(store.resolve(card)) == 1
+
+
+def test_planning_imports_no_tensorflow():
+    code = ("import sys; import cohortseg.pipelines.deepwmh, cohortseg.science.deepwmh, cohortseg.models.nets.deepwmh, "
+            "cohortseg.models.torchfile; from cohortseg.pipelines import get_pipeline; get_pipeline('wmh'); "
+            "print('tensorflow' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
+
+
+def test_net_cards_errors():
+    from cohortseg.pipelines.deepwmh import net_cards
+
+    cards = [find_card(n) for n in ("deepwmh_head", "deepwmh_affine", "deepwmh_rois")]
+    with pytest.raises(ModelError, match="missing: wmh"):
+        net_cards(cards)
+    with pytest.raises(ModelError, match="cannot be mixed"):
+        net_cards(cards + [find_card("deepwmh_wmh"), find_card("shiva_wmh")])
+
+
+# ----------------------------------------------------------------------------------------------
+# the plugin on the upstream example T1
+# ----------------------------------------------------------------------------------------------
+def _standin_card(tmp_path) -> ModelCard:
+    """A Keras 1x1x1 'very dark' detector in the WMH net's place (same box, 2 sigmoid channels)."""
+    import keras
+
+    from cohortseg.science.deepwmh import BOX_SHAPE
+
+    inp = keras.Input(BOX_SHAPE + (1,))
+    conv = keras.layers.Conv3D(2, 1, activation="sigmoid")
+    model = keras.Model(inp, conv(inp))
+    conv.set_weights([np.full((1, 1, 1, 1, 2), -8.0, np.float32), np.full((2,), -16.0, np.float32)])
+    path = tmp_path / "standin_wmh.keras"
+    model.save(path)
+    data = {"name": "standin_deepwmh_wmh", "pipeline": "wmh", "contrasts": ["T1w"],
+            "architecture": {"loader": "keras_full", "params": {"net": "wmh"}}, "folds": [{"file": path.name}]}
+    return ModelCard(data=data, source=path, base_dir=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def deep(shared_dir, tmp_path_factory):
+    from cohortseg.models.ensemble import load_models
+    from cohortseg.models.store import ModelStore
+
+    tmp = tmp_path_factory.mktemp("deepwmh")
+    cards = [find_card(n) for n in ("deepwmh_head", "deepwmh_affine", "deepwmh_rois")] + [_standin_card(tmp)]
+    models = load_models(cards, ModelStore(shared_dir / "models"))
+    return {"cards": cards, "models": models, "tmp": tmp, "dir": shared_dir / "data/brain/deep-T1-WMH"}
+
+
+def _run(deep, t1_path, name, out_dir):
+    from cohortseg.pipelines import get_pipeline
+    from cohortseg.pipelines.base import Item, OutputWriter, Prepared
+
+    p = get_pipeline("wmh")
+    item = Item("sub-01", "ses-01", "wmh", name, {"image": str(t1_path)})
+    cfg = {"_global": {"output_dir": str(out_dir)}}
+    prep = p.prepare(item, deep["cards"], cfg)
+    saved = out_dir / f"{name}.npz"
+    prep.save(saved)
+    prep = Prepared.load(saved)
+    prob = p.predict(deep["models"], prep, deep["cards"], cfg, 1)
+    out = OutputWriter(out_dir, item)
+    metrics = p.finalize(item, prep, prob, deep["cards"], cfg, out)
+    return prep, prob, out, metrics
+
+
+@pytest.fixture(scope="module")
+def example(deep):
+    out = deep["tmp"] / "example"
+    out.mkdir()
+    return _run(deep, deep["dir"] / "t1_image.nii.gz", "sub-01_ses-01_T1w", out)
+
+
+@pytest.mark.shared
+def test_example_matches_upstream_reference(deep, example):
+    _, prob, out, metrics = example
+    ref_dir = deep["dir"] / "reference"
+    ref = pd.read_csv(ref_dir / "t1_image_wmh_in_lrois.csv").iloc[0]
+    row = pd.read_csv(out.files["desc-WMH_regions.tsv"], sep="\t").iloc[0]
+    assert list(row.index) == ["filename", *ref.index]  # joinable with the upstream csv
+    assert abs(metrics["eTIV"] - ref["eTIV"]) / ref["eTIV"] < 0.01
+    for r in ("periventricular", "deepwhite", "infracortical", "innergray"):
+        assert abs(metrics[f"roisize_{r}"] - ref[f"roisize_{r}"]) / ref[f"roisize_{r}"] < 0.03, r
+        assert metrics[f"vol_{r}"] == 0 and row[f"wmh_vol_{r}"] == 0
+    assert metrics["vol_total"] == 0 and metrics["count"] == 0
+
+    load = lambda p: np.asarray(nib.load(str(p)).dataobj)  # noqa: E731
+    assert _dice(load(out.files["desc-ICV_mask.nii.gz"]), load(ref_dir / "t1_image_brain_mask.nii.gz")) >= 0.98
+    assert _dice(load(out.files["desc-cerebrum_mask.nii.gz"]), load(ref_dir / "t1_image_cerebrum_mask.nii.gz")) >= 0.98
+    mine, theirs = load(out.files["desc-WMHregions_dseg.nii.gz"]), load(ref_dir / "t1_image_mask_ROIs.nii.gz")
+    labelled = (mine > 0) | (theirs > 0)
+    assert (mine[labelled] == theirs[labelled]).mean() >= 0.95
+    assert set(np.unique(mine)) == {0, 1, 2, 3, 4}
+
+
+def _itk_matrix(text: str) -> np.ndarray:
+    """native -> MNI RAS matrix of an ITK affine file (LPS, MNI -> native)."""
+    vals = np.array([float(v) for v in next(ln for ln in text.splitlines() if ln.startswith("Parameters:")).split()[1:]])
+    mi = np.eye(4)
+    mi[:3, :3], mi[:3, 3] = vals[:9].reshape(3, 3), vals[9:]
+    flip = np.array([[1, 1, -1, -1], [1, 1, -1, -1], [-1, -1, 1, 1], [1, 1, 1, 1]], float)
+    return np.linalg.inv(mi * flip)
+
+
+@pytest.mark.shared
+def test_example_mni_affine_corners_within_1mm(deep, example):
+    from cohortseg.science.deepwmh import BOX_AFFINE, BOX_SHAPE
+
+    _, prob, out, _ = example
+    ref = _itk_matrix((deep["dir"] / "reference/t1_image_mni0Affine.txt").read_text())
+    mine_file = _itk_matrix(open(out.files["desc-MNI_affine.txt"]).read())
+    corners = np.array([[i, j, k, 1.0] for i in (0, BOX_SHAPE[0] - 1) for j in (0, BOX_SHAPE[1] - 1)
+                        for k in (0, BOX_SHAPE[2] - 1)]).T
+    mni = BOX_AFFINE @ corners
+    for m in (np.asarray(prob["matrix"]), mine_file):
+        d = np.linalg.norm((np.linalg.inv(m) @ mni - np.linalg.inv(ref) @ mni)[:3], axis=0)
+        assert d.max() < 1.0, d
+
+
+@pytest.mark.shared
+def test_predict_is_deterministic(deep, example):
+    from cohortseg.pipelines import get_pipeline
+
+    prep, prob, _, _ = example
+    again = get_pipeline("wmh").predict(deep["models"], prep, deep["cards"], {}, 1)
+    for k in ("priors", "matrix", "rois_box", "wmh_box"):
+        np.testing.assert_array_equal(again[k], prob[k])
+
+
+@pytest.mark.shared
+def test_planted_blobs_end_to_end(deep):
+    """Dark blobs (z-score -3) at the deepest voxel of the upstream periventricular and deep-white
+    regions: found on the native grid, each inside a region, and the regional volumes add up to the
+    total (upstream measures the regions in the MNI box and the total on the native grid: 15 %)."""
+    img = nib.load(str(deep["dir"] / "t1_image.nii.gz"))
+    data = np.asarray(img.dataobj, np.float32)
+    rmap = np.asarray(nib.load(str(deep["dir"] / "reference/t1_image_mask_ROIs.nii.gz")).dataobj)
+    planted = np.zeros(data.shape, bool)
+    g = np.indices(data.shape)
+    for lab in (1, 2):
+        edt = ndimage.distance_transform_edt(rmap == lab)
+        c = np.unravel_index(np.argmax(edt), edt.shape)
+        planted |= sum((gi - ci) ** 2 for gi, ci in zip(g, c)) <= 2.5 ** 2
+    data[planted] = data.mean() - 3 * data.std()
+    t1 = deep["tmp"] / "sub-02_ses-01_T1w.nii.gz"
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), str(t1))
+    out_dir = deep["tmp"] / "blobs"
+    out_dir.mkdir()
+    _, _, out, m = _run(deep, t1, "sub-02_ses-01_T1w", out_dir)
+
+    mask = np.asarray(nib.load(out.files["label-WMH_mask.nii.gz"]).dataobj) > 0
+    assert _dice(mask, planted) >= 0.7
+    planted_mm3 = planted.sum() * abs(np.linalg.det(img.affine[:3, :3]))
+    assert abs(m["vol_total"] - planted_mm3) / planted_mm3 < 0.3
+    regional = sum(m[f"vol_{n}"] for n in ("periventricular", "deepwhite", "infracortical", "innergray"))
+    assert abs(regional - m["vol_total"]) / m["vol_total"] < 0.15
+    census = pd.read_csv(out.files["desc-WMH_census.tsv"], sep="\t")
+    assert m["count"] == len(census) == 2
+    assert "unassigned" not in set(census["region"])
+    assert abs(census["volume_mm3"].sum() - planted_mm3) / planted_mm3 < 0.3
+
+
+def test_volumes_upstream_formulas():
+    """Regions in the MNI box (u8 > 128, / 255, x 1.5 mm^3 / |det M|), total on the native grid."""
+    from cohortseg.science.deepwmh import BOX_SHAPE, volumes
+
+    labels = np.zeros(BOX_SHAPE, np.uint8)
+    labels[10:20, 10:20, 10:20] = 1
+    labels[30:40, 30:40, 30:40] = 3
+    wmh = np.zeros(BOX_SHAPE, np.float32)
+    wmh[10:12, 10:20, 10:20] = 1.0      # 200 voxels in region 1 at 255
+    wmh[30:31, 30:40, 30:40] = 0.6      # 100 voxels in region 3 at 153
+    wmh[50:52, 50:52, 50:52] = 1.0      # outside every region: total only
+    wmh[12, 10:20, 10:20] = 0.5         # 127 <= 128: not counted
+    matrix = np.diag([1.1, 1.1, 1.1, 1.0])  # scaling 1.331
+    native = np.zeros((20, 20, 20), np.uint8)
+    native[:2, :10, :10] = 255
+    native[2, :10, :10] = 96             # half of 192
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    v = volumes(native, aff, wmh, labels, matrix, etiv=1.5e6)
+    assert v["wmh_vol_total"] == pytest.approx((200 + 50) * 8.0)
+    assert v["wmh_vol_periventricular"] == pytest.approx(200 * 1.5 / 1.331)
+    assert v["wmh_vol_infracortical"] == pytest.approx(100 * (153 / 255) * 1.5 / 1.331, rel=1e-5)
+    assert v["wmh_vol_deepwhite"] == v["wmh_vol_innergray"] == 0
+    assert v["roisize_periventricular"] == pytest.approx(1000 * 1.5 / 1.331)
+    assert v["eTIV"] == 1.5e6
+
+
+def test_prepare_refuses_bad_input(tmp_path):
+    from cohortseg.pipelines import get_pipeline
+    from cohortseg.pipelines.base import Item
+
+    cards = [find_card(n) for n in ("deepwmh_head", "deepwmh_affine", "deepwmh_rois", "deepwmh_wmh")]
+    p = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((64, 64, 4)).astype(np.float32), np.eye(4)), str(p))
+    item = Item("sub-01", "", "wmh", "sub-01_T1w", {"image": str(p)})
+    with pytest.raises(InputError, match="too small"):
+        get_pipeline("wmh").prepare(item, cards, {"_global": {}})
