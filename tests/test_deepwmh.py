@@ -396,3 +396,34 @@ def test_prepare_refuses_bad_input(tmp_path):
     item = Item("sub-01", "", "wmh", "sub-01_T1w", {"image": str(p)})
     with pytest.raises(InputError, match="too small"):
         get_pipeline("wmh").prepare(item, cards, {"_global": {}})
+
+
+def test_mni_box_geometry_on_the_mni_template():
+    """With the identity as native -> MNI matrix, box voxel (i, j, k) is the template at MNI
+    (90 - i, -117 + j, -33 + 1.5 k), and a blob in the box comes back at the same MNI place."""
+    from nilearn import datasets
+
+    from cohortseg.science.deepwmh import BOX_AFFINE, BOX_SHAPE, box_to_native, mni_box, zscore
+
+    tpl = datasets.load_mni152_template(resolution=1)
+    data = np.asarray(tpl.get_fdata(), np.float32)
+    z = zscore(data)
+    box, coverage = mni_box(z, tpl.affine, np.eye(4))
+    assert box.shape == BOX_SHAPE and coverage > 0.95
+    assert abs(float(box.mean())) < 1e-4 and abs(float(box.std()) - 1) < 1e-4
+    # even k: box voxels fall on template voxels, so the box is the template there up to the z-scoring
+    rng = np.random.default_rng(0)
+    ijk = np.column_stack([rng.integers(20, 160, 60), rng.integers(20, 180, 60), 2 * rng.integers(2, 34, 60)])
+    vox = np.round(nib.affines.apply_affine(np.linalg.inv(tpl.affine), nib.affines.apply_affine(BOX_AFFINE, ijk)))
+    got = box[tuple(ijk.T)]
+    want = data[tuple(vox.astype(int).T)]
+    slope, icpt = np.polyfit(want, got, 1)
+    assert slope > 0 and np.abs(slope * want + icpt - got).max() < 1e-4
+    np.testing.assert_allclose(nib.affines.apply_affine(BOX_AFFINE, (0, 0, 0)), [90, -117, -33])
+    np.testing.assert_allclose(nib.affines.apply_affine(BOX_AFFINE, (183, 201, 71)), [-93, 84, 73.5])
+    g = np.indices(BOX_SHAPE)
+    prob = (sum((gi - c) ** 2 for gi, c in zip(g, (100, 120, 30))) <= 16).astype(np.float32)
+    native = box_to_native(prob, tpl.affine, data.shape, np.eye(4))
+    c_native = nib.affines.apply_affine(tpl.affine, np.argwhere(native > 0.5).mean(axis=0))
+    c_box = nib.affines.apply_affine(BOX_AFFINE, np.argwhere(prob > 0.5).mean(axis=0))
+    np.testing.assert_allclose(c_native, c_box, atol=0.6)

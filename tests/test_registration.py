@@ -1,4 +1,4 @@
-"""antspyx registration helpers (world-space matrices) and the deep-T1-WMH MNI box mapping."""
+"""antspyx registration helpers (world-space matrices). The deep-T1-WMH MNI box is tested in test_deepwmh.py."""
 from __future__ import annotations
 
 import nibabel as nib
@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 
 from cohortseg.science import registration as R
-from cohortseg.science import wmh
-from cohortseg.errors import InputError
 
-from standins import ball, crude_brain_mask
+from standins import crude_brain_mask
 
 
 @pytest.fixture(scope="module")
@@ -125,68 +123,3 @@ def test_affine_to_mni_on_a_real_t1(real_t1, mni2):
     mni = R.mni_point_mapper(tr)(world[None])[0]
     assert np.linalg.norm(mni - [0, -18, 10]) < 25  # the brain's centre lands near MNI's centre
     np.testing.assert_allclose(R.points_to_mni(world, tr)[0], mni)
-
-
-def test_zscore_by_hand():
-    v = np.array([[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, np.nan]]])
-    z = wmh.zscore(v)
-    filled = np.nan_to_num(v)
-    np.testing.assert_allclose(z, (filled - filled.mean()) / filled.std(), rtol=1e-6)
-    mask = filled > 2
-    zm = wmh.zscore(v, mask)
-    np.testing.assert_allclose(zm[mask].mean(), 0, atol=1e-6)
-    np.testing.assert_allclose(zm[mask].std(), 1, atol=1e-6)
-    with pytest.raises(InputError):
-        wmh.zscore(np.ones((3, 3, 3)))
-
-
-def test_wmh_box_on_the_mni_template_itself():
-    from nilearn import datasets
-
-    tpl = datasets.load_mni152_template(resolution=1)  # already in MNI: identity transform
-    x, meta = wmh.prepare_t1(tpl, transform=np.eye(4))
-    assert x.shape == (1, 184, 202, 72, 1) and x.dtype == np.float32
-    assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-4
-    assert meta["box_coverage"] > 0.95 and meta["mni_scaling"] == pytest.approx(1.0)
-    # box voxel (i, j, k) is MNI (90 - i, -117 + j, -33 + 1.5 k): compare with the template there
-    data = np.asarray(tpl.get_fdata(), np.float32)
-    z = wmh.zscore(data)
-    box = wmh.to_box(z, tpl.affine, np.eye(4))
-    for ijk in [(90, 117, 22), (60, 150, 40), (120, 80, 10)]:
-        xyz = nib.affines.apply_affine(wmh.BOX_AFFINE, ijk)
-        vox = np.round(nib.affines.apply_affine(np.linalg.inv(tpl.affine), xyz)).astype(int)
-        assert box[ijk] == pytest.approx(z[tuple(vox)], abs=1e-4)
-    np.testing.assert_allclose(nib.affines.apply_affine(wmh.BOX_AFFINE, (0, 0, 0)), [90, -117, -33])
-    np.testing.assert_allclose(nib.affines.apply_affine(wmh.BOX_AFFINE, (183, 201, 71)), [-93, 84, 73.5])
-    # a blob in the box comes back at the same MNI place in native space
-    prob = np.zeros(wmh.BOX_SHAPE, np.float32)
-    prob[ball(wmh.BOX_SHAPE, (100, 120, 30), 4)] = 1.0
-    native = wmh.box_to_native(prob[None, ..., None], meta)
-    assert native.shape == tpl.shape
-    c_native = nib.affines.apply_affine(tpl.affine, np.argwhere(native > 0.5).mean(axis=0))
-    c_box = nib.affines.apply_affine(wmh.BOX_AFFINE, np.argwhere(prob > 0.5).mean(axis=0))
-    np.testing.assert_allclose(c_native, c_box, atol=0.6)
-    with pytest.raises(InputError):
-        wmh.box_to_native(np.zeros((10, 10, 10)), meta)
-
-
-@pytest.mark.shared
-def test_wmh_box_round_trip_on_a_real_t1(real_t1):
-    img, mimg, tr = real_t1
-    x, meta = wmh.prepare_t1(img, transform=tr)
-    assert x.shape == (1, 184, 202, 72, 1)
-    assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-3
-    assert meta["box_coverage"] > 0.9
-    # a native lesion mapped into the box (as the network would see it) and back overlaps itself
-    mask = np.asarray(mimg.dataobj) > 0
-    c = np.round(np.argwhere(mask).mean(axis=0)).astype(int) + [0, 10, 0]
-    lesion = ball(mask.shape, c, 5).astype(np.float32)
-    in_box = wmh.to_box(lesion, img.affine, tr.matrix, order=1)
-    assert in_box.max() > 0.9
-    back = wmh.box_to_native(in_box, meta)
-    assert _dice(back > 0.5, lesion) > 0.8
-    # json round trip of meta keeps the mapping
-    import json
-
-    back2 = wmh.box_to_native(in_box, json.loads(json.dumps(meta)))
-    np.testing.assert_array_equal(back, back2)
