@@ -24,6 +24,7 @@ from cohortseg.models.cards import find_card
 from cohortseg.errors import InputError, ModelError
 from cohortseg.pipelines import get_pipeline
 from cohortseg.pipelines.base import Item, OutputWriter, Prepared
+from cohortseg.pipelines.brain_tissue import conformed_volume
 from helpers import snakemake, write_config
 
 CARDS = ["brainchop_mindgrab", "brainchop_gw", "brainchop_subcortical"]
@@ -172,6 +173,41 @@ def test_head_crop_and_optional_parts(glue, cards, tmp_path):
     m = p.finalize(glue["item"], prep, arrays, cards[:1], cfg, out)
     assert set(m) == {"brain_mask_ml"} and "dseg.nii.gz" not in out.files
     assert m["brain_mask_ml"] == glue["metrics"]["brain_mask_ml"]
+
+
+@pytest.mark.shared
+def test_intracranial_mask_gives_etiv_and_the_fast_crop(shared_dir, tmp_path):
+    """The deep-T1-WMH head net (real weights) beside stand-in MeshNets on the real t1_crop: the measured
+    eTIV (desc-ICV_mask on the native grid) agrees with the atlas-scaling eTIV of this scan (1522 mL,
+    cohortseg.science.brain.estimate_etiv) within 8 %, and the brain-mask net runs on the intracranial
+    mask's box instead of the head box (smaller, and still holding the whole intracranial mask)."""
+    from cohortseg.models.ensemble import load_models
+    from cohortseg.models.store import ModelStore
+
+    cards = [find_card(n) for n in CARDS + ["deepwmh_head"]]
+    models = _stand_in_models() + load_models(cards[3:], ModelStore(shared_dir / "models"))
+    p = get_pipeline("brain_tissue")
+    item = Item("sub-01", "", "brain_tissue", "sub-01_T1w", {"image": str(shared_dir / "data/brain/t1_crop.nii.gz")})
+    cfg = {"_global": {}, "wm_target": None, "etiv": False}
+    prep = p.prepare(item, cards, cfg)
+    assert prep.arrays["head_box"].shape == (64, 64, 64)
+    fast = p.predict(models, prep, cards, cfg, 1)
+    fi = json.loads(str(fast["info"]))
+    assert fi["brain_mask_crop"].startswith("deep-T1-WMH")
+    size = lambda b: np.prod(np.subtract(b[1], b[0]))  # noqa: E731
+    head = np.argwhere(conformed_volume(prep) > 0)  # an upper bound of brainchop's head box
+    assert size(fi["boxes"]["brain_mask"]) < 0.8 * size([head.min(0), head.max(0) + 1])
+    out = OutputWriter(tmp_path, item)
+    m = p.finalize(item, prep, fast, cards, cfg, out)
+    assert abs(m["etiv_icv_ml"] - 1522) / 1522 < 0.08, m["etiv_icv_ml"]
+    icv = np.asarray(nib.load(out.files["desc-ICV_mask.nii.gz"]).dataobj) > 0
+    assert icv.sum() * 1e-3 == pytest.approx(m["etiv_icv_ml"], rel=1e-6)  # t1_crop: 1 mm voxels
+    lo, hi = fi["boxes"]["brain_mask"]
+    inside = np.zeros_like(icv)
+    inside[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
+    assert not (icv & ~inside).any()  # t1_crop is its own conformed grid
+    side = json.loads(open(out.files["desc-tissue_volumes.json"]).read())
+    assert side["etiv_icv"]["method"].startswith("deep-T1-WMH head net")
 
 
 def test_crop_to_native_matches_whole_grid_resampling():
@@ -337,7 +373,7 @@ def test_e2e_cohort_tables(run):
     assert want <= set(vols.columns)
     assert vols.set_index("participant_id").loc["sub-01", "gm_ml"] == df.loc["sub-01", "brain_tissue_gm_ml"]
     prov = json.loads((run["out"] / "group/summary.json").read_text())
-    assert set(prov["models"]) == set(CARDS)
+    assert set(prov["models"]) == set(CARDS) | {"deepwmh_head"}  # the default adds the head net
     side = json.loads((_anat(run, "sub-01") / "sub-01_T1w_desc-tissue_volumes.json").read_text())
     assert side["etiv"]["det"] > 0 and side["inference"]["crop"] == "brain_mask"
     assert (run["out"] / "brain_tissue/sub-01/figures/sub-01_T1w_desc-MNI_regcheck.png").is_file()

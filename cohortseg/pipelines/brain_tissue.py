@@ -31,6 +31,15 @@ it into the three steps.
     ``label-GM_probseg``, ``label-WM_probseg``, ``desc-tissue_volumes.tsv`` (+ json, one row, the
     cohort's ``group/tissue_volumes.csv``); eTIV (:func:`cohortseg.science.brain.estimate_etiv` on the
     conformed T1 with the brain mask) with a registration QC figure; QC mosaics; sanity flags.
+
+Learned intracranial mask (card ``deepwmh_head``, in the default ``models``)
+    The deep-T1-WMH head net (:mod:`cohortseg.pipelines.deepwmh`; ~1 s on a CPU) runs first, on the
+    64^3 head box ``prepare`` makes from the *native* T1 as the upstream program does. Its intracranial
+    prior, resampled onto the conformed grid, is the crop of the brain-mask MeshNet (its bounding box
+    plus the net's padding, instead of brainchop's head box; ``fast_crop: false`` turns that off), and
+    in ``finalize``, resampled onto the native grid and thresholded at 0.5, the measured eTIV
+    ``etiv_icv_ml`` and ``desc-ICV_mask.nii.gz``, next to the atlas-scaling ``etiv_ml``. The sidecar
+    records both methods (``etiv``, ``etiv_icv``) and the crop used (``brain_mask_crop``).
 """
 from __future__ import annotations
 
@@ -49,6 +58,8 @@ log = logging.getLogger("cohortseg")
 
 #: parts a card can play (its ``task``, else its MeshNet's role), in the order they run
 ROLES = ("brain_mask", "tissue", "aseg")
+#: the optional deep-T1-WMH head net (card ``deepwmh_head``): runs first, in about a second on a CPU
+ICV_ROLE = "intracranial_mask"
 #: aseg classes summed into ``ventricles_ml``
 VENTRICLES = ("Lateral-Ventricle", "Inferior-Lateral-Ventricle", "3rd-Ventricle", "4th-Ventricle")
 #: plausible WM / (GM + WM) (adults ~0.40-0.50); outside it the session is flagged
@@ -87,8 +98,20 @@ def meshnet_spec(card):
 
 def card_roles(cards) -> dict:
     """{role: (card index, MeshNetSpec)}; ModelError when a role is doubled, unknown or the mask is missing."""
+    from cohortseg.pipelines.deepwmh import card_net
+
     out: dict = {}
     for i, card in enumerate(cards):
+        net = card_net(card)
+        if net is not None:  # the deep-T1-WMH head net: intracranial mask, measured eTIV, fast crop
+            if net != "head":
+                raise ModelError(f"model '{card.name}': of the deep-T1-WMH networks brain_tissue uses only the "
+                                 f"head net (intracranial prior), not '{net}'")
+            if ICV_ROLE in out:
+                raise ModelError(f"brain_tissue.models has two intracranial-mask models ({cards[out[ICV_ROLE][0]].name}, "
+                                 f"{card.name})")
+            out[ICV_ROLE] = (i, None)
+            continue
         if card["architecture"].get("loader") != "tfjs_layers":
             raise ModelError(f"model '{card.name}': brain_tissue runs brainchop MeshNets (loader tfjs_layers), "
                              f"not {card['architecture'].get('loader')!r}")
@@ -107,6 +130,9 @@ def card_roles(cards) -> dict:
 
 
 def _grid(cards) -> dict:
+    from cohortseg.pipelines.deepwmh import card_net
+
+    cards = [c for c in cards if card_net(c) is None]  # the head net makes its own box from the native T1
     grids = {json.dumps(c.get("grid") or {}, sort_keys=True) for c in cards}
     if len(grids) > 1:
         raise ModelError(f"brain_tissue models disagree on the grid: {sorted(grids)}")
@@ -219,7 +245,14 @@ class BrainTissue(Pipeline):
         lo, hi = _bbox(fg)
         x = np.ascontiguousarray(vol[_slices(lo, hi)])[None, ..., None]
         meta = {"conform": info, "grid": grid, "x_box": [lo, hi], "warnings": warnings}
-        return Prepared(x=x, meta=meta)
+        arrays = {}
+        if ICV_ROLE in card_roles(cards):  # the head net's input, from the native T1 as upstream makes it
+            from cohortseg.science.deepwmh import head_box, zscore
+
+            native = np.asarray(img.dataobj, np.float32)
+            arrays["head_box"] = head_box(zscore(native), img.affine)
+            meta["native"] = {"affine": np.asarray(img.affine).tolist(), "shape": [int(v) for v in native.shape[:3]]}
+        return Prepared(x=x, meta=meta, arrays=arrays)
 
     # -- predict ---------------------------------------------------------------------------------
     def predict(self, models, prepared, cards, cfg, batch_size):
@@ -233,9 +266,29 @@ class BrainTissue(Pipeline):
                       "seconds": {}}
         t0 = time.perf_counter()
 
-        # 1. brain mask: the head box (brainchop's recipe), brain probability > 0.5, largest component
+        # 0. the deep-T1-WMH intracranial prior (native T1's head box), on the conformed grid: the crop of
+        #    the mask net and, in finalize, the measured eTIV
+        out: dict = {}
+        mask_crop = {}
+        if ICV_ROLE in roles and "head_box" in prepared.arrays:
+            from cohortseg.pipelines.deepwmh import head_priors
+            from cohortseg.science.deepwmh import PRIOR_THRESHOLD, native_prior
+
+            pri = head_priors(models[roles[ICV_ROLE][0]], np.asarray(prepared.arrays["head_box"])[None, ..., None])
+            nat = prepared.meta["native"]
+            caff = np.asarray(prepared.meta["conform"]["conformed_affine"], float)
+            icv = native_prior(pri[..., 0], nat["affine"], nat["shape"], target=(shape, caff)) > PRIOR_THRESHOLD
+            out["icv_prior"] = pri[..., 0].astype(np.float32)
+            if icv.any() and cfg.get("fast_crop", True):
+                mask_crop = {"mask": icv}
+            info["seconds"][ICV_ROLE], t0 = round(time.perf_counter() - t0, 2), time.perf_counter()
+        info["brain_mask_crop"] = ("deep-T1-WMH intracranial mask + padding" if mask_crop else
+                                   "head box (intensity threshold, brainchop)")
+
+        # 1. brain mask: brainchop's recipe on the head box, or on the intracranial mask's box when the
+        #    head net ran (same padding); brain probability > 0.5, largest component
         i, spec = roles["brain_mask"]
-        box, p = _run_folds(models[i], vol, spec)
+        box, p = _run_folds(models[i], vol, spec, **mask_crop)
         mask = np.zeros(shape, bool)
         mask[box] = p[..., 1] > 0.5
         del p
@@ -246,7 +299,7 @@ class BrainTissue(Pipeline):
         info["seconds"]["brain_mask"], t0 = round(time.perf_counter() - t0, 2), time.perf_counter()
         lo, hi = _bbox(mask)
         mbox = _slices(lo, hi)
-        out = {"box": np.array(lo + hi, np.int32), "brain_mask": mask[mbox].astype(np.uint8)}
+        out.update({"box": np.array(lo + hi, np.int32), "brain_mask": mask[mbox].astype(np.uint8)})
 
         def crop_kw(s):
             if crop_mode == "head":
@@ -353,6 +406,15 @@ class BrainTissue(Pipeline):
             etiv = self._etiv(item, prepared, mask_c, lo, caff, out)
             if "etiv_ml" in etiv:
                 vols["etiv_ml"] = etiv["etiv_ml"]
+        icv_info = {}
+        if "icv_prior" in prob:  # measured eTIV: the head net's intracranial prior > 0.5 on the native grid
+            from cohortseg.pipelines.deepwmh import ICV_METHOD
+            from cohortseg.science.deepwmh import PRIOR_THRESHOLD, native_prior
+
+            icv_n = native_prior(np.asarray(prob["icv_prior"], np.float32), naff, grid[0]) > PRIOR_THRESHOLD
+            out.nifti("desc-ICV_mask.nii.gz", icv_n.astype(np.uint8), naff)
+            vols["etiv_icv_ml"] = float(icv_n.sum()) * abs(float(np.linalg.det(naff[:3, :3]))) / 1000.0
+            icv_info = {"method": ICV_METHOD, "file": "desc-ICV_mask.nii.gz"}
         metrics = {k: round(float(v), 3) for k, v in vols.items()}
         if "tissue" in info:
             metrics["wm_gain"] = round(float(info["tissue"]["gain"]), 4)
@@ -365,7 +427,8 @@ class BrainTissue(Pipeline):
             "Description": "Volumes (mL) in the conformed 256^3 1 mm grid the networks ran on (label counts); "
                            "brain_mask_ml = mindgrab mask (brain + CSF), brain_ml = GM + WM, csf_ml = mask minus "
                            "GM/WM, ventricles_ml = " + " + ".join(VENTRICLES) + ", aseg_<structure>_ml = "
-                           "18-class net, etiv_ml = atlas-scaling eTIV (MNI152 ICV / det(affine)), wm_gain = "
+                           "18-class net, etiv_ml = atlas-scaling eTIV (MNI152 ICV / det(affine)), etiv_icv_ml = measured "
+                           "intracranial volume (deep-T1-WMH head net, desc-ICV_mask, native grid), wm_gain = "
                            "white-matter rescaling of the GM/WM net's input (1 = none)",
             "Sources": [f"bids:raw:{native.get_filename().rsplit('/', 1)[-1]}"],
             "models": [{"name": c.name, "task": c.get("task"),
@@ -374,6 +437,8 @@ class BrainTissue(Pipeline):
             "conform": {k: meta["conform"].get(k) for k in ("native_orientation", "native_zooms", "intensity_rescaled",
                                                              "interpolation_order", "fov_clipped")},
             "etiv": {k: v for k, v in etiv.items() if k != "etiv_ml"},
+            "etiv_icv": icv_info,
+            "brain_mask_crop": info.get("brain_mask_crop"),
         }
         from cohortseg.io import write_json_atomic
 

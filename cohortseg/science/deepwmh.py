@@ -119,10 +119,16 @@ def head_box(z: np.ndarray, affine) -> np.ndarray:
     return resample(z, HEAD_SHAPE, vox)
 
 
-def native_prior(prior64: np.ndarray, affine, native_shape) -> np.ndarray:
-    """A head-box map (64^3) resampled to the native grid (trilinear, align_corners), float32."""
-    vox = np.linalg.inv(normaliser(HEAD_SHAPE)) @ np.linalg.inv(las_permutation(affine)) @ normaliser(native_shape)
-    return resample(prior64, native_shape, vox)
+def native_prior(prior64: np.ndarray, affine, native_shape, target=None) -> np.ndarray:
+    """A head-box map (64^3) resampled (trilinear, align_corners) onto the native grid of the image the
+    box was made from, or onto another grid ``target = (shape, affine)`` in the same world (e.g. a
+    conformed copy of that T1, or a registered SWI's grid expressed in the T1's world). float32."""
+    to_head = np.linalg.inv(normaliser(HEAD_SHAPE)) @ np.linalg.inv(las_permutation(affine)) @ normaliser(native_shape)
+    if target is None:
+        return resample(prior64, native_shape, to_head)
+    shape, taff = target
+    vox = to_head @ np.linalg.inv(np.asarray(affine, float)) @ np.asarray(taff, float)
+    return resample(prior64, tuple(int(s) for s in shape), vox)
 
 
 def largest_component(prob: np.ndarray, level: float = 0.01) -> np.ndarray:
