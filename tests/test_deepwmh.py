@@ -18,6 +18,7 @@ needs the optional ``torch`` extra and is skipped without it.
 from __future__ import annotations
 
 import importlib.util
+import json
 import io
 import pickle
 import subprocess
@@ -427,3 +428,43 @@ def test_mni_box_geometry_on_the_mni_template():
     c_native = nib.affines.apply_affine(tpl.affine, np.argwhere(native > 0.5).mean(axis=0))
     c_box = nib.affines.apply_affine(BOX_AFFINE, np.argwhere(prob > 0.5).mean(axis=0))
     np.testing.assert_allclose(c_native, c_box, atol=0.6)
+
+
+@pytest.mark.shared
+def test_cmb_uses_the_head_net_mask_through_the_swi_to_t1_registration(deep, tmp_path):
+    """cmb with [deepwmh_head, SHIVA stand-in]: the 'SWI' is the example T1's voxels in a head moved by
+    a few mm, so the mask must come through the rigid SWI -> T1 registration; on the SWI's native grid
+    it matches the upstream intracranial mask of those voxels. Without the T1's head box (SWI-only
+    sessions) the morphological fallback mask is used."""
+    from cohortseg.models.ensemble import load_models
+    from cohortseg.models.store import ModelStore
+    from cohortseg.pipelines import get_pipeline
+    from cohortseg.pipelines.base import Item, OutputWriter, Prepared
+    from standins import make_shiva_bundle
+
+    desc, root = make_shiva_bundle(tmp_path / "models", target="CMB", modalities=("swi",), n_folds=1)
+    cards = [find_card("deepwmh_head"), find_card(str(desc))]
+    models = [deep["models"][0], load_models(cards[1:], ModelStore(root))[0]]
+    t1 = deep["dir"] / "t1_image.nii.gz"
+    img = nib.load(str(t1))
+    moved = img.affine.copy()
+    moved[:3, 3] += [6.0, -4.0, 3.0]
+    swi = tmp_path / "sub-01_swi.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj, np.float32), moved), str(swi))
+    item = Item("sub-01", "", "cmb", "sub-01_swi", {"image": str(swi), "t1": str(t1)})
+    p = get_pipeline("cmb")
+    cfg = {"_global": {"output_dir": str(tmp_path)}, "interpolation": "linear"}
+    prep = p.prepare(item, cards, cfg)
+    assert prep.arrays["head_box"].shape == (64, 64, 64)
+    prob = p.predict(models, prep, cards, cfg, 1)
+    assert str(prob["mask_source"]).startswith("model:deepwmh_head (intracranial prior of the T1, through")
+    out = OutputWriter(tmp_path / "out", item)
+    p.finalize(item, prep, prob, cards, cfg, out)
+    mask = np.asarray(nib.load(out.files["desc-brain_mask.nii.gz"]).dataobj)
+    ref = np.asarray(nib.load(str(deep["dir"] / "reference/t1_image_brain_mask.nii.gz")).dataobj)
+    assert _dice(mask, ref) >= 0.95
+    side = json.loads(open(out.files["label-CMB_dseg.json"]).read())
+    assert side["brain_mask"].startswith("model:deepwmh_head")
+
+    swi_only = Prepared(x=prep.x, meta=prep.meta, arrays={"brain_mask": prep.arrays["brain_mask"]})
+    assert str(p.predict(models, swi_only, cards, cfg, 1)["mask_source"]) == "fallback"

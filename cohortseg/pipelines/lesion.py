@@ -45,6 +45,15 @@ Steps and where they run
       grid with the inverse of the MNI affine (no subject tissue segmentation needed);
     * eTIV (atlas scaling, as :func:`cohortseg.science.brain.estimate_etiv`) from the T1 -> MNI affine.
 
+Learned intracranial mask (default for sessions with a T1)
+----------------------------------------------------------
+With the deep-T1-WMH head net first in ``<pipeline>.models`` (card ``deepwmh_head``, the default of
+``cmb``), ``prepare`` also stores the session T1's 64^3 head box and ``predict`` runs the head net (about
+a second on a CPU): its intracranial prior, resampled from the T1's native grid onto the primary
+image's conformed grid through the rigid SWI -> T1 registration, > 0.5, is the SHIVA brain mask
+(:func:`head_net_mask`). SWI-only sessions keep the fallback mask below. The sidecar's ``brain_mask``
+says which was used.
+
 Fallback brain mask
 -------------------
 No skull stripper runs on 2 CPU cores in seconds, so without a brain-mask card the mask is morphological
@@ -200,8 +209,30 @@ def robust_scale(vol: np.ndarray, mask: np.ndarray | None = None) -> float:
 # cards
 # ----------------------------------------------------------------------------------------------
 def is_mask_card(card) -> bool:
-    """A brain-mask model: a brainchop MeshNet (loader tfjs_layers), or a card saying ``task: brain_mask``."""
-    return card.get("task") == "brain_mask" or card["architecture"].get("loader") == "tfjs_layers"
+    """A brain-mask model: a brainchop MeshNet (loader tfjs_layers), a card saying ``task: brain_mask``,
+    or the deep-T1-WMH head net (:func:`is_head_card`)."""
+    return (card.get("task") == "brain_mask" or card["architecture"].get("loader") == "tfjs_layers"
+            or is_head_card(card))
+
+
+def is_head_card(card) -> bool:
+    """The deep-T1-WMH head net: an intracranial mask from the session's T1 (seconds on a CPU)."""
+    from cohortseg.pipelines.deepwmh import card_net
+
+    return card_net(card) == "head"
+
+
+def head_box_arrays(t1_img, cards) -> tuple[dict, dict]:
+    """(arrays, meta) for the head net when the first card is one: the z-scored native T1 in its 64^3
+    head box, and that T1's grid (the prior is resampled from it in ``predict``)."""
+    if not cards or not is_head_card(cards[0]):
+        return {}, {}
+    from cohortseg.science.deepwmh import head_box, zscore
+
+    d = np.asarray(t1_img.dataobj, np.float32)
+    d = d.reshape(d.shape[:3] + (-1,))[..., 0] if d.ndim > 3 else d
+    return ({"head_box": head_box(zscore(d), t1_img.affine)},
+            {"head_t1": {"affine": np.asarray(t1_img.affine).tolist(), "shape": [int(v) for v in d.shape]}})
 
 
 def card_modalities(card) -> list[str]:
@@ -345,7 +376,8 @@ class _Lesion(Pipeline):
                     chans.append(m)
         return chans
 
-    def _finish_prepare(self, chans: dict, channels: list, mask: np.ndarray, conf, native_img, meta: dict) -> Prepared:
+    def _finish_prepare(self, chans: dict, channels: list, mask: np.ndarray, conf, native_img, meta: dict,
+                        extra_arrays: dict | None = None) -> Prepared:
         scales = [robust_scale(np.asarray(chans[c]), mask) for c in channels]
         # only the bounding box of the head (and mask) is stored: ~half of the 256^3 grid
         fg = mask.copy()
@@ -362,7 +394,7 @@ class _Lesion(Pipeline):
             "brain_mask_fallback": "otsu-morphology (cohortseg.pipelines.lesion.fallback_brain_mask)",
         })
         return Prepared(x=x[None].astype(np.float16), meta=meta,
-                        arrays={"brain_mask": np.packbits(mask.astype(bool))})
+                        arrays={"brain_mask": np.packbits(mask.astype(bool)), **(extra_arrays or {})})
 
     # -- predict ---------------------------------------------------------------------------------
     def predict(self, models, prepared, cards, cfg, batch_size):
@@ -375,7 +407,13 @@ class _Lesion(Pipeline):
             seg = [i for i in seg if cards[i].name in used]
         vol = full_volume(prepared)  # (256, 256, 256, C) float32
         channels = prepared.meta["channels"]
-        if mask_i is not None:
+        if mask_i is not None and is_head_card(cards[mask_i]):
+            mask, source = head_net_mask(models[mask_i], prepared, vol.shape[:3])
+            if mask is None:
+                mask, source = unpack_mask(prepared.arrays["brain_mask"], vol.shape[:3]), "fallback"
+            else:
+                source = f"model:{cards[mask_i].name} ({source})"
+        elif mask_i is not None:
             mask = meshnet_brain_mask(models[mask_i], vol[..., 0], _meshnet_spec(cards[mask_i]))
             source = f"model:{cards[mask_i].name}"
         else:
@@ -554,6 +592,29 @@ def meshnet_brain_mask(folds: list, vol_ras: np.ndarray, spec) -> np.ndarray:
     return np.ascontiguousarray(nib.orientations.apply_orientation(m, back)).astype(bool)
 
 
+def head_net_mask(folds, prepared: Prepared, shape) -> tuple[np.ndarray | None, str]:
+    """The deep-T1-WMH intracranial mask (prior > 0.5) on the conformed grid of the primary image, from
+    the head box of the session's T1 (``prepared.arrays['head_box']``); the primary image's conformed
+    grid is put into the T1's world through the rigid primary -> T1 registration (``registration
+    ['swi_to_t1']``; identity when the T1 is the primary). (None, why) when the session has no T1."""
+    if "head_box" not in prepared.arrays:
+        return None, "no T1"
+    from cohortseg.pipelines.deepwmh import head_priors
+    from cohortseg.science.deepwmh import PRIOR_THRESHOLD, native_prior
+
+    meta = prepared.meta
+    to_t1 = np.asarray((meta.get("registration") or {}).get("swi_to_t1", np.eye(4)), float)
+    grid = to_t1 @ np.asarray(meta["conformed_affine"], float)
+    pri = head_priors(folds, np.asarray(prepared.arrays["head_box"], np.float32)[None, ..., None])
+    t1 = meta["head_t1"]
+    mask = native_prior(pri[..., 0], t1["affine"], t1["shape"], target=(shape, grid)) > PRIOR_THRESHOLD
+    if not mask.any():
+        return None, "empty intracranial prior"
+    how = "intracranial prior of the T1, through the rigid registration" if "swi_to_t1" in (
+        meta.get("registration") or {}) else "intracranial prior"
+    return mask, how
+
+
 def _census(prob, mask, aff, thr, min_vox, max_out, regions, matrix):
     """:func:`cohortseg.science.lesions.lesion_census` on the bounding box of the supra-threshold voxels (+1
     voxel): the same clusters, numbering (raster order is kept by a shift), rules and world/MNI
@@ -644,13 +705,16 @@ class Cmb(_Lesion):
             meta["registration"] = {"swi_to_t1": rig.matrix.tolist(), "kind": "rigid", "tool": rig.info.get("tool", ""),
                                     "t1": os.path.basename(item.inputs["t1"])}
             meta["etiv_ml"] = _etiv_ml(t1["mni"])
+            extra, head_meta = head_box_arrays(t1["img"], cards)
+            meta.update(head_meta)
         else:
             mni = _mni(conf, mask, "swi")
+            extra = {}
         if mni.get("error"):
             meta["warnings"].append(f"MNI registration: {mni['error']}")
         meta["mni"] = mni
         chans = {c: np.asarray(conf.dataobj) for c in channels}  # every CMB modality is the primary image
-        return self._finish_prepare(chans, channels, mask, conf, swi, meta)
+        return self._finish_prepare(chans, channels, mask, conf, swi, meta, extra)
 
     def _regions(self, nshape, naff, matrix, cfg):
         from cohortseg.science.lesions import cmb_location_mni
@@ -738,7 +802,9 @@ class Wmh(_Lesion):
                 raise InputError("FLAIR does not cover the brain after registration to the T1", item.inputs["flair"])
             meta["registration"] = {"flair_to_t1": rig.matrix.tolist(), "kind": "rigid",
                                     "tool": rig.info.get("tool", ""), "flair": os.path.basename(item.inputs["flair"])}
-        return self._finish_prepare(chans, channels, t1["mask"], conf, t1["img"], meta)
+        extra, head_meta = head_box_arrays(t1["img"], cards)
+        meta.update(head_meta)
+        return self._finish_prepare(chans, channels, t1["mask"], conf, t1["img"], meta, extra)
 
     def _regions(self, nshape, naff, matrix, cfg):
         if matrix is None:
