@@ -468,3 +468,18 @@ def test_cmb_uses_the_head_net_mask_through_the_swi_to_t1_registration(deep, tmp
 
     swi_only = Prepared(x=prep.x, meta=prep.meta, arrays={"brain_mask": prep.arrays["brain_mask"]})
     assert str(p.predict(models, swi_only, cards, cfg, 1)["mask_source"]) == "fallback"
+
+
+def test_provenance_names_the_mask_and_etiv_methods():
+    from cohortseg.models.cards import pipeline_cards
+    from cohortseg.pipelines import get_pipeline
+
+    cfg = {"wmh": {"models": ["deepwmh_head", "deepwmh_affine", "deepwmh_rois", "deepwmh_wmh"]},
+           "cmb": {"models": ["deepwmh_head", "shiva_cmb"]},
+           "brain_tissue": {"models": ["brainchop_mindgrab", "brainchop_gw", "brainchop_subcortical", "deepwmh_head"]}}
+    m = {p: get_pipeline(p).methods(pipeline_cards(cfg, p), cfg[p]) for p in cfg}
+    assert m["wmh"]["etiv"].startswith("deep-T1-WMH head net") and m["wmh"]["mni_affine"] == "deep-T1-WMH affine net"
+    assert m["cmb"]["brain_mask"].startswith("deepwmh_head: deep-T1-WMH head net") and "fallback" in m["cmb"]["brain_mask"]
+    assert m["brain_tissue"]["etiv_icv"].startswith("deep-T1-WMH") and m["brain_tissue"]["etiv"].startswith("atlas")
+    shiva = {"models": ["shiva_wmh"]}
+    assert get_pipeline("wmh").methods(pipeline_cards({"wmh": shiva}, "wmh"), shiva)["brain_mask"].startswith("otsu")

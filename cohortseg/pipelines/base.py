@@ -145,6 +145,11 @@ class Pipeline:
                  out: OutputWriter) -> dict:
         raise NotImplementedError
 
+    def methods(self, cards: list, cfg: dict) -> dict:
+        """How this configuration measures what (e.g. which brain mask, which eTIV), for provenance
+        (``group/summary.json`` ``methods``). Default: nothing to say."""
+        return {}
+
     def session_metrics(self, items: dict) -> dict:
         """Metrics across a session's items (e.g. CSA variability across contrasts), from the
         finalized item records {item name: {"status", "metrics", "files", ...}}. Columns become

@@ -215,6 +215,18 @@ class BrainTissue(Pipeline):
     roles = {"image": Role(filters={"suffix": "T1w"}, description="T1-weighted head (any grid; conformed to 256^3 1 mm)")}
     group_tables = {"tissue_volumes.csv": "desc-tissue_volumes.tsv"}
 
+    def methods(self, cards, cfg):
+        roles = card_roles(cards)
+        out = {"brain_mask": cards[roles["brain_mask"][0]].name,
+               "etiv": "atlas scaling (antspyx affine to MNI152, brain-masked)" if cfg.get("etiv", True) else "off"}
+        if ICV_ROLE in roles:
+            from cohortseg.pipelines.deepwmh import ICV_METHOD
+
+            out["etiv_icv"] = ICV_METHOD
+            out["brain_mask_crop"] = ("deep-T1-WMH intracranial mask box" if cfg.get("fast_crop", True)
+                                      else "brainchop head box")
+        return out
+
     # -- prepare ---------------------------------------------------------------------------------
     def prepare(self, item: Item, cards: list, cfg: dict) -> Prepared:
         import nibabel as nib

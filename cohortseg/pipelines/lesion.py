@@ -716,6 +716,9 @@ class Cmb(_Lesion):
         chans = {c: np.asarray(conf.dataobj) for c in channels}  # every CMB modality is the primary image
         return self._finish_prepare(chans, channels, mask, conf, swi, meta, extra)
 
+    def methods(self, cards, cfg):
+        return _mask_methods(cards, "SWI")
+
     def _regions(self, nshape, naff, matrix, cfg):
         from cohortseg.science.lesions import cmb_location_mni
 
@@ -768,6 +771,16 @@ class Wmh(_Lesion):
         if deepwmh.uses_deepwmh(cards):
             return deepwmh.finalize(item, prepared, prob, cards, cfg, out)
         return super().finalize(item, prepared, prob, cards, cfg, out)
+
+    def methods(self, cards, cfg):
+        from cohortseg.pipelines import deepwmh
+
+        if deepwmh.uses_deepwmh(cards):
+            return {"wmh": deepwmh.METHOD, "brain_mask": deepwmh.ICV_METHOD, "etiv": deepwmh.ICV_METHOD,
+                    "mni_affine": "deep-T1-WMH affine net", "regions": "deep-T1-WMH region net (4 regions)"}
+        return {"wmh": "SHIVA-WMH fold ensemble", **_mask_methods(cards, "T1w"),
+                "etiv": "atlas scaling (antspyx affine to MNI152)", "mni_affine": "antspyx affine to MNI152",
+                "regions": "MNI152 template region map"}
 
     def _prepare_shiva(self, item: Item, cards: list, cfg: dict) -> Prepared:
         from cohortseg.science import registration
@@ -832,6 +845,18 @@ class Wmh(_Lesion):
             rows.append({"region": r, "count": n, "volume_mm3": round(float(vols.get(r, 0.0)), 3)})
             metrics[f"volume_{r}_mm3"] = round(float(vols.get(r, 0.0)), 3)
         return rows, metrics
+
+
+def _mask_methods(cards, primary: str) -> dict:
+    mask_i, _ = split_cards(cards)
+    if mask_i is not None and is_head_card(cards[mask_i]):
+        how = (f"{cards[mask_i].name}: deep-T1-WMH head net intracranial prior of the session's T1 (through the "
+               f"{primary} -> T1 rigid registration); sessions without a T1: otsu-morphology fallback")
+    elif mask_i is not None:
+        how = f"{cards[mask_i].name} (brainchop MeshNet on the {primary})"
+    else:
+        how = "otsu-morphology fallback (cohortseg.pipelines.lesion.fallback_brain_mask)"
+    return {"brain_mask": how}
 
 
 def _mni_wmh_regions(cfg):

@@ -151,9 +151,13 @@ def provenance(config: dict, records: list[dict]) -> dict:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
-    models = {}
+    models, methods = {}, {}
     for pname in config["pipelines"]:
-        for card in pipeline_cards(config, pname):
+        cards = pipeline_cards(config, pname)
+        m = get_pipeline(pname).methods(cards, config.get(pname) or {})
+        if m:
+            methods[pname] = m
+        for card in cards:
             models[card.name] = {"pipeline": pname, "source": str(card.source),
                                  "folds": [{"file": f["file"], "sha256": f.get("sha256"), "md5": f.get("md5")}
                                            for f in card.folds],
@@ -161,7 +165,7 @@ def provenance(config: dict, records: list[dict]) -> dict:
     return {
         "cohortseg_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "python": platform.python_version(), "platform": platform.platform(), "packages": versions,
-        "models": models, "config": config,
+        "models": models, "methods": methods, "config": config,
         "thresholds": {p: {k: v for k, v in (config.get(p) or {}).items()
                            if any(w in k for w in ("threshold", "min_cluster", "max_outside"))}
                        for p in config["pipelines"]},
