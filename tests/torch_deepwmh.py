@@ -65,7 +65,7 @@ def _seq(*mods):
     return nn.Sequential(*mods)
 
 
-class Wmh(nn.Module):
+class Cap5e(nn.Module):
     """Cap5eModel."""
 
     def __init__(self):
@@ -103,7 +103,7 @@ class Wmh(nn.Module):
         return torch.sigmoid(self.conv1x(x))
 
 
-class Rois(nn.Module):
+class Cap6(nn.Module):
     """Cap6Model."""
 
     def __init__(self):
@@ -141,7 +141,7 @@ class Rois(nn.Module):
         return torch.sigmoid(self.conv1x(x))
 
 
-NETS = {"head": Head, "affine": Aff, "wmh": Wmh, "rois": Rois}
+NETS = {"head": Head, "affine": Aff, "wmh": Cap5e, "rois": Cap6}
 
 
 def randomised(kind: str, seed: int = 0) -> nn.Module:
