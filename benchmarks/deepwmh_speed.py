@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--wmh", help="params_finalwide_train7500.pt (default: random weights, same architecture)")
     ap.add_argument("--t1", default=str(SHARED / "data/brain/deep-T1-WMH/t1_image.nii.gz"))
+    ap.add_argument("--torch", action="store_true",
+                    help="also time the PyTorch versions of the nets (tests/torch_deepwmh.py) on this machine")
     ap.add_argument("--out")
     a = ap.parse_args()
 
@@ -81,23 +83,47 @@ def main() -> None:
             t["rois"] = time.perf_counter() - s
             t["three_nets"] = t["head"] + t["affine"] + t["mni_box"] + t["rois"]
             s = time.perf_counter()
-            models[3][0].predict(box[None, ..., None])
-            t["wmh_net"] = time.perf_counter() - s
-            s = time.perf_counter()
             prob = deepwmh.predict(models, prep, cards, {}, 1)
             t["predict"] = time.perf_counter() - s
             s = time.perf_counter()
             deepwmh.finalize(item, prep, prob, cards, {"_global": {}}, OutputWriter(tmp, item))
             t["finalize"] = time.perf_counter() - s
+            t["wmh_net"] = t["predict"] - t["three_nets"]  # predict = the three nets + the WMH net
             t["item"] = t["prepare"] + t["predict"] + t["finalize"]
             if rep:
                 for k, v in t.items():
                     steps[k].append(v)
-    result = {"threads": a.threads, "repeat": a.repeat, "t1": a.t1, "wmh_weights": a.wmh or "random (same architecture)",
+    torch_s = _torch_times(a.threads, a.repeat) if a.torch else None
+    result = {"threads": a.threads, "pytorch_same_machine_s": torch_s, "repeat": a.repeat, "t1": a.t1, "wmh_weights": a.wmh or "random (same architecture)",
               "model_load_s": round(load_s, 2),
               "median_s": {k: round(statistics.median(v), 2) for k, v in steps.items()},
               "upstream_pytorch_2_cores_s": 5.0}
     emit(result, a.out)
+
+
+def _torch_times(threads: int, repeat: int) -> dict:
+    """Median forward time of the PyTorch reference nets (random weights, same shapes) on this machine."""
+    import statistics
+
+    import torch
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import torch_deepwmh
+
+    torch.set_num_threads(threads)
+    shapes = {"head": (1, 1, 64, 64, 64), "affine": (1, 2, 64, 64, 64), "rois": (1, 1, 184, 202, 72),
+              "wmh": (1, 1, 184, 202, 72)}
+    out = {}
+    for net, shape in shapes.items():
+        m, x, ts = torch_deepwmh.randomised(net), torch.randn(*shape), []
+        with torch.no_grad():
+            for rep in range(repeat + 1):
+                s = time.perf_counter()
+                m(x)
+                if rep:
+                    ts.append(time.perf_counter() - s)
+        out[net] = round(statistics.median(ts), 2)
+    return out
 
 
 if __name__ == "__main__":
