@@ -215,6 +215,12 @@ def test_net_cards_errors():
         net_cards(cards)
     with pytest.raises(ModelError, match="cannot be mixed"):
         net_cards(cards + [find_card("deepwmh_wmh"), find_card("shiva_wmh")])
+    from cohortseg.pipelines.deepwmh import uses_deepwmh
+    from cohortseg.pipelines.lesion import split_cards
+
+    assert uses_deepwmh(cards + [find_card("deepwmh_wmh")])
+    head_then_shiva = [find_card("deepwmh_head"), find_card("shiva_wmh")]
+    assert not uses_deepwmh(head_then_shiva) and split_cards(head_then_shiva) == (0, [1])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 the upstream quantities per session, and the head net's learned intracranial mask and eTIV.
 
 The :class:`cohortseg.pipelines.lesion.Wmh` plugin runs this path when its cards are the deep-T1-WMH
-ones (``architecture.loader: deepwmh_torch``, or any card naming ``architecture.params.net`` of
-head / affine / rois / wmh, e.g. a stand-in). The science is :mod:`cohortseg.science.deepwmh`:
+ones (``architecture.loader: deepwmh_torch``, or cards naming ``architecture.params.net`` head /
+affine / rois / wmh, e.g. a stand-in) - precisely, when one of them is the ``wmh`` net. The science is :mod:`cohortseg.science.deepwmh`:
 
 ``prepare`` (CPU): load and check the T1 (:func:`cohortseg.io.load_image`; its affine - qform and
     sform must agree), z-score it, resample it into the 64^3 LAS head box (``x``); the native voxels
@@ -50,7 +50,9 @@ def card_net(card) -> str | None:
 
 
 def uses_deepwmh(cards) -> bool:
-    return any(card_net(c) for c in cards)
+    """True when the WMH segmentation itself is deep-T1-WMH's (a card provides its ``wmh`` net); the head
+    net alone is only a brain-mask model (e.g. before a SHIVA card)."""
+    return any(card_net(c) == "wmh" for c in cards)
 
 
 def net_cards(cards, need=NETS) -> dict[str, int]:
