@@ -159,7 +159,8 @@ def provenance(config: dict, records: list[dict]) -> dict:
             methods[pname] = m
         for card in cards:
             models[card.name] = {"pipeline": pname, "source": str(card.source),
-                                 "folds": [{"file": f["file"], "sha256": f.get("sha256"), "md5": f.get("md5")}
+                                 "folds": [{"file": f["file"], "sha256": f.get("sha256"), "md5": f.get("md5"),
+                                            **({"git_blob_sha1": f["git_blob_sha1"]} if "git_blob_sha1" in f else {})}
                                            for f in card.folds],
                                  "thresholds": card.get("thresholds", {})}
     return {
