@@ -438,7 +438,7 @@ def test_mni_box_geometry_on_the_mni_template():
 
 @pytest.mark.shared
 def test_cmb_uses_the_head_net_mask_through_the_swi_to_t1_registration(deep, tmp_path):
-    """cmb with [deepwmh_head, SHIVA stand-in]: the 'SWI' is the example T1's voxels in a head moved by
+    """cmb with [deepwmh_head, deepwmh_affine, SHIVA stand-in]: the 'SWI' is the example T1's voxels in a head moved by
     a few mm, so the mask must come through the rigid SWI -> T1 registration; on the SWI's native grid
     it matches the upstream intracranial mask of those voxels. Without the T1's head box (SWI-only
     sessions) the morphological fallback mask is used."""
@@ -449,8 +449,8 @@ def test_cmb_uses_the_head_net_mask_through_the_swi_to_t1_registration(deep, tmp
     from standins import make_shiva_bundle
 
     desc, root = make_shiva_bundle(tmp_path / "models", target="CMB", modalities=("swi",), n_folds=1)
-    cards = [find_card("deepwmh_head"), find_card(str(desc))]
-    models = [deep["models"][0], load_models(cards[1:], ModelStore(root))[0]]
+    cards = [find_card("deepwmh_head"), find_card("deepwmh_affine"), find_card(str(desc))]
+    models = [deep["models"][0], deep["models"][1], load_models(cards[2:], ModelStore(root))[0]]
     t1 = deep["dir"] / "t1_image.nii.gz"
     img = nib.load(str(t1))
     moved = img.affine.copy()
@@ -465,12 +465,24 @@ def test_cmb_uses_the_head_net_mask_through_the_swi_to_t1_registration(deep, tmp
     prob = p.predict(models, prep, cards, cfg, 1)
     assert str(prob["mask_source"]).startswith("model:deepwmh_head (intracranial prior of the T1, through")
     out = OutputWriter(tmp_path / "out", item)
-    p.finalize(item, prep, prob, cards, cfg, out)
+    metrics = p.finalize(item, prep, prob, cards, cfg, out)
     mask = np.asarray(nib.load(out.files["desc-brain_mask.nii.gz"]).dataobj)
     ref = np.asarray(nib.load(str(deep["dir"] / "reference/t1_image_brain_mask.nii.gz")).dataobj)
     assert _dice(mask, ref) >= 0.95
     side = json.loads(open(out.files["label-CMB_dseg.json"]).read())
     assert side["brain_mask"].startswith("model:deepwmh_head")
+    # the MNI affine came from the deep-T1-WMH nets (no antspyx registration in prepare): SWI world ->
+    # MNI = the upstream program's T1 affine after undoing the shift (box corners within 2 mm)
+    assert prep.meta["mni"]["matrix"] is None and side["mni"]["tool"] == "deep-T1-WMH affine net"
+    shift = np.eye(4)
+    shift[:3, 3] = [-6.0, 4.0, -3.0]
+    ref = _itk_matrix((deep["dir"] / "reference/t1_image_mni0Affine.txt").read_text()) @ shift
+    from cohortseg.science.deepwmh import BOX_AFFINE
+
+    c = BOX_AFFINE @ np.array([[i, j, k, 1.0] for i in (0, 183) for j in (0, 201) for k in (0, 71)]).T
+    d = np.linalg.norm((np.linalg.inv(np.asarray(prob["mni_matrix"])) @ c - np.linalg.inv(ref) @ c)[:3], axis=0)
+    assert d.max() < 2.0, d
+    assert abs(metrics["etiv_ml"] - 1440.75) / 1440.75 < 0.01  # upstream eTIV of the T1, mm^3 -> mL
 
     swi_only = Prepared(x=prep.x, meta=prep.meta, arrays={"brain_mask": prep.arrays["brain_mask"]})
     assert str(p.predict(models, swi_only, cards, cfg, 1)["mask_source"]) == "fallback"
@@ -481,11 +493,12 @@ def test_provenance_names_the_mask_and_etiv_methods():
     from cohortseg.pipelines import get_pipeline
 
     cfg = {"wmh": {"models": ["deepwmh_head", "deepwmh_affine", "deepwmh_rois", "deepwmh_wmh"]},
-           "cmb": {"models": ["deepwmh_head", "shiva_cmb"]},
+           "cmb": {"models": ["deepwmh_head", "deepwmh_affine", "shiva_cmb"]},
            "brain_tissue": {"models": ["brainchop_mindgrab", "brainchop_gw", "brainchop_subcortical", "deepwmh_head"]}}
     m = {p: get_pipeline(p).methods(pipeline_cards(cfg, p), cfg[p]) for p in cfg}
     assert m["wmh"]["etiv"].startswith("deep-T1-WMH head net") and m["wmh"]["mni_affine"] == "deep-T1-WMH affine net"
     assert m["cmb"]["brain_mask"].startswith("deepwmh_head: deep-T1-WMH head net") and "fallback" in m["cmb"]["brain_mask"]
+    assert m["cmb"]["mni_affine"].startswith("deep-T1-WMH head + affine nets") and m["cmb"]["etiv"].startswith("deep")
     assert m["brain_tissue"]["etiv_icv"].startswith("deep-T1-WMH") and m["brain_tissue"]["etiv"].startswith("atlas")
     shiva = {"models": ["shiva_wmh"]}
     assert get_pipeline("wmh").methods(pipeline_cards({"wmh": shiva}, "wmh"), shiva)["brain_mask"].startswith("otsu")

@@ -103,7 +103,8 @@ def prepare(item: Item, cards: list, cfg: dict) -> Prepared:
     return Prepared(x=x.astype(np.float32), meta=meta, arrays={"t1": compact_voxels(data)})
 
 
-def _predict_one(folds, x, batch_size):
+def run_folds(folds, x, batch_size):
+    """Fold mean of one card's predictions (:func:`cohortseg.models.ensemble.fold_average`)."""
     from cohortseg.models.ensemble import fold_average
 
     return fold_average([f.predict for f in folds], x, batch_size)
@@ -111,7 +112,7 @@ def _predict_one(folds, x, batch_size):
 
 def head_priors(folds, x: np.ndarray, batch_size: int = 1) -> np.ndarray:
     """The head net's (64, 64, 64, 4) priors for a prepared head box (fold mean)."""
-    return np.asarray(_predict_one(folds, x, batch_size)[0], np.float32)
+    return np.asarray(run_folds(folds, x, batch_size)[0], np.float32)
 
 
 def predict(models, prepared: Prepared, cards, cfg, batch_size) -> dict:
@@ -120,7 +121,7 @@ def predict(models, prepared: Prepared, cards, cfg, batch_size) -> dict:
     aff = np.asarray(meta["native_affine"], float)
     shape = tuple(meta["native_shape"])
     pri = head_priors(models[idx["head"]], prepared.x, 1)
-    params = np.asarray(_predict_one(models[idx["affine"]], W.affine_input(pri)[None], 1)[0], float).ravel()
+    params = np.asarray(run_folds(models[idx["affine"]], W.affine_input(pri)[None], 1)[0], float).ravel()
     matrix = W.mni_matrix(params, aff, shape)
     scale = W.mni_scaling(matrix)
     if not 0.3 < scale < 3.0:
@@ -129,8 +130,8 @@ def predict(models, prepared: Prepared, cards, cfg, batch_size) -> dict:
     z = W.zscore(np.asarray(prepared.arrays["t1"], np.float32))
     box, coverage = W.mni_box(z, aff, matrix)
     xb = box[None, ..., None]
-    labels = W.roi_labels(_predict_one(models[idx["rois"]], xb, 1)[0])
-    wmh = _predict_one(models[idx["wmh"]], xb, 1)[0]
+    labels = W.roi_labels(run_folds(models[idx["rois"]], xb, 1)[0])
+    wmh = run_folds(models[idx["wmh"]], xb, 1)[0]
     wmh = W.wmh_rescale(wmh[..., 0] if wmh.ndim == 4 else wmh)
     return {"priors": pri[..., :3].astype(np.float32), "matrix": matrix, "affine_params": params,
             "coverage": np.array(coverage), "wmh_box": wmh.astype(np.float32), "rois_box": labels}

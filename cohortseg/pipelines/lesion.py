@@ -52,7 +52,11 @@ With the deep-T1-WMH head net first in ``<pipeline>.models`` (card ``deepwmh_hea
 a second on a CPU): its intracranial prior, resampled from the T1's native grid onto the primary
 image's conformed grid through the rigid SWI -> T1 registration, > 0.5, is the SHIVA brain mask
 (:func:`head_net_mask`). SWI-only sessions keep the fallback mask below. The sidecar's ``brain_mask``
-says which was used.
+says which was used. With ``deepwmh_affine`` listed too (the ``cmb`` default), the same head priors give
+the T1's affine to MNI152 (deep-T1-WMH's affine net) and the measured eTIV, so ``prepare`` skips the
+antspyx affine registration of the T1 (~20-40 s per session on 2 cores): measured on two real T1s
+(``benchmarks/deepwmh_mni_affine.py``, docs/BENCHMARKS.md) the learned affine is as good as antspyx's
+where antspyx works and right where it failed. The sidecar's ``mni.tool`` says which affine was used.
 
 Fallback brain mask
 -------------------
@@ -222,6 +226,18 @@ def is_head_card(card) -> bool:
     return card_net(card) == "head"
 
 
+def is_affine_card(card) -> bool:
+    """The deep-T1-WMH affine net: with the head net, the T1 -> MNI affine in seconds (instead of antspyx)."""
+    from cohortseg.pipelines.deepwmh import card_net
+
+    return card_net(card) == "affine"
+
+
+def deep_mni(cards) -> bool:
+    """Whether sessions with a T1 take their MNI affine from the deep-T1-WMH nets (head first + affine)."""
+    return bool(cards) and is_head_card(cards[0]) and any(is_affine_card(c) for c in cards)
+
+
 def head_box_arrays(t1_img, cards) -> tuple[dict, dict]:
     """(arrays, meta) for the head net when the first card is one: the z-scored native T1 in its 64^3
     head box, and that T1's grid (the prior is resampled from it in ``predict``)."""
@@ -251,6 +267,11 @@ def split_cards(cards: list) -> tuple[int | None, list[int]]:
     mask_i = None
     seg = []
     for i, c in enumerate(cards):
+        if is_affine_card(c):
+            if not (cards and is_head_card(cards[0])):
+                raise ModelError(f"model '{c.name}' (deep-T1-WMH affine net) needs the deep-T1-WMH head net "
+                                 "(deepwmh_head) first in the pipeline's `models` list")
+            continue
         if is_mask_card(c):
             if i != 0:
                 raise ModelError(f"model '{c.name}' is a brain-mask model: it must be the first card of the "
@@ -317,14 +338,33 @@ def _mni(conf, mask, source: str) -> dict:
     return out
 
 
-def _t1_entry(path, g: dict, order: int) -> dict:
-    key = _file_key(path) + (order,)
+def _t1_entry(path, g: dict, order: int, antspyx_mni: bool = True) -> dict:
+    """The session T1, conformed, its fallback mask and (unless the deep-T1-WMH nets give it in
+    ``predict``) its antspyx affine to MNI152."""
+    key = _file_key(path) + (order, antspyx_mni)
     if key not in _T1_CACHE:
         _T1_CACHE.clear()  # one session at a time: keep memory flat
         img, warnings, conf, mask = _conformed_with_mask(path, g, order)
-        _T1_CACHE[key] = {"img": img, "warnings": warnings, "conf": conf, "mask": mask,
-                          "mni": _mni(conf, mask, "T1w")}
+        mni = _mni(conf, mask, "T1w") if antspyx_mni else {"matrix": None, "det": None, "from": "T1w", "error": "",
+                                                           "tool": DEEP_MNI_TOOL}
+        _T1_CACHE[key] = {"img": img, "warnings": warnings, "conf": conf, "mask": mask, "mni": mni}
     return _T1_CACHE[key]
+
+
+DEEP_MNI_TOOL = "deep-T1-WMH affine net (in predict)"
+
+
+def _deep_mni_in_predict(folds_aff, pri, prepared: Prepared) -> dict:
+    """Arrays for finalize from the head priors and the affine net: the primary image's world -> MNI
+    matrix (through the primary -> T1 registration) and the intracranial prior (measured eTIV)."""
+    from cohortseg.pipelines.deepwmh import run_folds
+    from cohortseg.science.deepwmh import affine_input, mni_matrix
+
+    t1 = prepared.meta["head_t1"]
+    params = np.asarray(run_folds(folds_aff, affine_input(pri)[None], 1)[0], float).ravel()
+    m_t1 = mni_matrix(params, t1["affine"], t1["shape"])
+    to_t1 = np.asarray((prepared.meta.get("registration") or {}).get("swi_to_t1", np.eye(4)), float)
+    return {"mni_matrix": m_t1 @ to_t1, "mni_matrix_t1": m_t1, "icv_prior": pri[..., 0].astype(np.float32)}
 
 
 def _etiv_ml(mni: dict) -> float | None:
@@ -407,8 +447,12 @@ class _Lesion(Pipeline):
             seg = [i for i in seg if cards[i].name in used]
         vol = full_volume(prepared)  # (256, 256, 256, C) float32
         channels = prepared.meta["channels"]
+        extra = {}
         if mask_i is not None and is_head_card(cards[mask_i]):
-            mask, source = head_net_mask(models[mask_i], prepared, vol.shape[:3])
+            mask, source, pri = head_net_mask(models[mask_i], prepared, vol.shape[:3])
+            if pri is not None and deep_mni(cards) and "head_t1" in prepared.meta:
+                aff_i = next(i for i, c in enumerate(cards) if is_affine_card(c))
+                extra = _deep_mni_in_predict(models[aff_i], pri, prepared)
             if mask is None:
                 mask, source = unpack_mask(prepared.arrays["brain_mask"], vol.shape[:3]), "fallback"
             else:
@@ -435,7 +479,7 @@ class _Lesion(Pipeline):
         prob = (acc / n)[0].astype(np.float16)
         boxarr = np.array([*box.start, *box.shape, *box.centre, box.shift_up], dtype=np.int32)
         return {"prob": prob, "box": boxarr, "brain_mask": np.packbits(mask.astype(bool)),
-                "mask_source": np.array(source)}
+                "mask_source": np.array(source), **extra}
 
     # -- finalize --------------------------------------------------------------------------------
     def finalize(self, item: Item, prepared: Prepared, prob, cards, cfg, out: OutputWriter) -> dict:
@@ -466,7 +510,20 @@ class _Lesion(Pipeline):
         thr = float(cfg.get("threshold", 0.5))
         min_vox = int(cfg.get("min_cluster_voxels", 1))
         max_out = float(cfg.get("max_outside_fraction", 0.25))
-        mni = meta.get("mni") or {}
+        mni = dict(meta.get("mni") or {})
+        etiv = meta.get("etiv_ml")
+        if "mni_matrix" in prob:  # the deep-T1-WMH affine of the session's T1 (predict), not antspyx
+            m = np.asarray(prob["mni_matrix"], float)
+            det = float(np.linalg.det(m[:3, :3]))
+            mni.update(matrix=m.tolist(), det=det, tool="deep-T1-WMH affine net", error="")
+            if not MNI_DET_RANGE[0] < det < MNI_DET_RANGE[1]:
+                mni.update(matrix=None, error=f"implausible scaling to MNI152 (det {det:.3f})")
+            from cohortseg.science.deepwmh import PRIOR_THRESHOLD, native_prior
+
+            t1 = meta["head_t1"]
+            icv = native_prior(np.asarray(prob["icv_prior"], np.float32), t1["affine"], t1["shape"]) > PRIOR_THRESHOLD
+            etiv = float(icv.sum()) * abs(float(np.linalg.det(np.asarray(t1["affine"], float)[:3, :3]))) / 1000.0
+            mni["etiv_method"] = "deep-T1-WMH head net intracranial prior > 0.5 on the T1's native grid"
         matrix = np.asarray(mni["matrix"], float) if mni.get("matrix") else None
         regions, region_vol = self._regions(nshape, naff, matrix, cfg)
         labels, census = _census(p_native, mask_native, naff, thr, min_vox, max_out, regions, matrix)
@@ -494,7 +551,7 @@ class _Lesion(Pipeline):
                        if is_mask_card(c) or c.name in meta.get("models_used", [c.name])],
             "brain_mask": mask_source if mask_source != "fallback" else meta.get("brain_mask_fallback", "fallback"),
             "crop_box": box.to_dict(),
-            "mni": {k: mni.get(k) for k in ("from", "det", "error", "tool", "fixed")},
+            "mni": {k: mni.get(k) for k in ("from", "det", "error", "tool", "fixed", "etiv_method")},
             "registration": meta.get("registration", {}),
         }
         from cohortseg.io import write_json_atomic
@@ -514,7 +571,6 @@ class _Lesion(Pipeline):
         metrics = {"count": n, "volume_mm3": round(float(sum(r["volume_mm3"] for r in census)), 3)}
         metrics.update(reg_metrics)
         metrics["brain_mask_ml"] = round(float(mask_native.sum()) * float(abs(np.linalg.det(naff[:3, :3]))) / 1000.0, 3)
-        etiv = meta.get("etiv_ml")
         if etiv:
             metrics["etiv_ml"] = round(float(etiv), 1)
         return metrics
@@ -592,13 +648,14 @@ def meshnet_brain_mask(folds: list, vol_ras: np.ndarray, spec) -> np.ndarray:
     return np.ascontiguousarray(nib.orientations.apply_orientation(m, back)).astype(bool)
 
 
-def head_net_mask(folds, prepared: Prepared, shape) -> tuple[np.ndarray | None, str]:
+def head_net_mask(folds, prepared: Prepared, shape) -> tuple:
     """The deep-T1-WMH intracranial mask (prior > 0.5) on the conformed grid of the primary image, from
     the head box of the session's T1 (``prepared.arrays['head_box']``); the primary image's conformed
     grid is put into the T1's world through the rigid primary -> T1 registration (``registration
-    ['swi_to_t1']``; identity when the T1 is the primary). (None, why) when the session has no T1."""
+    ['swi_to_t1']``; identity when the T1 is the primary). Returns (mask, how, head priors); (None, why,
+    None) when the session has no T1."""
     if "head_box" not in prepared.arrays:
-        return None, "no T1"
+        return None, "no T1", None
     from cohortseg.pipelines.deepwmh import head_priors
     from cohortseg.science.deepwmh import PRIOR_THRESHOLD, native_prior
 
@@ -609,10 +666,10 @@ def head_net_mask(folds, prepared: Prepared, shape) -> tuple[np.ndarray | None, 
     t1 = meta["head_t1"]
     mask = native_prior(pri[..., 0], t1["affine"], t1["shape"], target=(shape, grid)) > PRIOR_THRESHOLD
     if not mask.any():
-        return None, "empty intracranial prior"
+        return None, "empty intracranial prior", pri
     how = "intracranial prior of the T1, through the rigid registration" if "swi_to_t1" in (
         meta.get("registration") or {}) else "intracranial prior"
-    return mask, how
+    return mask, how, pri
 
 
 def _census(prob, mask, aff, thr, min_vox, max_out, regions, matrix):
@@ -695,7 +752,7 @@ class Cmb(_Lesion):
         swi, warnings, conf, mask = _conformed_with_mask(item.inputs["image"], g, order)
         meta: dict = {"warnings": list(warnings), "registration": {}}
         if item.inputs.get("t1"):
-            t1 = _t1_entry(item.inputs["t1"], g, order)
+            t1 = _t1_entry(item.inputs["t1"], g, order, antspyx_mni=not deep_mni(cards))
             meta["warnings"] += [f"T1w: {w}" for w in t1["warnings"]]
             rig = registration.rigid(conf, t1["conf"])
             mni = dict(t1["mni"])
@@ -717,7 +774,7 @@ class Cmb(_Lesion):
         return self._finish_prepare(chans, channels, mask, conf, swi, meta, extra)
 
     def methods(self, cards, cfg):
-        return _mask_methods(cards, "SWI")
+        return {**_mask_methods(cards, "SWI"), **_mni_methods(cards, "SWI")}
 
     def _regions(self, nshape, naff, matrix, cfg):
         from cohortseg.science.lesions import cmb_location_mni
@@ -778,8 +835,7 @@ class Wmh(_Lesion):
         if deepwmh.uses_deepwmh(cards):
             return {"wmh": deepwmh.METHOD, "brain_mask": deepwmh.ICV_METHOD, "etiv": deepwmh.ICV_METHOD,
                     "mni_affine": "deep-T1-WMH affine net", "regions": "deep-T1-WMH region net (4 regions)"}
-        return {"wmh": "SHIVA-WMH fold ensemble", **_mask_methods(cards, "T1w"),
-                "etiv": "atlas scaling (antspyx affine to MNI152)", "mni_affine": "antspyx affine to MNI152",
+        return {"wmh": "SHIVA-WMH fold ensemble", **_mask_methods(cards, "T1w"), **_mni_methods(cards, "T1w"),
                 "regions": "MNI152 template region map"}
 
     def _prepare_shiva(self, item: Item, cards: list, cfg: dict) -> Prepared:
@@ -796,7 +852,7 @@ class Wmh(_Lesion):
                              f"filters {(cfg.get('filters') or {}).get('flair', self.roles['flair'].filters)}); add "
                              "the FLAIR, or list a T1-only WMH model card beside it in wmh.models")
         channels = self._channels(cards, only=chosen)
-        t1 = _t1_entry(item.inputs["image"], g, order)
+        t1 = _t1_entry(item.inputs["image"], g, order, antspyx_mni=not deep_mni(cards))
         conf = t1["conf"]
         meta: dict = {"warnings": list(t1["warnings"]) + choice_warnings, "registration": {}, "mni": dict(t1["mni"]),
                       "etiv_ml": _etiv_ml(t1["mni"]), "models_used": [cards[i].name for i in chosen]}
@@ -857,6 +913,15 @@ def _mask_methods(cards, primary: str) -> dict:
     else:
         how = "otsu-morphology fallback (cohortseg.pipelines.lesion.fallback_brain_mask)"
     return {"brain_mask": how}
+
+
+def _mni_methods(cards, primary: str) -> dict:
+    if deep_mni(cards):
+        return {"mni_affine": f"deep-T1-WMH head + affine nets on the session's T1 (through the {primary} -> T1 "
+                              "registration); sessions without a T1: antspyx affine of the primary image",
+                "etiv": "deep-T1-WMH head net intracranial prior > 0.5 on the T1's native grid"}
+    return {"mni_affine": "antspyx affine to MNI152 (T1 when the session has one)",
+            "etiv": "atlas scaling (MNI152 ICV / det of the antspyx affine of the T1)"}
 
 
 def _mni_wmh_regions(cfg):
