@@ -502,3 +502,48 @@ def test_provenance_names_the_mask_and_etiv_methods():
     assert m["brain_tissue"]["etiv_icv"].startswith("deep-T1-WMH") and m["brain_tissue"]["etiv"].startswith("atlas")
     shiva = {"models": ["shiva_wmh"]}
     assert get_pipeline("wmh").methods(pipeline_cards({"wmh": shiva}, "wmh"), shiva)["brain_mask"].startswith("otsu")
+
+
+def test_unpooling_and_instance_norm_semantics_without_torch():
+    """The custom layers on small arrays, against numpy: max-pool returns the first maximum of each
+    window in (kd, kh, kw) order (ties: ReLU zeros), the unpooling puts the value back there and
+    zero-pads odd sizes; InstanceNorm uses the biased variance and eps 1e-5."""
+    import keras
+
+    from cohortseg.models.nets.deepwmh import _layers
+
+    inorm, _, poolarg, unpool = _layers()
+    x = np.zeros((1, 5, 4, 3, 2), np.float32)
+    x[0, 1, 0, 0, 0] = 3.0  # window (0, 0, 0): max at offset (1, 0, 0) -> position 4
+    x[0, 2, 3, 1, 1] = 2.0  # window (1, 1, 0), channel 1: offset (0, 1, 1) -> position 3
+    inp = keras.Input((5, 4, 3, 2))
+    top, first = poolarg((2, 2, 2))(inp)
+    back = unpool((2, 2, 2), (5, 4, 3))([top, first])
+    t, f, b = (np.asarray(v) for v in keras.Model(inp, [top, first, back])(x))
+    assert t.shape == (1, 2, 2, 1, 2) and b.shape == (1, 5, 4, 3, 2)
+    assert f[0, 0, 0, 0, 0] == 4 and f[0, 1, 1, 0, 1] == 3 and f[0, 1, 0, 0, 0] == 0  # all-zero window: first
+    expect = np.zeros_like(x)
+    expect[0, 1, 0, 0, 0], expect[0, 2, 3, 1, 1] = 3.0, 2.0
+    np.testing.assert_array_equal(b, expect)  # the odd 5th slice and 3rd column are zero padding
+    v = np.random.default_rng(0).normal(3, 2, (1, 4, 4, 4, 3)).astype(np.float32)
+    mu, var = v.mean(axis=(1, 2, 3), keepdims=True), v.var(axis=(1, 2, 3), keepdims=True)
+    np.testing.assert_allclose(np.asarray(inorm()(v)), (v - mu) / np.sqrt(var + 1e-5), atol=1e-5)
+
+
+def test_align_corners_sampling_convention():
+    """Normalised coordinates -1/+1 are the centres of the first/last voxels; outside the volume
+    trilinear sampling treats the missing neighbours as 0 (a point half a voxel out gets half the edge)."""
+    from cohortseg.science.deepwmh import normaliser, resample
+
+    vol = np.ones((4, 5, 6), np.float32)
+    n = normaliser(vol.shape)
+    np.testing.assert_allclose(n @ [0, 0, 0, 1], [-1, -1, -1, 1])
+    np.testing.assert_allclose(n @ [3, 4, 5, 1], [1, 1, 1, 1])
+    shift = np.eye(4)
+    shift[:3, 3] = [-0.5, 0, 0]  # output voxel i samples input voxel i - 0.5
+    out = resample(vol, vol.shape, shift)
+    np.testing.assert_allclose(out[0], 0.5)  # half a voxel outside: half the edge value
+    np.testing.assert_allclose(out[1:], 1.0)
+    lab = resample(np.arange(4, dtype=np.float32)[:, None, None] * np.ones((4, 5, 6), np.float32), (4, 5, 6),
+                   np.eye(4), order=0)
+    np.testing.assert_array_equal(lab[:, 0, 0], [0, 1, 2, 3])
