@@ -206,6 +206,6 @@ def test_flip_tta_averages_the_mirrored_prediction():
     prep = Prepared(x=x, meta={})
     p = get_pipeline("sc_csa")
     plain = p.predict([[fold]], prep, [{"tta": {"flip_lr": False}}], {}, 2)
-    np.testing.assert_allclose(plain, x * ramp, rtol=1e-6)
+    np.testing.assert_allclose(plain.prob, x * ramp, rtol=1e-6)
     tta = p.predict([[fold]], prep, [{"tta": {"flip_lr": True}}], {}, 2)
-    np.testing.assert_allclose(tta, 0.5 * (x * ramp + (x[:, ::-1] * ramp)[:, ::-1]), rtol=1e-6)
+    np.testing.assert_allclose(tta.prob, 0.5 * (x * ramp + (x[:, ::-1] * ramp)[:, ::-1]), rtol=1e-6)

@@ -34,7 +34,7 @@ from scipy import ndimage
 from cohortseg.models.cards import ModelCard, find_card
 from cohortseg.errors import InputError, ModelError
 from cohortseg.pipelines import get_pipeline
-from cohortseg.pipelines.base import Item, OutputWriter, Prepared
+from cohortseg.pipelines.base import Context, Item, OutputWriter, Predicted, Prepared
 from cohortseg.pipelines.lesion import (
     conform_ras,
     fallback_brain_mask,
@@ -418,20 +418,21 @@ def test_card_roles():
 
 
 def test_prepare_fails_clearly_on_bad_inputs(tmp_path):
-    g = {"_global": {"allow_4d": False, "max_voxels": 10**9, "output_dir": str(tmp_path)}}
+    g = {}
+    ctx = Context(output_dir=str(tmp_path), max_voxels=10**9)
     p = tmp_path / "sub-01_swi.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.float32), np.eye(4)), p)
     item = Item("sub-01", "", "cmb", "sub-01_swi", {"image": str(p)})
     with pytest.raises(InputError, match="all zeros"):
-        get_pipeline("cmb").prepare(item, [_card("s", ["swi"])], g)
+        get_pipeline("cmb").prepare(item, [_card("s", ["swi"])], g, ctx)
     p.write_bytes(p.read_bytes()[:100])
     with pytest.raises(InputError, match="corrupt|not a readable"):
-        get_pipeline("cmb").prepare(item, [_card("s", ["swi"])], g)
+        get_pipeline("cmb").prepare(item, [_card("s", ["swi"])], g, ctx)
     t1 = tmp_path / "sub-01_T1w.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((20, 20, 20), np.float32), np.eye(4)), t1)
     item = Item("sub-01", "", "wmh", "sub-01_T1w", {"image": str(t1)})
     with pytest.raises(InputError, match="need a FLAIR"):
-        get_pipeline("wmh").prepare(item, [_card("w", ["t1", "flair"])], g)
+        get_pipeline("wmh").prepare(item, [_card("w", ["t1", "flair"])], g, ctx)
 
 
 def test_predict_and_finalize_directly(tmp_path, t1_base):
@@ -459,14 +460,12 @@ def test_predict_and_finalize_directly(tmp_path, t1_base):
     res = pipe.predict([[_NumpyFold(0), _NumpyFold(1)]], prep, [card], {}, 1)
     assert res["prob"].shape == (160, 214, 176) and res["prob"].dtype == np.float16
     assert np.array_equal(unpack_mask(res["brain_mask"], (256,) * 3), mask)
-    with open(tmp_path / "prob.npz", "wb") as f:
-        np.savez(f, **res)
-    with np.load(tmp_path / "prob.npz") as z:
-        prob = {k: z[k] for k in z.files}
+    res.save(tmp_path / "prob.npz")
+    prob = Predicted.load(tmp_path / "prob.npz")
     item = Item("sub-01", "", "wmh", "sub-01_T1w", {"image": str(native)})
     out = OutputWriter(tmp_path / "out", item)
     metrics = pipe.finalize(item, prep, prob, [card], {"threshold": 0.2, "min_cluster_voxels": 1,
-                                                       "max_outside_fraction": 0.25, "_global": {}}, out)
+                                                       "max_outside_fraction": 0.25}, Context(), out)
     assert metrics["count"] == 2 and "etiv_ml" not in metrics
     expected = 2 * 4 / 3 * np.pi * 27
     assert metrics["volume_mm3"] == pytest.approx(expected, rel=0.25)
@@ -480,7 +479,7 @@ def test_predict_and_finalize_directly(tmp_path, t1_base):
     # a stricter minimum cluster size drops everything, and is what the sidecar records
     out2 = OutputWriter(tmp_path / "out2", item)
     m2 = pipe.finalize(item, prep, prob, [card], {"threshold": 0.2, "min_cluster_voxels": 500,
-                                                  "max_outside_fraction": 0.25, "_global": {}}, out2)
+                                                  "max_outside_fraction": 0.25}, Context(), out2)
     assert m2["count"] == 0 and m2["volume_mm3"] == 0
     side = json.loads(open(out2.files["label-WMH_dseg.json"]).read())
     assert side["postprocessing"]["min_cluster_voxels"] == 500

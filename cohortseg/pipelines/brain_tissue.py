@@ -43,7 +43,7 @@ import time
 import numpy as np
 
 from cohortseg.errors import InputError, ModelError
-from cohortseg.pipelines.base import Item, OutputWriter, Pipeline, Prepared, Role
+from cohortseg.pipelines.base import Context, Item, OutputWriter, Pipeline, Predicted, Prepared, Role
 
 log = logging.getLogger("cohortseg")
 
@@ -190,17 +190,14 @@ class BrainTissue(Pipeline):
     group_tables = {"tissue_volumes.csv": "desc-tissue_volumes.tsv"}
 
     # -- prepare ---------------------------------------------------------------------------------
-    def prepare(self, item: Item, cards: list, cfg: dict) -> Prepared:
+    def prepare(self, item: Item, cards: list, cfg: dict, ctx: Context) -> Prepared:
         import nibabel as nib
 
         from cohortseg.science.conform import conform
-        from cohortseg.io import load_image
 
         card_roles(cards)  # a bad model list fails here, before any GPU time is spent
-        g = cfg["_global"]
         path = item.inputs["image"]
-        img, warnings = load_image(path, allow_4d=g.get("allow_4d", False),
-                                   max_voxels=g.get("max_voxels") or 200_000_000)
+        img, warnings = ctx.load_image(path)
         data = np.asarray(img.dataobj)
         stored = nib.load(str(path)).get_data_dtype()
         if stored == np.uint8 and data.min() >= 0 and data.max() <= 255 and np.array_equal(data, np.rint(data)):
@@ -296,15 +293,16 @@ class BrainTissue(Pipeline):
             info["boxes"]["aseg"] = _box_list(box)
             info["seconds"]["aseg"] = round(time.perf_counter() - t0, 2)
         out["info"] = np.array(json.dumps(info))
-        return out
+        return Predicted(out)
 
     # -- finalize --------------------------------------------------------------------------------
-    def finalize(self, item: Item, prepared: Prepared, prob, cards, cfg, out: OutputWriter) -> dict:
+    def finalize(self, item: Item, prepared: Prepared, prob: Predicted, cards, cfg, ctx: Context,
+                 out: OutputWriter) -> dict:
         import nibabel as nib
 
         from cohortseg.science import brain
 
-        if not isinstance(prob, dict) or "box" not in prob or "brain_mask" not in prob:
+        if "box" not in prob or "brain_mask" not in prob:
             raise InputError("inference output lacks the brain_tissue arrays (stale work files? rerun infer)")
         meta = prepared.meta
         caff = np.asarray(meta["conform"]["conformed_affine"], float)

@@ -70,7 +70,7 @@ from pathlib import Path
 import numpy as np
 
 from cohortseg.errors import InputError, ModelError
-from cohortseg.pipelines.base import Item, OutputWriter, Pipeline, Prepared, Role
+from cohortseg.pipelines.base import Context, Item, OutputWriter, Pipeline, Predicted, Prepared, Role
 
 
 CONFORM_SHAPE = 256
@@ -244,21 +244,11 @@ def _meshnet_spec(card):
 
 
 # ----------------------------------------------------------------------------------------------
-# registration (cached per process: cmb and wmh of one session share the T1's work)
+# registration (memoised in the session's Context: cmb and wmh of one session share the T1's work)
 # ----------------------------------------------------------------------------------------------
-_T1_CACHE: dict = {}
-
-
-def _file_key(path) -> tuple:
-    st = os.stat(path)
-    return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-
-
-def _conformed_with_mask(path, g: dict, order: int):
+def _conformed_with_mask(path, ctx: Context, order: int):
     """(native image, warnings, conformed image, fallback mask on the conformed grid)."""
-    from cohortseg.io import load_image
-
-    img, warnings = load_image(path, allow_4d=g.get("allow_4d", False), max_voxels=g.get("max_voxels") or 200_000_000)
+    img, warnings = ctx.load_image(path)
     conf = conform_ras(img, order=order)
     try:
         mask = fallback_brain_mask(np.asarray(conf.dataobj), conf.affine)
@@ -286,14 +276,13 @@ def _mni(conf, mask, source: str) -> dict:
     return out
 
 
-def _t1_entry(path, g: dict, order: int) -> dict:
-    key = _file_key(path) + (order,)
-    if key not in _T1_CACHE:
-        _T1_CACHE.clear()  # one session at a time: keep memory flat
-        img, warnings, conf, mask = _conformed_with_mask(path, g, order)
-        _T1_CACHE[key] = {"img": img, "warnings": warnings, "conf": conf, "mask": mask,
-                          "mni": _mni(conf, mask, "T1w")}
-    return _T1_CACHE[key]
+def _t1_entry(path, ctx: Context, order: int) -> dict:
+    key = ("lesion_t1", str(path), order)
+    if key not in ctx.session:
+        img, warnings, conf, mask = _conformed_with_mask(path, ctx, order)
+        ctx.session[key] = {"img": img, "warnings": warnings, "conf": conf, "mask": mask,
+                            "mni": _mni(conf, mask, "T1w")}
+    return ctx.session[key]
 
 
 def _etiv_ml(mni: dict) -> float | None:
@@ -396,17 +385,18 @@ class _Lesion(Pipeline):
             n += len(folds)
         prob = (acc / n)[0].astype(np.float16)
         boxarr = np.array([*box.start, *box.shape, *box.centre, box.shift_up], dtype=np.int32)
-        return {"prob": prob, "box": boxarr, "brain_mask": np.packbits(mask.astype(bool)),
-                "mask_source": np.array(source)}
+        return Predicted({"prob": prob, "box": boxarr, "brain_mask": np.packbits(mask.astype(bool)),
+                          "mask_source": np.array(source)})
 
     # -- finalize --------------------------------------------------------------------------------
-    def finalize(self, item: Item, prepared: Prepared, prob, cards, cfg, out: OutputWriter) -> dict:
+    def finalize(self, item: Item, prepared: Prepared, prob: Predicted, cards, cfg, ctx: Context,
+                 out: OutputWriter) -> dict:
         import nibabel as nib
 
         from cohortseg.models import shiva
         from cohortseg.science.conform import to_native
 
-        if not isinstance(prob, dict):
+        if "box" not in prob:
             raise InputError("inference output lacks the crop box (stale work files? rerun infer)")
         meta = prepared.meta
         t = self.target
@@ -430,7 +420,7 @@ class _Lesion(Pipeline):
         max_out = float(cfg.get("max_outside_fraction", 0.25))
         mni = meta.get("mni") or {}
         matrix = np.asarray(mni["matrix"], float) if mni.get("matrix") else None
-        regions, region_vol = self._regions(nshape, naff, matrix, cfg)
+        regions, region_vol = self._regions(nshape, naff, matrix, ctx)
         labels, census = _census(p_native, mask_native, naff, thr, min_vox, max_out, regions, matrix)
 
         # -- outputs
@@ -493,7 +483,7 @@ class _Lesion(Pipeline):
         out.snapshot("desc-brain_mask.png", lambda png: mosaic(data, mask.astype(np.uint8), aff, png, view="axial",
                                                                zoom="brain", n=8, title=f"{item.name} - brain mask"))
 
-    def _regions(self, nshape, naff, matrix, cfg):
+    def _regions(self, nshape, naff, matrix, ctx: Context):
         return None, None
 
     def _region_table(self, census, labels, region_vol, aff):
@@ -625,16 +615,15 @@ class Cmb(_Lesion):
     modality_roles = {"swi": "image", "t2gre": "image"}
     region_names = ("lobar", "deep", "infratentorial")
 
-    def prepare(self, item: Item, cards: list, cfg: dict) -> Prepared:
+    def prepare(self, item: Item, cards: list, cfg: dict, ctx: Context) -> Prepared:
         from cohortseg.science import registration
 
-        g = cfg["_global"]
         order = _INTERP_ORDER[cfg.get("interpolation", "cubic")]
         channels = self._channels(cards)
-        swi, warnings, conf, mask = _conformed_with_mask(item.inputs["image"], g, order)
+        swi, warnings, conf, mask = _conformed_with_mask(item.inputs["image"], ctx, order)
         meta: dict = {"warnings": list(warnings), "registration": {}}
         if item.inputs.get("t1"):
-            t1 = _t1_entry(item.inputs["t1"], g, order)
+            t1 = _t1_entry(item.inputs["t1"], ctx, order)
             meta["warnings"] += [f"T1w: {w}" for w in t1["warnings"]]
             rig = registration.rigid(conf, t1["conf"])
             mni = dict(t1["mni"])
@@ -652,7 +641,7 @@ class Cmb(_Lesion):
         chans = {c: np.asarray(conf.dataobj) for c in channels}  # every CMB modality is the primary image
         return self._finish_prepare(chans, channels, mask, conf, swi, meta)
 
-    def _regions(self, nshape, naff, matrix, cfg):
+    def _regions(self, nshape, naff, matrix, ctx: Context):
         from cohortseg.science.lesions import cmb_location_mni
 
         return (cmb_location_mni if matrix is not None else None), None
@@ -681,11 +670,9 @@ class Wmh(_Lesion):
     modality_roles = {"t1": "image", "flair": "flair"}
     region_names = ("periventricular", "deep_white", "infracortical")
 
-    def prepare(self, item: Item, cards: list, cfg: dict) -> Prepared:
+    def prepare(self, item: Item, cards: list, cfg: dict, ctx: Context) -> Prepared:
         from cohortseg.science import registration
-        from cohortseg.io import load_image
 
-        g = cfg["_global"]
         order = _INTERP_ORDER[cfg.get("interpolation", "cubic")]
         available = {"t1"} | ({"flair"} if item.inputs.get("flair") else set())
         chosen, choice_warnings = self._choose(cards, available)
@@ -695,7 +682,7 @@ class Wmh(_Lesion):
                              f"filters {(cfg.get('filters') or {}).get('flair', self.roles['flair'].filters)}); add "
                              "the FLAIR, or list a T1-only WMH model card beside it in wmh.models")
         channels = self._channels(cards, only=chosen)
-        t1 = _t1_entry(item.inputs["image"], g, order)
+        t1 = _t1_entry(item.inputs["image"], ctx, order)
         conf = t1["conf"]
         meta: dict = {"warnings": list(t1["warnings"]) + choice_warnings, "registration": {}, "mni": dict(t1["mni"]),
                       "etiv_ml": _etiv_ml(t1["mni"]), "models_used": [cards[i].name for i in chosen]}
@@ -703,8 +690,7 @@ class Wmh(_Lesion):
             meta["warnings"].append(f"MNI registration: {t1['mni']['error']}")
         chans = {"t1": np.asarray(conf.dataobj)}
         if "flair" in channels:
-            flair, fw = load_image(item.inputs["flair"], allow_4d=g.get("allow_4d", False),
-                                   max_voxels=g.get("max_voxels") or 200_000_000)
+            flair, fw = ctx.load_image(item.inputs["flair"])
             meta["warnings"] += [f"FLAIR: {w}" for w in fw]
             rig = registration.rigid(flair, conf)
             f_c = registration.apply(rig, flair, reference=(conf.shape, conf.affine),
@@ -716,13 +702,13 @@ class Wmh(_Lesion):
                                     "tool": rig.info.get("tool", ""), "flair": os.path.basename(item.inputs["flair"])}
         return self._finish_prepare(chans, channels, t1["mask"], conf, t1["img"], meta)
 
-    def _regions(self, nshape, naff, matrix, cfg):
+    def _regions(self, nshape, naff, matrix, ctx: Context):
         if matrix is None:
             return None, None
         from cohortseg.science import registration
         from cohortseg.science.lesions import WMH_REGIONS
 
-        rimg = _mni_wmh_regions(cfg)
+        rimg = _mni_wmh_regions(ctx)
         tr = registration.LinearTransform(matrix)
         rmap = np.asarray(registration.apply(tr, rimg, reference=(nshape, naff), interpolation="nearest",
                                              inverse=True).dataobj).astype(np.uint8)
@@ -744,14 +730,14 @@ class Wmh(_Lesion):
         return rows, metrics
 
 
-def _mni_wmh_regions(cfg):
+def _mni_wmh_regions(ctx: Context):
     """The MNI152 WMH region map (:func:`cohortseg.science.wmh.mni_region_map`, 1 mm), cached on disk under
     ``<output_dir>/work/cache`` so each finalize job does not redo the distance transforms."""
     import nibabel as nib
 
     from cohortseg.io import atomic_path
 
-    out_dir = (cfg.get("_global") or {}).get("output_dir")
+    out_dir = ctx.output_dir
     path = Path(out_dir) / "work" / "cache" / "wmh_regions_mni152_1mm.nii.gz" if out_dir else None
     if path is not None and path.is_file():
         try:
