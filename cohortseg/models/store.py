@@ -24,6 +24,13 @@ class ModelStore:
         self.cache_file = Path(cache_file) if cache_file else None
         self._verified = self._load_cache()
 
+    @classmethod
+    def from_config(cls, config: dict) -> ModelStore:
+        """The run's store: `model_dir`, `allow_download`, verified checksums cached under the work folder."""
+        work = Path(config["output_dir"]) / "work" if config.get("output_dir") else None
+        return cls(config.get("model_dir", "models"), allow_download=config.get("allow_download", False),
+                   cache_file=work / "model_checksums.json" if work else None)
+
     # -- checksums --------------------------------------------------------------------------
     def _load_cache(self) -> dict:
         if self.cache_file and self.cache_file.is_file():

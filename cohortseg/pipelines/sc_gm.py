@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cohortseg.errors import InputError
 from cohortseg.pipelines.base import Context, Item, OutputWriter, Pipeline, Predicted, Prepared, Role
 
 
@@ -35,10 +36,12 @@ class ScGm(Pipeline):
             for fold in folds:
                 if cfg.get("standardise", "model") == "volume":
                     mean, std = prepared.meta["volume_mean"], prepared.meta["volume_std"]
+                    if not std > 0:
+                        raise InputError("constant image inside the field of view: cannot standardise it")
                 else:
                     norm = {**card["normalisation"], **fold.params}
                     mean, std = float(norm["mean"]), float(norm["std"])
-                xs = (x - mean) / max(std, 1e-6)
+                xs = (x - mean) / std
                 # flip_tta: left-right mirror of each slice (axis 1 of the slice grid runs R->L)
                 per_card.append(fold_average([fold.predict], xs, batch_size,
                                              mirror_axis=1 if cfg.get("flip_tta") else None))
@@ -80,8 +83,6 @@ class ScGm(Pipeline):
         }
         _qc(native, mask_native, out, item)
         if not mask_native.any():
-            from cohortseg.errors import InputError
-
             raise InputError("no gray matter found: the field of view may miss the cord or the image is not an "
                              "axial T2*w (outputs written for QC)", item.inputs["image"])
         return metrics

@@ -55,8 +55,7 @@ class Plan:
         from cohortseg.models.cards import pipeline_cards
         from cohortseg.models.store import ModelStore
 
-        store = ModelStore(self.config["model_dir"], allow_download=self.config.get("allow_download", False),
-                           cache_file=self.work / "model_checksums.json")
+        store = ModelStore.from_config(self.config)
         return {p: store.verify(pipeline_cards(self.config, p)) for p in self.pipelines if p in self.infer_shards}
 
     def _index(self) -> None:

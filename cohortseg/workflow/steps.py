@@ -253,8 +253,7 @@ def infer_shard(pipeline: str, prep_shard_record, record_path, config: dict) -> 
     if todo:
         configure_tensorflow(threads=int(inf.get("threads", 0) or 0))
         cards = pipeline_cards(config, pipeline)
-        store = ModelStore(config["model_dir"], allow_download=config.get("allow_download", False),
-                           cache_file=work / "model_checksums.json")
+        store = ModelStore.from_config(config)
         models = load_models(cards, store)
         report["model_load_seconds"] = timer()
         report["models"] = {c.name: [f.sha256 for f in folds] for c, folds in zip(cards, models)}
