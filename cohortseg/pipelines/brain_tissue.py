@@ -14,7 +14,7 @@ it into the three steps.
     (:func:`cohortseg.science.brain.run_meshnet_crop`: two activations alive at a time), folds of a card
     averaged: (1) brain mask (card ``task: brain_mask``, mindgrab; brain probability > 0.5, largest
     component, holes filled); (2) GM/WM (``task: tissue``, model5_gw_ae) with the white-matter
-    rescaling of :func:`cohortseg.science.brain.segment_tissue` (``wm_target``), largest foreground
+    rescaling of :func:`cohortseg.science.brain.wm_gain` (``wm_target``), largest foreground
     component, then :func:`cohortseg.science.brain.tissue_dseg` (1 GM, 2 WM, 3 CSF = mask minus GM/WM);
     (3) 18 classes (``task: aseg``, model30chan18cls), largest foreground component, masked.
     Nets (2) and (3) run on the bounding box of the brain mask plus their padding of context
@@ -250,18 +250,14 @@ class BrainTissue(Pipeline):
                 return {"padding": s.crop_padding, "threshold": s.crop_threshold}
             return {"padding": s.crop_padding, "mask": mask}
 
-        # 2. GM/WM with the white-matter rescaling of brain.segment_tissue
+        # 2. GM/WM with the white-matter-anchored input gain (brain.wm_gain)
         if "tissue" in roles:
             i, spec = roles["tissue"]
             names = [n.lower() for n in spec.labels]
             wm_i = next(k for k, n in enumerate(names) if n.startswith("white"))
             gm_i = next(k for k, n in enumerate(names) if n.startswith("gr"))
             target = cfg.get("wm_target", brain.WM_TARGET)
-            level, gain = None, 1.0
-            if target:
-                level = brain.estimate_wm_level(_model(models[i][0]), vol, spec.norm, wm_i)
-                if level is not None and level > 0 and abs(float(target) / level - 1.0) >= 0.05:
-                    gain = float(np.clip(float(target) / level, 1 / 3, 3.0))
+            level, gain = brain.wm_gain(_model(models[i][0]), vol, spec, target)
             box, p = _run_folds(models[i], vol, spec, gain=gain, **crop_kw(spec))
             gw = np.zeros(shape, np.uint8)
             gw[box] = brain.argmax(p)
