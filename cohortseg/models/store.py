@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cohortseg.models.cards import ModelCard
 from cohortseg.errors import ModelError
-from cohortseg.io import atomic_path, md5sum, sha256sum, write_json_atomic
+from cohortseg.io import atomic_path, md5sum, sha256sum, tree_md5, write_json_atomic
 
 
 class ModelStore:
@@ -54,8 +54,6 @@ class ModelStore:
             return self._verified[key]
         if path.is_dir():  # SavedModel folds: md5 over the folder's files (SHIVA's convention)
             if "md5" in entry:
-                from cohortseg.models.shiva import tree_md5
-
                 got = tree_md5(path)
                 if got.lower() != entry["md5"].lower():
                     raise ModelError(f"model '{card.name}': checksum mismatch for folder {path} "
