@@ -34,7 +34,6 @@ it into the three steps.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import logging
@@ -44,6 +43,7 @@ import numpy as np
 
 from cohortseg.errors import InputError, ModelError
 from cohortseg.pipelines.base import Context, Item, OutputWriter, Pipeline, Predicted, Prepared, Role
+from cohortseg.science.metrics import bounding_box
 
 log = logging.getLogger("cohortseg")
 
@@ -61,32 +61,10 @@ _ORDER = {"cubic": 3, "linear": 1}
 # ----------------------------------------------------------------------------------------------
 # cards
 # ----------------------------------------------------------------------------------------------
-def meshnet_spec(card):
-    """The :class:`cohortseg.science.brain.MeshNetSpec` of a card: ``architecture.params.meshnet`` names one of
-    :data:`cohortseg.science.brain.MESHNETS` (params ``norm``, ``crop_padding``, ``crop_threshold`` override it);
-    an unknown MeshNet gets a spec from the card itself (task, labels, normalisation.method)."""
-    from cohortseg.science.brain import MESHNETS, MeshNetSpec
-
-    params = dict(card["architecture"].get("params") or {})
-    name = params.pop("meshnet", None)
-    if name is None:
-        files = " ".join(f["file"] for f in card.folds)
-        name = next((k for k in MESHNETS if f"/{k}/" in files or k == card.name), None)
-    over = {k: params[k] for k in ("norm", "crop_padding", "crop_threshold") if k in params}
-    if name in MESHNETS:
-        return dataclasses.replace(MESHNETS[name], **over)
-    labels = card.get("labels")
-    if not card.get("task") or not labels:
-        raise ModelError(f"model '{card.name}': unknown MeshNet {name!r} (known: {', '.join(MESHNETS)}); "
-                         "give architecture.params.meshnet, or task + labels + normalisation.method")
-    names = tuple(str(labels[k]) for k in sorted(labels, key=int))
-    return MeshNetSpec(card.name, card["task"], names, norm=over.get("norm", card["normalisation"]["method"]),
-                       crop_padding=int(over.get("crop_padding", 18)),
-                       crop_threshold=float(over.get("crop_threshold", 0.0)))
-
-
 def card_roles(cards) -> dict:
     """{role: (card index, MeshNetSpec)}; ModelError when a role is doubled, unknown or the mask is missing."""
+    from cohortseg.science.brain import meshnet_spec
+
     out: dict = {}
     for i, card in enumerate(cards):
         if card["architecture"].get("loader") != "tfjs_layers":
@@ -120,15 +98,6 @@ def _grid(cards) -> dict:
 # ----------------------------------------------------------------------------------------------
 # geometry helpers
 # ----------------------------------------------------------------------------------------------
-def _bbox(fg: np.ndarray) -> tuple[list[int], list[int]]:
-    lo, hi = [], []
-    for ax in range(fg.ndim):
-        idx = np.flatnonzero(fg.any(axis=tuple(a for a in range(fg.ndim) if a != ax)))
-        lo.append(int(idx[0]))
-        hi.append(int(idx[-1]) + 1)
-    return lo, hi
-
-
 def _slices(lo, hi) -> tuple[slice, ...]:
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
@@ -213,7 +182,7 @@ class BrainTissue(Pipeline):
         fg = vol > 0
         if not fg.any():
             raise InputError("image is empty after conforming to the 1 mm grid", path)
-        lo, hi = _bbox(fg)
+        lo, hi = bounding_box(fg)
         x = np.ascontiguousarray(vol[_slices(lo, hi)])[None, ..., None]
         meta = {"conform": info, "grid": grid, "x_box": [lo, hi], "warnings": warnings}
         return Prepared(x=x, meta=meta)
@@ -241,7 +210,7 @@ class BrainTissue(Pipeline):
             raise InputError("brain mask is empty (is this a T1w of a head?)")
         info["boxes"]["brain_mask"] = _box_list(box)
         info["seconds"]["brain_mask"], t0 = round(time.perf_counter() - t0, 2), time.perf_counter()
-        lo, hi = _bbox(mask)
+        lo, hi = bounding_box(mask)
         mbox = _slices(lo, hi)
         out = {"box": np.array(lo + hi, np.int32), "brain_mask": mask[mbox].astype(np.uint8)}
 
@@ -506,4 +475,4 @@ def _run_folds(folds, vol, spec, gain: float = 1.0, padding: int | None = None, 
     return box, acc
 
 
-__all__ = ["BrainTissue", "card_roles", "meshnet_spec", "crop_to_native", "conformed_volume", "conformed_volumes"]
+__all__ = ["BrainTissue", "card_roles", "crop_to_native", "conformed_volume", "conformed_volumes"]

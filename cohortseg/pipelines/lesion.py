@@ -71,6 +71,7 @@ import numpy as np
 
 from cohortseg.errors import InputError, ModelError
 from cohortseg.pipelines.base import Context, Item, OutputWriter, Pipeline, Predicted, Prepared, Role
+from cohortseg.science.metrics import bounding_box
 
 
 CONFORM_SHAPE = 256
@@ -155,7 +156,7 @@ def fallback_brain_mask(data: np.ndarray, affine) -> np.ndarray:
     from scipy import ndimage
     from skimage.filters import threshold_otsu
 
-    from cohortseg.science.lesions import voxel_sizes
+    from cohortseg.science.metrics import voxel_sizes
 
     def ball(r):
         g = np.ogrid[tuple(slice(-r, r + 1) for _ in range(3))]
@@ -230,17 +231,6 @@ def split_cards(cards: list) -> tuple[int | None, list[int]]:
     if not seg:
         raise ModelError("no lesion segmentation model (SHIVA card) in the pipeline's `models` list")
     return mask_i, seg
-
-
-def _meshnet_spec(card):
-    from cohortseg.science.brain import MESHNETS, MeshNetSpec
-
-    name = card["architecture"].get("params", {}).get("meshnet")
-    if name is None:
-        files = " ".join(f["file"] for f in card.folds)
-        name = next((k for k in MESHNETS if k in files or k in card.name), None)
-    spec = MESHNETS.get(name) if name else None
-    return spec or MeshNetSpec(card.name, "brain_mask", ("background", "brain"), norm="minmax", crop_padding=20)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,7 +330,9 @@ class _Lesion(Pipeline):
         fg = mask.copy()
         for c, s in zip(channels, scales):
             fg |= np.asarray(chans[c]) > 0.02 * s  # above background noise
-        lo, hi = _bbox(fg, margin=4)
+        if not fg.any():
+            raise InputError("image is empty after conforming to the 1 mm RAS grid")
+        lo, hi = bounding_box(fg, margin=4)
         sl = tuple(slice(a, b) for a, b in zip(lo, hi))
         x = np.stack([np.asarray(chans[c], np.float32)[sl] / s for c, s in zip(channels, scales)], axis=-1)
         meta.update({
@@ -365,7 +357,9 @@ class _Lesion(Pipeline):
         vol = full_volume(prepared)  # (256, 256, 256, C) float32
         channels = prepared.meta["channels"]
         if mask_i is not None:
-            mask = meshnet_brain_mask(models[mask_i], vol[..., 0], _meshnet_spec(cards[mask_i]))
+            from cohortseg.science.brain import meshnet_spec
+
+            mask = meshnet_brain_mask(models[mask_i], vol[..., 0], meshnet_spec(cards[mask_i]))
             source = f"model:{cards[mask_i].name}"
         else:
             mask = unpack_mask(prepared.arrays["brain_mask"], vol.shape[:3])
@@ -490,17 +484,6 @@ class _Lesion(Pipeline):
         raise NotImplementedError
 
 
-def _bbox(fg: np.ndarray, margin: int = 0) -> tuple[list[int], list[int]]:
-    if not fg.any():
-        raise InputError("image is empty after conforming to the 1 mm RAS grid")
-    lo, hi = [], []
-    for ax in range(3):
-        idx = np.flatnonzero(fg.any(axis=tuple(a for a in range(3) if a != ax)))
-        lo.append(max(int(idx[0]) - margin, 0))
-        hi.append(min(int(idx[-1]) + 1 + margin, fg.shape[ax]))
-    return lo, hi
-
-
 def full_volume(prepared: Prepared) -> np.ndarray:
     """The conformed channels (256^3 x C, float32) from the stored head box of ``prepared.x``."""
     x = np.asarray(prepared.x[0])
@@ -555,7 +538,7 @@ def _census(prob, mask, aff, thr, min_vox, max_out, regions, matrix):
     sup = prob > thr
     if not sup.any():
         return labels, []
-    lo, hi = _bbox(sup, margin=1)
+    lo, hi = bounding_box(sup, margin=1)
     sl = tuple(slice(a, b) for a, b in zip(lo, hi))
     shift = np.eye(4)
     shift[:3, 3] = lo

@@ -32,13 +32,14 @@ GM/WM maps > 0.5, in the template grid) and on brainchop's t1_crop:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from cohortseg.errors import InputError, ModelError
+from cohortseg.science.metrics import largest_component
 
 
 # ------------------------------------------------------------------------------- model registry
@@ -77,6 +78,28 @@ MESHNETS: dict[str, MeshNetSpec] = {
     "model30chan18cls": MeshNetSpec("model30chan18cls", "aseg", ASEG18_LABELS, norm="minmax",
                                     crop_padding=18, crop_threshold=0.2),
 }
+
+
+def meshnet_spec(card):
+    """The :class:`MeshNetSpec` of a card: ``architecture.params.meshnet`` names one of
+    :data:`MESHNETS` (params ``norm``, ``crop_padding``, ``crop_threshold`` override it);
+    an unknown MeshNet gets a spec from the card itself (task, labels, normalisation.method)."""
+    params = dict(card["architecture"].get("params") or {})
+    name = params.pop("meshnet", None)
+    if name is None:
+        files = " ".join(f["file"] for f in card.folds)
+        name = next((k for k in MESHNETS if f"/{k}/" in files or k == card.name), None)
+    over = {k: params[k] for k in ("norm", "crop_padding", "crop_threshold") if k in params}
+    if name in MESHNETS:
+        return replace(MESHNETS[name], **over)
+    labels = card.get("labels")
+    if not card.get("task") or not labels:
+        raise ModelError(f"model '{card.name}': unknown MeshNet {name!r} (known: {', '.join(MESHNETS)}); "
+                         "give architecture.params.meshnet, or task + labels + normalisation.method")
+    names = tuple(str(labels[k]) for k in sorted(labels, key=int))
+    return MeshNetSpec(card.name, card["task"], names, norm=over.get("norm", card["normalisation"]["method"]),
+                       crop_padding=int(over.get("crop_padding", 18)),
+                       crop_threshold=float(over.get("crop_threshold", 0.0)))
 
 
 # ------------------------------------------------------------------------------- preprocessing
@@ -219,21 +242,6 @@ def argmax(prob: np.ndarray) -> np.ndarray:
     """Label map (uint8 for < 256 classes) from probabilities (..., C)."""
     lab = np.argmax(prob, axis=-1)
     return lab.astype(np.uint8 if prob.shape[-1] <= 256 else np.int16)
-
-
-def largest_component(mask: np.ndarray, fill_holes: bool = True) -> np.ndarray:
-    """Largest 26-connected component of a binary mask (optionally with holes filled)."""
-    mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
-        return mask
-    lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    if n > 1:
-        sizes = np.bincount(lab.ravel())
-        sizes[0] = 0
-        mask = lab == int(np.argmax(sizes))
-    if fill_holes:
-        mask = ndimage.binary_fill_holes(mask)
-    return mask
 
 
 def keep_largest_foreground(dseg: np.ndarray) -> np.ndarray:

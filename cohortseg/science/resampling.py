@@ -20,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from cohortseg.errors import InputError
+from cohortseg.science.metrics import voxel_sizes
 
 # World (RAS+) directions used to present axial slices canonically.
 _LEFT = np.array([-1.0, 0.0, 0.0])
@@ -41,12 +42,6 @@ def _check_affine(affine, what: str = "affine") -> np.ndarray:
     if abs(np.linalg.det(a[:3, :3])) < 1e-12:
         raise InputError(f"{what} is singular (zero voxel size or degenerate axes)")
     return a
-
-
-def voxel_sizes(affine) -> np.ndarray:
-    """Length (mm) of each voxel axis of `affine`."""
-    a = np.asarray(affine, dtype=np.float64)
-    return np.sqrt((a[:3, :3] ** 2).sum(axis=0))
 
 
 def through_plane_axis(affine) -> int:
