@@ -319,14 +319,6 @@ def uncrop(cropped: np.ndarray, box, full_shape: Sequence[int]) -> np.ndarray:
     return out
 
 
-def crop_affine(affine: np.ndarray, box) -> np.ndarray:
-    """Affine of the cropped grid: voxel (0,0,0) of the crop is voxel `box.start` of the image."""
-    box = CropBox.from_dict(box)
-    t = np.eye(4)
-    t[:3, 3] = box.start
-    return np.asarray(affine, dtype=float) @ t
-
-
 # ----------------------------------------------------------------------------------------------
 # intensities
 # ----------------------------------------------------------------------------------------------
@@ -384,5 +376,5 @@ def to_native(prob: np.ndarray, meta: dict, order: int = 1) -> np.ndarray:
 
 __all__ = [
     "GRID_SHAPE", "CONFORM_SHAPE", "TARGET_THRESHOLDS", "read_model_info", "card_from_model_info", "FoldModel",
-    "load_fold", "CropBox", "crop_box", "crop", "uncrop", "crop_affine", "normalise_p99", "to_native",
+    "load_fold", "CropBox", "crop_box", "crop", "uncrop", "normalise_p99", "to_native",
 ]

@@ -630,12 +630,14 @@ class Cmb(_Lesion):
         return (cmb_location_mni if matrix is not None else None), None
 
     def _region_table(self, census, labels, region_vol, aff):
+        from cohortseg.science.lesions import lesion_counts_by_region
+
+        counts = lesion_counts_by_region(census, (*self.region_names, "unassigned"))
         rows, metrics = [], {}
         for r in (*self.region_names, "unassigned"):
-            sel = [c for c in census if c["region"] == r]
-            vol = round(float(sum(c["volume_mm3"] for c in sel)), 3)
-            rows.append({"region": r, "count": len(sel), "volume_mm3": vol})
-            metrics[f"count_{r}"] = len(sel)
+            vol = round(float(sum(c["volume_mm3"] for c in census if c["region"] == r)), 3)
+            rows.append({"region": r, "count": counts[r], "volume_mm3": vol})
+            metrics[f"count_{r}"] = counts[r]
         return rows, metrics
 
 

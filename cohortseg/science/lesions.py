@@ -287,15 +287,6 @@ def _cmb_codes_xyz(x, y, z) -> np.ndarray:
     return codes
 
 
-def cmb_region_map_mni(shape: Sequence[int], affine: np.ndarray, brain_mask: np.ndarray | None = None) -> np.ndarray:
-    """Label map (1 lobar, 2 deep, 3 infratentorial) on an MNI-space grid (`shape`, `affine`);
-    0 outside `brain_mask` when given. Warp it to a subject with nearest-neighbour interpolation."""
-    codes = _cmb_codes_xyz(*world_grid(shape, affine))
-    if brain_mask is not None:
-        codes[np.asarray(brain_mask) <= 0] = 0
-    return codes
-
-
 __all__ = ["WMH_REGIONS", "CMB_REGIONS", "UNASSIGNED", "label_clusters", "filter_clusters", "lesion_census",
            "regional_volumes", "lesion_counts_by_region", "wmh_region_map", "cmb_location_mni",
-           "cmb_region_map_mni", "world_grid"]
+           "world_grid"]

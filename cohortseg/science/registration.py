@@ -22,7 +22,7 @@ import functools
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -312,17 +312,6 @@ def transform_points(points_mm: np.ndarray, transform, inverse: bool = False) ->
     return p @ m[:3, :3].T + m[:3, 3]
 
 
-def points_to_mni(points_mm: np.ndarray, transform) -> np.ndarray:
-    """Native world RAS mm points -> MNI mm, with a transform from :func:`affine_to_mni`."""
-    return transform_points(points_mm, transform)
-
-
-def mni_point_mapper(transform) -> Callable[[np.ndarray], np.ndarray]:
-    """Callable for ``lesions.lesion_census(mni_affine_fn=...)``."""
-    tr = LinearTransform.from_dict(transform)
-    return functools.partial(points_to_mni, transform=tr)
-
-
 def voxels_to_world(ijk: Sequence, affine: np.ndarray) -> np.ndarray:
     a = np.asarray(affine, dtype=float)
     p = np.asarray(ijk, dtype=float).reshape(-1, 3)
@@ -330,5 +319,5 @@ def voxels_to_world(ijk: Sequence, affine: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["LinearTransform", "register", "rigid", "affine", "affine_to_mni", "mni_template", "apply",
-           "transform_points", "points_to_mni", "mni_point_mapper", "to_ants", "from_ants", "voxels_to_world",
+           "transform_points", "to_ants", "from_ants", "voxels_to_world",
            "FAST_SCHEDULE", "DEFAULT_SEED"]
