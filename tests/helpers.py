@@ -44,8 +44,7 @@ def job_counts(dryrun_output: str) -> dict[str, int]:
 
 
 def run_item(pipeline: str, inputs: dict, out_dir, settings: dict | None = None, model_dir=None,
-             participant_id: str = "sub-01", session_id: str = "", name: str | None = None, models=None,
-             batch_size: int = 8):
+             participant_id: str = "sub-01", session_id: str = "", name: str | None = None, models=None):
     """One item through its plugin exactly as the steps run it: the config (with the schema's
     defaults, as the Snakefile validates it), cards and models from the config, prepare ->
     Prepared file -> predict -> Predicted file -> finalize. `models` replaces the loaded fold models
@@ -72,7 +71,8 @@ def run_item(pipeline: str, inputs: dict, out_dir, settings: dict | None = None,
     p, ctx, work = get_pipeline(pipeline), Context.from_config(config), out_dir / "work"
     p.prepare(item, cards, config[pipeline], ctx).save(work / f"{item.name}_prep.npz")
     prepared = Prepared.load(work / f"{item.name}_prep.npz")
-    p.predict(models, prepared, cards, config[pipeline], batch_size).save(work / f"{item.name}_prob.npz")
+    batch = int(config["inference"]["batch_size"])
+    p.predict(models, prepared, cards, config[pipeline], batch).save(work / f"{item.name}_prob.npz")
     predicted = Predicted.load(work / f"{item.name}_prob.npz")
     out = OutputWriter(out_dir, item)
     metrics = p.finalize(item, prepared, predicted, cards, config[pipeline], ctx, out)

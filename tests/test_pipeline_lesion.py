@@ -157,6 +157,7 @@ def make_cohort(root, t1_base, with_sub02=False):
     nib.save(nib.Nifti1Image(swi.astype(np.float32) * 7.3, s_aff), anat / "sub-01_swi.nii.gz")
     truth["swi_grid"] = (s_shape, s_aff)
     truth["t1_grid"] = (t1.shape, aff)
+    truth["flair_motion"] = fl_motion
     if with_sub02:
         a2 = bids / "sub-02" / "anat"
         a2.mkdir(parents=True)
@@ -277,9 +278,21 @@ def test_outputs_on_the_native_grids(run):
         fig = run["out"] / pipe / "sub-01" / "figures"
         for key in (f"desc-{t}_qc.png", f"desc-{t}_lesions.png", "desc-brain_mask.png"):
             assert (fig / f"{stem}_{key}").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the WMH registration FLAIR -> T1 recovered the simulated head motion (inverse of it)
+    # the WMH registration FLAIR -> T1 recovered the simulated head motion (its inverse): points of
+    # the head mapped T1 -> FLAIR (motion) -> T1 (registration) land within 1 mm of where they started
     rec = json.loads((run["out"] / "work" / "records" / "sub-01.json").read_text())
     assert rec["pipelines"]["wmh"]["sub-01_T1w"]["status"] == "ok"
+    prep = Prepared.load(run["out"] / "work" / "prep" / "wmh" / "sub-01" / "sub-01_T1w.npz")
+    flair_to_t1 = np.asarray(prep.meta["registration"]["flair_to_t1"])
+    shape, aff = truth["t1_grid"]
+    centre = nib.affines.apply_affine(aff, np.array(shape) / 2)
+    corners = centre + 50.0 * np.array(np.meshgrid([-1, 1], [-1, 1], [-1, 1])).reshape(3, -1).T  # a 10 cm cube
+    back = nib.affines.apply_affine(flair_to_t1 @ truth["flair_motion"], corners)
+    err = np.linalg.norm(back - corners, axis=1)
+    print(f"FLAIR -> T1 rigid: corner errors {np.round(err, 2)} mm")
+    assert err.max() < 1.0
+    moved = np.linalg.norm(nib.affines.apply_affine(truth["flair_motion"], corners) - corners, axis=1)
+    assert moved.max() > 5.0  # the motion was real
 
 
 @pytest.mark.slow
