@@ -65,11 +65,12 @@ def build_uv(tmp: Path, py: Path) -> dict[str, str]:
 
 def build_pip(tmp: Path, py: Path) -> dict[str, str]:
     run([py, "-m", "pip", "install", "-q", "-e", f"{REPO}[test]"], check=True)
-    out = run([py, "-m", "pip", "freeze", "--exclude-editable"], check=True, capture_output=True, text=True).stdout
+    out = run([py, "-m", "pip", "freeze", "--all", "--exclude-editable"], check=True, capture_output=True,
+              text=True).stdout
     pins = {}
     for line in out.splitlines():
         m = locktools.PIN.match(line)
-        if m:
+        if m and locktools.norm(m.group(1)) != "pip":  # pip itself is the venv's, never locked
             pins[locktools.norm(m.group(1))] = m.group(3)
     return pins
 
