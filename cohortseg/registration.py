@@ -8,7 +8,8 @@
   :func:`transform_points` / :func:`points_to_mni` map world points.
 * Determinism: ITK runs single-threaded (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1`` is set before
   ants is first imported, unless the caller set it) and the metric sampling uses a fixed
-  ``random_seed``, so the same inputs give bit-identical matrices.
+  ``random_seed`` (passed both ways antspyx versions read it, see :func:`_seeded`), so the same
+  inputs give bit-identical matrices.
 * Fixed image for MNI: the MNI152 2009c (sym) T1 template shipped inside the nilearn wheel, brain
   only, at 2 mm by default.
 
