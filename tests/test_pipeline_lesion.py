@@ -528,3 +528,34 @@ def test_meshnet_mask_path_keeps_the_orientation(t1_base):
     assert str(res["mask_source"]) == "model:mindgrab"
     assert (unpack_mask(res["brain_mask"], conf.shape) ^ m).sum() < 1e-4 * m.sum()
     assert res["prob"].shape == (160, 214, 176)
+
+
+def test_two_prepare_runs_of_a_session_give_identical_transforms_and_tables(tmp_path, t1_base):
+    """Reproducibility for a given input and antspyx version: prepare the same CMB session (rigid
+    SWI -> T1 and affine T1 -> MNI) twice from scratch, then predict and finalize each with the
+    numpy stand-in folds: transforms bit-identical, census and region tables byte-identical."""
+    from cohortseg.pipelines import lesion
+
+    bids, _ = make_cohort(tmp_path, t1_base)
+    anat = bids / "sub-01" / "anat"
+    item = Item("sub-01", "", "cmb", "sub-01_swi", {"image": str(anat / "sub-01_swi.nii.gz"),
+                                                     "t1": str(anat / "sub-01_T1w.nii.gz")})
+    card = _card("s", ["swi"])
+    cfg = {"interpolation": "linear", "_global": {"allow_4d": False, "max_voxels": 10**9, "output_dir": str(tmp_path)}}
+    pipe = get_pipeline("cmb")
+    runs = []
+    for k in range(2):
+        lesion._T1_CACHE.clear()  # the T1's MNI registration is recomputed too
+        prep = pipe.prepare(item, [card], cfg)
+        prob = pipe.predict([[_NumpyFold(0), _NumpyFold(1)]], prep, [card], {}, 1)
+        out = OutputWriter(tmp_path / f"out{k}", item)
+        metrics = pipe.finalize(item, prep, prob, [card], {"threshold": 0.5, "min_cluster_voxels": 1,
+                                                           "max_outside_fraction": 0.25, "_global": {}}, out)
+        runs.append((prep.meta, metrics, out.files))
+    (m0, met0, f0), (m1, met1, f1) = runs
+    assert m0["mni"]["matrix"] is not None and m0["registration"]["swi_to_t1"]
+    assert m0["registration"] == m1["registration"]  # nested lists of floats: exact equality
+    assert m0["mni"] == m1["mni"]
+    assert met0 == met1 and met0["count"] >= 1
+    for name in ("desc-CMB_census.tsv", "desc-CMB_regions.tsv"):
+        assert open(f0[name], "rb").read() == open(f1[name], "rb").read(), name
