@@ -13,7 +13,7 @@ sys.path.insert(0, workflow.basedir)  # the package, also when not pip-installed
 configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
-from cohortseg.overrides import coerce_config, load_schema, override_hint
+from cohortseg.workflow.overrides import coerce_config, load_schema, override_hint
 
 # nested --config values arrive as strings: '3' -> 3 where the schema wants a number
 coerce_config(config, load_schema(os.path.join(workflow.basedir, "config", "schemas", "config.schema.yaml")))

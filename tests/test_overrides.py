@@ -1,9 +1,9 @@
 """Command-line config overrides: nested `--config` values arrive as strings and are coerced along
-the schema (cohortseg.overrides), top-level and nested, through the real Snakefile."""
+the schema (cohortseg.workflow.overrides), top-level and nested, through the real Snakefile."""
 import pytest
 
 from cohortseg.fakebids import make_fake_bids
-from cohortseg.overrides import coerce, coerce_config, load_schema, override_hint
+from cohortseg.workflow.overrides import coerce, coerce_config, load_schema, override_hint
 from helpers import job_counts, snakemake, write_config
 
 
