@@ -38,16 +38,16 @@ def main() -> None:
     from cohortseg.models.ensemble import configure_tensorflow, load_models
     from cohortseg.models.store import ModelStore
     from cohortseg.pipelines import get_pipeline
-    from cohortseg.pipelines.base import Item, OutputWriter
+    from cohortseg.pipelines.base import Context, Item, OutputWriter
 
     configure_tensorflow(threads=a.threads)
     cards = [find_card(n) for n in ("brainchop_mindgrab", "brainchop_gw", "brainchop_subcortical", "deepwmh_head")]
     models = load_models(cards, ModelStore(SHARED / "models"))
     p = get_pipeline("brain_tissue")
     item = Item("sub-01", "", "brain_tissue", "sub-01_T1w", {"image": a.t1})
-    cfg = {"_global": {}, "etiv": False}
+    cfg = {"etiv": False}
     s = time.perf_counter()
-    prep = p.prepare(item, cards, cfg)
+    prep = p.prepare(item, cards, cfg, Context())
     prep_s = time.perf_counter() - s
     runs = {}
     for fast in (False, True):
@@ -57,7 +57,7 @@ def main() -> None:
         info = json.loads(str(arrays["info"]))
         with tempfile.TemporaryDirectory() as tmp:
             s = time.perf_counter()
-            m = p.finalize(item, prep, arrays, cards, dict(cfg, fast_crop=fast), OutputWriter(tmp, item))
+            m = p.finalize(item, prep, arrays, cards, dict(cfg, fast_crop=fast), Context(), OutputWriter(tmp, item))
             fin = time.perf_counter() - s
         lo = np.asarray(arrays["box"][:3])
         full = np.zeros((256, 256, 256), bool)

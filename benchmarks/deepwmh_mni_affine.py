@@ -42,7 +42,7 @@ def main() -> None:
     from cohortseg.models.ensemble import FoldModel, configure_tensorflow
     from cohortseg.models.nets import deepwmh as nets
     from cohortseg.pipelines import deepwmh
-    from cohortseg.pipelines.base import Item
+    from cohortseg.pipelines.base import Context, Item
     from cohortseg.pipelines.lesion import conform_ras, fallback_brain_mask
     from cohortseg.science import deepwmh as W
     from cohortseg.science import registration
@@ -62,9 +62,9 @@ def main() -> None:
     for name, path in T1S.items():
         img, _ = load_image(path)
         item = Item("sub-01", "", "wmh", name, {"image": str(path)})
-        deepwmh.prepare(item, cards, {"_global": {}})  # warm-up of the z-score / resampling code paths
+        deepwmh.prepare(item, cards, {}, Context())  # warm-up of the z-score / resampling code paths
         s = time.perf_counter()
-        prep = deepwmh.prepare(item, cards, {"_global": {}})
+        prep = deepwmh.prepare(item, cards, {}, Context())
         pri = deepwmh.head_priors(head, prep.x)
         params = np.asarray(aff[0].predict(W.affine_input(pri)[None]))[0]
         m_deep = W.mni_matrix(params, img.affine, img.shape)

@@ -43,7 +43,7 @@ def main() -> None:
     from cohortseg.models.ensemble import FoldModel, configure_tensorflow
     from cohortseg.models.nets import deepwmh as nets
     from cohortseg.pipelines import deepwmh
-    from cohortseg.pipelines.base import Item, OutputWriter
+    from cohortseg.pipelines.base import Context, Item, OutputWriter
     from cohortseg.science import deepwmh as W
 
     configure_tensorflow(threads=a.threads)
@@ -64,7 +64,7 @@ def main() -> None:
         for rep in range(a.repeat + 1):  # the first run warms TensorFlow up and is not counted
             t = {}
             s = time.perf_counter()
-            prep = deepwmh.prepare(item, cards, {"_global": {}})
+            prep = deepwmh.prepare(item, cards, {}, Context())
             t["prepare"] = time.perf_counter() - s
             aff = np.asarray(prep.meta["native_affine"])
             shape = tuple(prep.meta["native_shape"])
@@ -86,7 +86,7 @@ def main() -> None:
             prob = deepwmh.predict(models, prep, cards, {}, 1)
             t["predict"] = time.perf_counter() - s
             s = time.perf_counter()
-            deepwmh.finalize(item, prep, prob, cards, {"_global": {}}, OutputWriter(tmp, item))
+            deepwmh.finalize(item, prep, prob, cards, {}, Context(), OutputWriter(tmp, item))
             t["finalize"] = time.perf_counter() - s
             t["wmh_net"] = t["predict"] - t["three_nets"]  # predict = the three nets + the WMH net
             t["item"] = t["prepare"] + t["predict"] + t["finalize"]

@@ -1,4 +1,4 @@
-"""Command line: `cohortseg make-demo`, `cohortseg manifest`, `cohortseg verify-models`."""
+"""Command line: `cohortseg make-demo` (the demo BIDS cohort) and `cohortseg verify-models` (check every model file a config names)."""
 from __future__ import annotations
 
 import argparse
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
         from cohortseg.models.store import ModelStore
 
         cfg = yaml.safe_load(Path(a.configfile).read_text())
-        store = ModelStore(cfg.get("model_dir", "models"), allow_download=cfg.get("allow_download", False))
+        store = ModelStore.from_config({k: v for k, v in cfg.items() if k != "output_dir"})
         try:
             for p in cfg.get("pipelines", []):
                 for name, digests in store.verify(pipeline_cards(cfg, p)).items():

@@ -71,11 +71,11 @@ def save_nifti_atomic(data: np.ndarray, affine: np.ndarray, path, header=None, d
     return Path(path)
 
 
-def sha256sum(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
+def _digest(h, *paths, chunk: int = 1 << 20) -> str:
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(chunk), b""):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -90,12 +90,23 @@ def git_blob_sha1(path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def md5sum(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+def sha256sum(path) -> str:
+    return _digest(hashlib.sha256(), path)
+
+
+def md5sum(path) -> str:
+    return _digest(hashlib.md5(), path)
+
+
+def tree_md5(path) -> str:
+    """md5 of a file, or of a folder as SHIVA computes it: the bytes of every file below it, in sorted
+    path order (SavedModel fold folders)."""
+    path = Path(path)
+    if path.is_dir():
+        return _digest(hashlib.md5(), *sorted(p for p in path.rglob("*") if p.is_file()))
+    if path.is_file():
+        return md5sum(path)
+    raise FileNotFoundError(str(path))
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,3 +41,40 @@ def job_counts(dryrun_output: str) -> dict[str, int]:
             if m:
                 counts[m.group(1)] = int(m.group(2))
     return counts
+
+
+def run_item(pipeline: str, inputs: dict, out_dir, settings: dict | None = None, model_dir=None,
+             participant_id: str = "sub-01", session_id: str = "", name: str | None = None, models=None):
+    """One item through its plugin exactly as the steps run it: the config (with the schema's
+    defaults, as the Snakefile validates it), cards and models from the config, prepare ->
+    Prepared file -> predict -> Predicted file -> finalize. `models` replaces the loaded fold models
+    (stand-ins). Returns {'prepared', 'predicted', 'metrics', 'files', 'flags', 'cards', 'models'}."""
+    from snakemake.utils import validate
+
+    from cohortseg.models.cards import pipeline_cards
+    from cohortseg.models.ensemble import load_models
+    from cohortseg.models.store import ModelStore
+    from cohortseg.pipelines import get_pipeline
+    from cohortseg.pipelines.base import Context, Item, OutputWriter, Predicted, Prepared
+
+    out_dir = Path(out_dir)
+    config = {"bids_dir": str(out_dir), "output_dir": str(out_dir), "pipelines": [pipeline],
+              pipeline: dict(settings or {})}
+    if model_dir is not None:
+        config["model_dir"] = str(model_dir)
+    validate(config, str(REPO / "config" / "schemas" / "config.schema.yaml"))
+    cards = pipeline_cards(config, pipeline)
+    if models is None:
+        models = load_models(cards, ModelStore.from_config(config))
+    first = Path(next(iter(inputs.values()))).name.split(".")[0]
+    item = Item(participant_id, session_id, pipeline, name or first, {k: str(v) for k, v in inputs.items()})
+    p, ctx, work = get_pipeline(pipeline), Context.from_config(config), out_dir / "work"
+    p.prepare(item, cards, config[pipeline], ctx).save(work / f"{item.name}_prep.npz")
+    prepared = Prepared.load(work / f"{item.name}_prep.npz")
+    batch = int(config["inference"]["batch_size"])
+    p.predict(models, prepared, cards, config[pipeline], batch).save(work / f"{item.name}_prob.npz")
+    predicted = Predicted.load(work / f"{item.name}_prob.npz")
+    out = OutputWriter(out_dir, item)
+    metrics = p.finalize(item, prepared, predicted, cards, config[pipeline], ctx, out)
+    return {"prepared": prepared, "predicted": predicted, "metrics": metrics, "files": out.files, "flags": out.flags,
+            "cards": cards, "models": models}

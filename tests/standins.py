@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cohortseg.models.shiva import GRID_SHAPE, tree_md5
+from cohortseg.io import tree_md5
+from cohortseg.models.shiva import GRID_SHAPE
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,33 +1,34 @@
 """brain_tissue science: FreeSurfer-style conform, MeshNet inference, tissue volumes, eTIV.
 
-Real-model checks (``shared``) use brainchop's model5_gw_ae (fast enough for 2 CPU cores): GM/WM
-Dice against the MNI152 2009 tissue maps, a plausible brain volume on brainchop's t1_crop, and the
-same volumes when the T1 is first moved to a 1.2 mm RAS grid.
+Real-model checks (``shared``) run the brain_tissue plugin (tests/helpers.run_item: prepare ->
+predict -> finalize, as the workflow) with brainchop's model5_gw_ae and a stand-in for the slow
+mindgrab mask (2 CPU cores): GM/WM Dice against the MNI152 2009 tissue maps, a plausible brain
+volume on brainchop's t1_crop, and the same volumes when the T1 is first moved to a 1.2 mm RAS grid.
 """
 from __future__ import annotations
+
+import json
 
 import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
 
+from cohortseg.errors import InputError
 from cohortseg.science.brain import (
     ASEG18_DSEG,
-    MESHNETS,
     TISSUE_DSEG,
     crop_box,
-    dice,
     dseg_table,
-    keep_largest_per_class,
+    keep_largest_foreground,
     largest_component,
     normalize,
-    prob_volumes,
-    segment_tissue,
     tissue_dseg,
     tissue_volumes,
 )
 from cohortseg.science.conform import conform, conformed_affine, orientation_matrix, to_native
-from cohortseg.errors import InputError
+from cohortseg.science.metrics import dice
+from helpers import run_item
 
 
 # ----------------------------------------------------------------------------- synthetic helpers
@@ -127,10 +128,6 @@ def test_tissue_volumes_hand_computed():
     th = np.deg2rad(30)
     rot = np.array([[np.cos(th), -np.sin(th), 0, 0], [np.sin(th), np.cos(th), 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
     assert tissue_volumes(dseg, {1: "GM"}, rot @ aff)["GM"] == pytest.approx(40 * 2.4 / 1000)
-    # probabilities: partial volumes
-    prob = np.zeros(dseg.shape + (2,), np.float32)
-    prob[..., 1] = 0.25
-    assert prob_volumes(prob, ["bg", "x"], aff)["x"] == pytest.approx(960 * 0.25 * 2.4 / 1000, rel=1e-6)
 
 
 def test_tissue_dseg_and_tables():
@@ -164,8 +161,9 @@ def test_normalize_crop_and_cleanup():
     assert lc.sum() == 216 and not lc[15, 15, 15]
     d = np.zeros((20, 20, 20), np.uint8)
     d[m] = 2
-    d[15, 15, 15] = 1
-    assert (keep_largest_per_class(d) == 2).sum() == 215
+    d[15:17, 15:17, 15:17] = 1  # a second, smaller foreground island of another class
+    kept = keep_largest_foreground(d)
+    assert (kept == 2).sum() == 215 and not kept[15, 15, 15]
     with pytest.raises(InputError):
         crop_box(np.zeros((5, 5, 5)))
 
@@ -194,62 +192,36 @@ def _head_mask_model():
     return model
 
 
-def _const_class_model(n_classes: int, cls: int):
-    """Stand-in net: class ``cls`` wherever the normalised intensity > 0.1, else class 0."""
-    import keras
-
-    inp = keras.Input((None, None, None, 1))
-    conv = keras.layers.Conv3D(n_classes, 1)
-    model = keras.Model(inp, conv(inp))
-    k = np.zeros((1, 1, 1, 1, n_classes), np.float32)
-    b = np.zeros(n_classes, np.float32)
-    k[..., cls], b[cls] = 40.0, -4.0
-    conv.set_weights([k, b])
-    return model
+def _brain_tissue(tmp, image, gw_model, shared_dir):
+    """The brain_tissue plugin with the GM/WM card, the stand-in head mask in mindgrab's place."""
+    return run_item("brain_tissue", {"image": image}, tmp, {"models": ["brainchop_mindgrab", "brainchop_gw"], "etiv": False},
+                    model_dir=shared_dir / "models", name="sub-01_T1w", models=[[_head_mask_model()], [gw_model]])
 
 
-def test_segment_conformed_glue_with_stand_in_nets():
-    """Keys, units and masking of segment_conformed (tiny synthetic volume, stand-in nets)."""
-    from cohortseg.science.brain import segment_conformed
-
-    vol = np.zeros((40, 44, 36), np.uint8)
-    vol[8:30, 10:34, 6:30] = 200  # 22 * 24 * 24 = 12672 voxels
-    vol[12, 12, 12] = 255
-    aff = np.diag([-1.0, 1.0, 1.0, 1.0])[[0, 2, 1, 3]]
-    img = nib.Nifti1Image(vol, aff)
-    res = segment_conformed(img, {"brain_mask": _head_mask_model(), "aseg": _const_class_model(18, 3)},
-                            wm_target=None)
-    v = res.volumes
-    assert v["brain_mask_ml"] == pytest.approx(12.672)
-    assert v["aseg_lateral_ventricle_ml"] == pytest.approx(12.672)
-    assert v["aseg_thalamus_ml"] == 0.0 and len([k for k in v if k.startswith("aseg_")]) == 17
-    assert res.aseg.dtype == np.uint8 and res.aseg.shape == vol.shape
-    with pytest.raises(InputError, match="empty"):
-        segment_conformed(img, {"brain_mask": _const_class_model(2, 0)})
+def _out(res, key):
+    return np.asarray(nib.load(res["files"][key]).dataobj)
 
 
 @pytest.fixture(scope="module")
-def t1_crop_result(gw_model, t1_crop):
-    """segment_conformed on t1_crop with the real GW net and a stand-in head mask."""
-    from cohortseg.science.brain import segment_conformed
-
-    conf, _ = conform(t1_crop)
-    res = segment_conformed(conf, {"brain_mask": _head_mask_model(), "tissue": gw_model})
-    return res
+def t1_crop_result(tmp_path_factory, gw_model, shared_dir):
+    return _brain_tissue(tmp_path_factory.mktemp("t1crop"), shared_dir / "data" / "brain" / "t1_crop.nii.gz",
+                         gw_model, shared_dir)
 
 
 @pytest.mark.shared
-def test_mni152_gm_wm_dice(gw_model):
+def test_mni152_gm_wm_dice(tmp_path, gw_model, shared_dir):
     from nilearn import datasets
 
     mni = datasets.load_mni152_template(resolution=1)
     gm_ref = datasets.load_mni152_gm_template(resolution=1).get_fdata() > 0.5
     wm_ref = datasets.load_mni152_wm_template(resolution=1).get_fdata() > 0.5
-    conf, _ = conform(mni)
-    _, lab, info = segment_tissue(gw_model, conf, MESHNETS["model5_gw_ae"])
-    native = to_native(tissue_dseg(lab), conf.affine, mni, order=0)  # compare in the template grid
+    nib.save(nib.Nifti1Image(np.asarray(mni.dataobj, np.float32), mni.affine), tmp_path / "mni.nii.gz")
+    res = _brain_tissue(tmp_path, tmp_path / "mni.nii.gz", gw_model, shared_dir)
+    native = _out(res, "dseg.nii.gz")  # the plugin's output on the template grid: 1 GM, 2 WM, 3 CSF
+    assert native.shape == mni.shape
     gm, wm = dice(native == 1, gm_ref), dice(native == 2, wm_ref)
-    print(f"MNI152 model5_gw_ae: GM Dice {gm:.3f}, WM Dice {wm:.3f}, {info}")
+    print(f"MNI152 model5_gw_ae through brain_tissue: GM Dice {gm:.3f}, WM Dice {wm:.3f}, "
+          f"wm_gain {res['metrics']['wm_gain']}")
     assert gm >= 0.80
     assert wm >= 0.86
 
@@ -257,27 +229,28 @@ def test_mni152_gm_wm_dice(gw_model):
 @pytest.mark.shared
 def test_t1_crop_brain_volume(t1_crop_result):
     res = t1_crop_result
-    v = res.volumes
-    print(f"t1_crop: {v}, {res.info}")
+    v = res["metrics"]
+    print(f"t1_crop: {v}")
     assert 1000.0 <= v["brain_ml"] <= 1800.0
-    assert v["brain_ml"] == pytest.approx(v["gm_ml"] + v["wm_ml"])
+    assert v["brain_ml"] == pytest.approx(v["gm_ml"] + v["wm_ml"], abs=0.002)
     assert 0.3 < v["wm_ml"] / v["brain_ml"] < 0.6
     # brainchop's sample is a FreeSurfer-conformed head: WM sits near half the range
-    assert 0.4 < res.info["tissue"]["wm_level"] < 0.6
-    # CSF = mask minus tissue; all in the conformed grid
-    assert v["csf_ml"] + v["brain_ml"] <= v["brain_mask_ml"] + 1e-6
-    assert res.tissue.shape == (256, 256, 256) and res.tissue.dtype == np.uint8
-    assert set(np.unique(res.tissue)) <= {0, 1, 2, 3}
-    pgm = res.probseg()["GM"]
-    assert pgm.shape == (256, 256, 256) and 0.0 <= pgm.min() and pgm.max() <= 1.0
-    # partial-volume GM close to the hard count
-    assert pgm.sum() / 1000 == pytest.approx(v["gm_ml"], rel=0.1)
+    info = json.loads(open(res["files"]["desc-tissue_volumes.json"]).read())["inference"]
+    assert 0.4 < info["tissue"]["wm_level"] < 0.6
+    # CSF = mask minus tissue; the conformed t1_crop is used as is, so the native grid is the conformed one
+    assert v["csf_ml"] + v["brain_ml"] == pytest.approx(v["brain_mask_ml"], abs=0.002)
+    dseg = _out(res, "dseg.nii.gz")
+    assert dseg.shape == (256, 256, 256) and dseg.dtype == np.uint8 and set(np.unique(dseg)) <= {0, 1, 2, 3}
+    assert (dseg == 1).sum() / 1000 == pytest.approx(v["gm_ml"], abs=0.002)
+    pgm = _out(res, "label-GM_probseg.nii.gz")
+    assert 0.0 <= pgm.min() and pgm.max() <= 1.0
+    assert pgm.sum() / 1000 == pytest.approx(v["gm_ml"], rel=0.1)  # partial-volume GM close to the hard count
 
 
 @pytest.mark.shared
-def test_non_conformed_input_gives_same_volumes(gw_model, t1_crop, t1_crop_result):
-    """t1_crop moved to a 1.2 mm RAS grid (float, other FOV): conform + segment -> same volumes."""
-    ref_vols = {"GM": t1_crop_result.volumes["gm_ml"], "WM": t1_crop_result.volumes["wm_ml"]}
+def test_non_conformed_input_gives_same_volumes(tmp_path, gw_model, t1_crop, t1_crop_result, shared_dir):
+    """t1_crop moved to a 1.2 mm RAS grid (float, other FOV): the plugin gives the same volumes."""
+    ref = t1_crop_result["metrics"]
     src = np.asarray(t1_crop.dataobj, dtype=np.float32)
     zoom = 1.2
     shape = (140, 160, 150)
@@ -288,19 +261,19 @@ def test_non_conformed_input_gives_same_volumes(gw_model, t1_crop, t1_crop_resul
     data = ndimage.affine_transform(src, v2v[:3, :3], offset=v2v[:3, 3], output_shape=shape, order=1)
     native = nib.Nifti1Image((data * 3.7 + 12.0).astype(np.float32), aff)  # arbitrary scanner units
     assert "".join(nib.aff2axcodes(native.affine)) == "RAS"
-
-    conf, info = conform(native)
-    assert info["intensity_rescaled"] and not info["identity_resampling"]
-    _, lab, _ = segment_tissue(gw_model, conf, MESHNETS["model5_gw_ae"])
-    vols = tissue_volumes(tissue_dseg(lab), dict((i, n) for i, n, _ in TISSUE_DSEG), conf.affine)
-    print("1.2 mm RAS:", vols, "conformed:", ref_vols)
-    for k in ("GM", "WM"):
-        assert vols[k] == pytest.approx(ref_vols[k], rel=0.05)
-    assert vols["GM"] + vols["WM"] == pytest.approx(ref_vols["GM"] + ref_vols["WM"], rel=0.03)
+    nib.save(native, tmp_path / "moved.nii.gz")
+    res = _brain_tissue(tmp_path, tmp_path / "moved.nii.gz", gw_model, shared_dir)
+    assert res["prepared"].meta["conform"]["intensity_rescaled"]
+    vols = res["metrics"]
+    print("1.2 mm RAS:", vols, "conformed:", ref)
+    for k in ("gm_ml", "wm_ml"):
+        assert vols[k] == pytest.approx(ref[k], rel=0.05)
+    assert vols["brain_ml"] == pytest.approx(ref["brain_ml"], rel=0.03)
     # and the labels come back onto the 1.2 mm grid with the right total volume
-    back = to_native(tissue_dseg(lab), conf.affine, native, order=0)
+    back = _out(res, "dseg.nii.gz")
+    assert back.shape == shape
     bv = tissue_volumes(back, {1: "GM", 2: "WM"}, native.affine)
-    assert bv["GM"] + bv["WM"] == pytest.approx(vols["GM"] + vols["WM"], rel=0.03)
+    assert bv["GM"] + bv["WM"] == pytest.approx(vols["brain_ml"], rel=0.03)
 
 
 @pytest.mark.shared

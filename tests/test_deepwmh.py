@@ -256,18 +256,18 @@ def deep(shared_dir, tmp_path_factory):
 
 def _run(deep, t1_path, name, out_dir):
     from cohortseg.pipelines import get_pipeline
-    from cohortseg.pipelines.base import Item, OutputWriter, Prepared
+    from cohortseg.pipelines.base import Context, Item, OutputWriter, Prepared
 
     p = get_pipeline("wmh")
     item = Item("sub-01", "ses-01", "wmh", name, {"image": str(t1_path)})
-    cfg = {"_global": {"output_dir": str(out_dir)}}
-    prep = p.prepare(item, deep["cards"], cfg)
+    cfg, ctx = {}, Context(output_dir=str(out_dir))
+    prep = p.prepare(item, deep["cards"], cfg, ctx)
     saved = out_dir / f"{name}.npz"
     prep.save(saved)
     prep = Prepared.load(saved)
     prob = p.predict(deep["models"], prep, deep["cards"], cfg, 1)
     out = OutputWriter(out_dir, item)
-    metrics = p.finalize(item, prep, prob, deep["cards"], cfg, out)
+    metrics = p.finalize(item, prep, prob, deep["cards"], cfg, ctx, out)
     return prep, prob, out, metrics
 
 
@@ -395,14 +395,14 @@ def test_volumes_upstream_formulas():
 
 def test_prepare_refuses_bad_input(tmp_path):
     from cohortseg.pipelines import get_pipeline
-    from cohortseg.pipelines.base import Item
+    from cohortseg.pipelines.base import Context, Item
 
     cards = [find_card(n) for n in ("deepwmh_head", "deepwmh_affine", "deepwmh_rois", "deepwmh_wmh")]
     p = tmp_path / "flat.nii.gz"
     nib.save(nib.Nifti1Image(np.random.default_rng(0).random((64, 64, 4)).astype(np.float32), np.eye(4)), str(p))
     item = Item("sub-01", "", "wmh", "sub-01_T1w", {"image": str(p)})
     with pytest.raises(InputError, match="too small"):
-        get_pipeline("wmh").prepare(item, cards, {"_global": {}})
+        get_pipeline("wmh").prepare(item, cards, {}, Context())
 
 
 def test_mni_box_geometry_on_the_mni_template():
@@ -445,7 +445,7 @@ def test_cmb_uses_the_head_net_mask_through_the_swi_to_t1_registration(deep, tmp
     from cohortseg.models.ensemble import load_models
     from cohortseg.models.store import ModelStore
     from cohortseg.pipelines import get_pipeline
-    from cohortseg.pipelines.base import Item, OutputWriter, Prepared
+    from cohortseg.pipelines.base import Context, Item, OutputWriter, Prepared
     from standins import make_shiva_bundle
 
     desc, root = make_shiva_bundle(tmp_path / "models", target="CMB", modalities=("swi",), n_folds=1)
@@ -459,13 +459,13 @@ def test_cmb_uses_the_head_net_mask_through_the_swi_to_t1_registration(deep, tmp
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj, np.float32), moved), str(swi))
     item = Item("sub-01", "", "cmb", "sub-01_swi", {"image": str(swi), "t1": str(t1)})
     p = get_pipeline("cmb")
-    cfg = {"_global": {"output_dir": str(tmp_path)}, "interpolation": "linear"}
-    prep = p.prepare(item, cards, cfg)
+    cfg, ctx = {"interpolation": "linear"}, Context(output_dir=str(tmp_path))
+    prep = p.prepare(item, cards, cfg, ctx)
     assert prep.arrays["head_box"].shape == (64, 64, 64)
     prob = p.predict(models, prep, cards, cfg, 1)
     assert str(prob["mask_source"]).startswith("model:deepwmh_head (intracranial prior of the T1, through")
     out = OutputWriter(tmp_path / "out", item)
-    metrics = p.finalize(item, prep, prob, cards, cfg, out)
+    metrics = p.finalize(item, prep, prob, cards, cfg, ctx, out)
     mask = np.asarray(nib.load(out.files["desc-brain_mask.nii.gz"]).dataobj)
     ref = np.asarray(nib.load(str(deep["dir"] / "reference/t1_image_brain_mask.nii.gz")).dataobj)
     assert _dice(mask, ref) >= 0.95

@@ -13,6 +13,7 @@ import pytest
 
 from cohortseg.errors import ModelError
 from cohortseg.science.metrics import dice
+from helpers import run_item
 
 pytestmark = pytest.mark.shared
 
@@ -26,38 +27,30 @@ def gm_paths(shared_dir):
 
 
 @pytest.fixture(scope="module")
-def models(gm_paths):
-    from cohortseg.models.nets.gmseg import load_gmseg, read_gmseg_stats
-
-    out = {}
-    for name, (h5, js) in gm_paths.items():
-        stats = read_gmseg_stats(js)
-        out[name] = (load_gmseg(h5, stats["filters"]), stats["mean"], stats["std"])
-    return out
-
-
-@pytest.fixture(scope="module")
 def t2s(shared_dir):
     d = shared_dir / "data" / "spine" / "t2s"
     img = nib.load(d / "t2s.nii.gz")
     gt = np.asarray(nib.load(d / "t2s_gmseg_manual.nii.gz").dataobj) > 0
-    return img, gt
+    return d / "t2s.nii.gz", img, gt
+
+
+def _sc_gm(tmp, image, shared_dir, **settings):
+    """The sc_gm plugin on one image, as the workflow runs it (tests/helpers.run_item)."""
+    return run_item("sc_gm", {"image": image}, tmp, settings, model_dir=shared_dir / "models",
+                    name="sub-01_T2starw")
+
+
+def _mask(res):
+    return np.asarray(nib.load(res["files"]["label-GM_mask.nii.gz"]).dataobj)
 
 
 @pytest.fixture(scope="module")
-def ensemble_run(models, t2s):
-    """segment_gm with both models, run once per module; per-model results come from its details."""
-    from cohortseg.models.nets.gmseg import segment_gm
-
-    img, _ = t2s
-    return segment_gm(img, [models["challenge"], models["large"]], return_details=True)
-
-
-def _member(ensemble_run, t2s, index):
-    from cohortseg.models.nets.gmseg import fine_to_native
-
-    details = ensemble_run[2]
-    return fine_to_native(details["member_prob_fine"][index], details["grid"], t2s[0])
+def runs(tmp_path_factory, t2s, shared_dir):
+    """The plugin with each model alone and with the default two-model ensemble, once per module."""
+    tmp = tmp_path_factory.mktemp("gm")
+    out = {name: _sc_gm(tmp / name, t2s[0], shared_dir, models=models) for name, models in (
+        ("challenge", ["gmseg_challenge"]), ("large", ["gmseg_large"]), ("ensemble", ["gmseg_challenge", "gmseg_large"]))}
+    return out
 
 
 # ----------------------------------------------------------------------------- architecture
@@ -89,77 +82,63 @@ def test_architecture_matches_upstream(gm_paths):
 # ----------------------------------------------------------------------------- accuracy
 
 
-def test_dice_challenge_model(ensemble_run, t2s):
-    prob, mask = _member(ensemble_run, t2s, 0)
-    img, gt = t2s
-    assert prob.shape == img.shape and prob.dtype == np.float32
-    assert mask.shape == img.shape and mask.dtype == np.uint8
-    assert np.array_equal(mask, (prob > 0.5).astype(np.uint8))
-    d = dice(mask, gt)
-    print(f"gmseg challenge model Dice = {d:.4f}")
-    assert d >= DICE_MIN
-
-
-def test_dice_large_model(ensemble_run, t2s):
-    _, mask = _member(ensemble_run, t2s, 1)
-    d = dice(mask, t2s[1])
-    print(f"gmseg large model Dice = {d:.4f}")
-    assert d >= DICE_MIN
-
-
-def test_dice_ensemble_is_mean_of_models(ensemble_run, t2s):
-    img, gt = t2s
-    prob, mask, details = ensemble_run
-    members = details["member_prob_fine"]
-    assert len(members) == 2 and details["prob_fine"].shape == (img.shape[2], 200, 200)
-    np.testing.assert_allclose(details["prob_fine"], 0.5 * (members[0] + members[1]), atol=1e-6)
-    assert not np.allclose(members[0], members[1], atol=1e-2)  # two different nets really ran
-    assert prob.shape == img.shape and prob.dtype == np.float32 and mask.dtype == np.uint8
+@pytest.mark.parametrize("name", ["challenge", "large", "ensemble"])
+def test_dice_against_the_manual_mask(runs, t2s, name):
+    _, img, gt = t2s
+    res = runs[name]
+    prob = np.asarray(nib.load(res["files"]["label-GM_probseg.nii.gz"]).dataobj)
+    mask = _mask(res)
+    assert prob.shape == img.shape == mask.shape and prob.dtype == np.float32 and mask.dtype == np.uint8
     assert 0.0 <= prob.min() and prob.max() <= 1.0
     assert np.array_equal(mask, (prob > 0.5).astype(np.uint8))
     d = dice(mask, gt)
-    print(f"gmseg ensemble (challenge + large) Dice = {d:.4f}")
+    print(f"gmseg {name} Dice = {d:.4f}")
     assert d >= DICE_MIN
+    assert res["metrics"]["gm_volume_mm3"] == pytest.approx(
+        mask.sum() * abs(np.linalg.det(img.affine[:3, :3])), rel=1e-3)
 
 
-def test_dice_volume_standardisation(models, t2s):
-    from cohortseg.models.nets.gmseg import segment_gm
+def test_ensemble_is_the_mean_of_its_models(runs, t2s):
+    members = [runs[n]["predicted"].prob for n in ("challenge", "large")]
+    ens = runs["ensemble"]["predicted"].prob
+    assert ens.shape == (t2s[1].shape[2], 200, 200, 1)
+    np.testing.assert_allclose(ens, 0.5 * (members[0] + members[1]), atol=1e-6)
+    assert not np.allclose(members[0], members[1], atol=1e-2)  # two different nets really ran
 
-    img, gt = t2s
-    _, mask = segment_gm(img, [models["challenge"]], standardise="volume")
-    d = dice(mask, gt)
+
+def test_dice_volume_standardisation(tmp_path, t2s, shared_dir):
+    res = _sc_gm(tmp_path, t2s[0], shared_dir, models=["gmseg_challenge"], standardise="volume")
+    d = dice(_mask(res), t2s[2])
     print(f"gmseg challenge model, volume standardisation, Dice = {d:.4f}")
     assert d >= DICE_MIN
 
 
-def test_flip_tta_averages_left_right_flipped_prediction(models):
-    from cohortseg.models.nets.gmseg import predict_slices
+def test_flip_tta_averages_left_right_flipped_prediction(runs, t2s):
+    from cohortseg.pipelines import get_pipeline
 
-    model = models["challenge"][0]
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(2, 200, 200, 1)).astype(np.float32)
-    plain = predict_slices(model, x)
-    flipped = predict_slices(model, np.ascontiguousarray(x[:, ::-1]))[:, ::-1]
-    np.testing.assert_allclose(predict_slices(model, x, batch_size=1, flip_tta=True),
-                               0.5 * (plain + flipped), atol=1e-5)
+    res = runs["challenge"]
+    prep, models, cards = res["prepared"], res["models"], res["cards"]
+    p = get_pipeline("sc_gm")
+    sub = type(prep)(x=prep.x[3:5], meta=prep.meta)
+    plain = p.predict(models, sub, cards, {}, 8).prob
+    flipped = p.predict(models, type(prep)(x=np.ascontiguousarray(sub.x[:, ::-1]), meta=prep.meta), cards, {}, 8).prob
+    np.testing.assert_allclose(p.predict(models, sub, cards, {"flip_tta": True}, 1).prob,
+                               0.5 * (plain + flipped[:, ::-1]), atol=1e-5)
+    assert not np.allclose(plain, flipped[:, ::-1], atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- orientation
 
 
-def test_same_mask_whatever_the_storage_orientation(models, ensemble_run, t2s):
-    """Reoriented copies (data and affine changed consistently) give the same mask in the original grid.
-
-    Slices are processed independently, so three middle slices keep the test fast; the reference is
-    the challenge model's result on the full image restricted to those slices.
-    """
-    from cohortseg.models.nets.gmseg import segment_gm
-
-    img_full, gt_full = t2s
+def test_same_mask_whatever_the_storage_orientation(runs, t2s, tmp_path, shared_dir):
+    """Reoriented copies (data and affine changed consistently) give the same mask in the original
+    grid. Slices are processed independently, so three middle slices keep the test fast; the
+    reference is the challenge model's mask of the full image on those slices."""
+    _, img_full, gt_full = t2s
     ks = slice(3, 6)
     img = img_full.slicer[:, :, ks]
     gt = gt_full[:, :, ks]
-    ref_mask = _member(ensemble_run, t2s, 0)[1][:, :, ks]
+    ref_mask = _mask(runs["challenge"])[:, :, ks]
     assert nib.aff2axcodes(img.affine) == ("L", "A", "S")
     io = nib.orientations.io_orientation
     variants = {
@@ -172,7 +151,8 @@ def test_same_mask_whatever_the_storage_orientation(models, ensemble_run, t2s):
     for name, ornt in variants.items():
         other = img.as_reoriented(ornt)
         assert not np.array_equal(np.asarray(other.dataobj), np.asarray(img.dataobj))
-        _, mask = segment_gm(other, [models["challenge"]])
+        nib.save(other, tmp_path / f"{name}.nii.gz")
+        mask = _mask(_sc_gm(tmp_path / name, tmp_path / f"{name}.nii.gz", shared_dir, models=["gmseg_challenge"]))
         # back into the original voxel grid
         back = nib.Nifti1Image(mask, other.affine).as_reoriented(
             nib.orientations.ornt_transform(io(other.affine), io(img.affine)))
@@ -187,7 +167,10 @@ def test_same_mask_whatever_the_storage_orientation(models, ensemble_run, t2s):
 
 
 def test_corrupt_or_mismatched_weights_raise_model_error(gm_paths, tmp_path):
-    from cohortseg.models.nets.gmseg import build_gmseg, load_gmseg, load_gmseg_weights
+    from cohortseg.models.nets.gmseg import build_gmseg, load_gmseg_weights
+
+    def load_gmseg(path, filters):
+        load_gmseg_weights(build_gmseg(filters), path)
 
     garbage = tmp_path / "garbage.hdf5"
     garbage.write_bytes(b"not an hdf5 file" * 100)

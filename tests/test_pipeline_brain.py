@@ -23,7 +23,7 @@ from scipy import ndimage
 from cohortseg.models.cards import find_card
 from cohortseg.errors import InputError, ModelError
 from cohortseg.pipelines import get_pipeline
-from cohortseg.pipelines.base import Item, OutputWriter, Prepared
+from cohortseg.pipelines.base import Context, Item, OutputWriter, Predicted, Prepared
 from cohortseg.pipelines.brain_tissue import conformed_volume
 from helpers import snakemake, write_config
 
@@ -81,17 +81,16 @@ def glue(tmp_path_factory, cards):
     tmp = tmp_path_factory.mktemp("glue")
     item = Item("sub-01", "", "brain_tissue", "sub-01_T1w", {"image": str(_ball_head(tmp / "sub-01_T1w.nii.gz"))})
     p = get_pipeline("brain_tissue")
-    cfg = {"_global": {}, "wm_target": None, "etiv": False, "brain_mask_range_ml": [700, 2200]}
-    prep = p.prepare(item, cards, cfg)
+    cfg = {"wm_target": None, "etiv": False, "brain_mask_range_ml": [700, 2200]}
+    prep = p.prepare(item, cards, cfg, Context())
     prep.save(tmp / "prep.npz")
     prep = Prepared.load(tmp / "prep.npz")
     arrays = p.predict(_stand_in_models(), prep, cards, cfg, 1)
-    np.savez(tmp / "prob.npz", **arrays)
-    with np.load(tmp / "prob.npz") as z:
-        stored = {k: z[k] for k in z.files}
+    arrays.save(tmp / "prob.npz")
+    stored = Predicted.load(tmp / "prob.npz")
     out = OutputWriter(tmp / "out", item)
-    metrics = p.finalize(item, prep, stored, cards, cfg, out)
-    return {"item": item, "prep": prep, "arrays": arrays, "metrics": metrics, "out": out}
+    metrics = p.finalize(item, prep, stored, cards, cfg, Context(), out)
+    return {"item": item, "prep": prep, "arrays": arrays.arrays, "metrics": metrics, "out": out}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +158,7 @@ def test_head_crop_and_optional_parts(glue, cards, tmp_path):
     head box (brainchop's intensity threshold 0.2) leaves out the dark CSF shell of the synthetic head;
     without the GM/WM and aseg cards only the brain mask is produced."""
     p, prep, models = get_pipeline("brain_tissue"), glue["prep"], _stand_in_models()
-    cfg = {"_global": {}, "wm_target": None, "etiv": False, "crop": "head"}
+    cfg = {"wm_target": None, "etiv": False, "crop": "head"}
     head = p.predict(models, prep, cards, cfg, 1)
     for k in ("box", "brain_mask", "tissue", "prob_gm", "prob_wm"):
         assert np.array_equal(head[k], glue["arrays"][k]), k
@@ -168,9 +167,9 @@ def test_head_crop_and_optional_parts(glue, cards, tmp_path):
     assert np.array_equal(head["aseg"][inside], glue["arrays"]["aseg"][inside])
     assert json.loads(str(head["info"]))["crop"] == "head"
     arrays = p.predict(models[:1], prep, cards[:1], cfg, 1)
-    assert set(arrays) == {"box", "brain_mask", "info"}
+    assert set(arrays.arrays) == {"box", "brain_mask", "info"}
     out = OutputWriter(tmp_path, glue["item"])
-    m = p.finalize(glue["item"], prep, arrays, cards[:1], cfg, out)
+    m = p.finalize(glue["item"], prep, arrays, cards[:1], cfg, Context(), out)
     assert set(m) == {"brain_mask_ml"} and "dseg.nii.gz" not in out.files
     assert m["brain_mask_ml"] == glue["metrics"]["brain_mask_ml"]
 
@@ -188,8 +187,8 @@ def test_intracranial_mask_gives_etiv_and_the_fast_crop(shared_dir, tmp_path):
     models = _stand_in_models() + load_models(cards[3:], ModelStore(shared_dir / "models"))
     p = get_pipeline("brain_tissue")
     item = Item("sub-01", "", "brain_tissue", "sub-01_T1w", {"image": str(shared_dir / "data/brain/t1_crop.nii.gz")})
-    cfg = {"_global": {}, "wm_target": None, "etiv": False}
-    prep = p.prepare(item, cards, cfg)
+    cfg = {"wm_target": None, "etiv": False}
+    prep = p.prepare(item, cards, cfg, Context())
     assert prep.arrays["head_box"].shape == (64, 64, 64)
     fast = p.predict(models, prep, cards, cfg, 1)
     fi = json.loads(str(fast["info"]))
@@ -198,7 +197,7 @@ def test_intracranial_mask_gives_etiv_and_the_fast_crop(shared_dir, tmp_path):
     head = np.argwhere(conformed_volume(prep) > 0)  # an upper bound of brainchop's head box
     assert size(fi["boxes"]["brain_mask"]) < 0.8 * size([head.min(0), head.max(0) + 1])
     out = OutputWriter(tmp_path, item)
-    m = p.finalize(item, prep, fast, cards, cfg, out)
+    m = p.finalize(item, prep, fast, cards, cfg, Context(), out)
     assert abs(m["etiv_icv_ml"] - 1522) / 1522 < 0.08, m["etiv_icv_ml"]
     icv = np.asarray(nib.load(out.files["desc-ICV_mask.nii.gz"]).dataobj) > 0
     assert icv.sum() * 1e-3 == pytest.approx(m["etiv_icv_ml"], rel=1e-6)  # t1_crop: 1 mm voxels
@@ -238,11 +237,11 @@ def test_bad_inputs_and_model_lists(tmp_path, cards):
     nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.float32), np.eye(4)), str(zero))
     item = Item("sub-01", "", "brain_tissue", "sub-01_T1w", {"image": str(zero)})
     with pytest.raises(InputError, match="all zeros"):
-        p.prepare(item, cards, {"_global": {}})
+        p.prepare(item, cards, {}, Context())
     with pytest.raises(ModelError, match="brain-mask model"):
-        p.prepare(item, cards[1:], {"_global": {}})
+        p.prepare(item, cards[1:], {}, Context())
     with pytest.raises(ModelError, match="two 'tissue'"):
-        p.prepare(item, [cards[0], cards[1], cards[1]], {"_global": {}})
+        p.prepare(item, [cards[0], cards[1], cards[1]], {}, Context())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -138,6 +138,32 @@ def test_csa_at_c3_t1w_vs_t2w(run):
 
 @pytest.mark.shared
 @pytest.mark.slow
+@pytest.mark.parametrize("stem,manual", [("sub-01_T1w", "t1/t1w_seg-manual.nii.gz"), ("sub-01_T2w", "t2/t2_seg-manual.nii.gz")])
+def test_cord_and_csa_against_the_manual_masks(run, shared_dir, stem, manual):
+    """The workflow's cord mask against each contrast's manual mask (Dice), and its CSA per slice
+    against the manual mask's CSA measured the same way (csa.csa_per_slice), over the slices both
+    cover. In-sample: the shipped models were trained on this subject's masks (docs/TRAINING.md)."""
+    from cohortseg.science.metrics import dice
+
+    gt_img = nib.load(shared_dir / "data" / "spine" / manual)
+    gt = np.asarray(gt_img.dataobj) > 0.5
+    mask_img = nib.load(_anat(run, "sub-01", stem, "label-SC_mask.nii.gz"))
+    assert mask_img.shape == gt_img.shape and np.allclose(mask_img.affine, gt_img.affine, atol=1e-4)
+    d = dice(np.asarray(mask_img.dataobj) > 0, gt)
+    ours = pd.read_csv(_anat(run, "sub-01", stem, "desc-csa_perslice.tsv"), sep="\t").set_index("Slice (I->S)")
+    ref = csa.csa_per_slice(gt, gt_img.affine, angle_correction=True).set_index("Slice (I->S)")
+    both = ours.index.intersection(ref.index)
+    a, b = ours.loc[both, "MEAN(area)"].to_numpy(float), ref.loc[both, "MEAN(area)"].to_numpy(float)
+    rel = (a.mean() - b.mean()) / b.mean()
+    print(f"{stem}: Dice {d:.3f} vs manual; mean CSA over {len(both)} slices {a.mean():.1f} mm2 vs manual "
+          f"{b.mean():.1f} mm2 ({100 * rel:+.1f} %), per-slice r {np.corrcoef(a, b)[0, 1]:.2f}")
+    assert len(both) >= 0.8 * len(ref)
+    assert d >= 0.90
+    assert abs(rel) <= 0.12
+
+
+@pytest.mark.shared
+@pytest.mark.slow
 def test_group_tables_have_ids_and_sct_columns(run):
     per_level = pd.read_csv(run["out"] / "group/csa_perlevel.csv")
     per_slice = pd.read_csv(run["out"] / "group/csa_perslice.csv")
@@ -206,6 +232,6 @@ def test_flip_tta_averages_the_mirrored_prediction():
     prep = Prepared(x=x, meta={})
     p = get_pipeline("sc_csa")
     plain = p.predict([[fold]], prep, [{"tta": {"flip_lr": False}}], {}, 2)
-    np.testing.assert_allclose(plain, x * ramp, rtol=1e-6)
+    np.testing.assert_allclose(plain.prob, x * ramp, rtol=1e-6)
     tta = p.predict([[fold]], prep, [{"tta": {"flip_lr": True}}], {}, 2)
-    np.testing.assert_allclose(tta, 0.5 * (x * ramp + (x[:, ::-1] * ramp)[:, ::-1]), rtol=1e-6)
+    np.testing.assert_allclose(tta.prob, 0.5 * (x * ramp + (x[:, ::-1] * ramp)[:, ::-1]), rtol=1e-6)

@@ -34,7 +34,7 @@ from scipy import ndimage
 from cohortseg.models.cards import ModelCard, find_card
 from cohortseg.errors import InputError, ModelError
 from cohortseg.pipelines import get_pipeline
-from cohortseg.pipelines.base import Item, OutputWriter, Prepared
+from cohortseg.pipelines.base import Context, Item, OutputWriter, Predicted, Prepared
 from cohortseg.pipelines.lesion import (
     conform_ras,
     fallback_brain_mask,
@@ -157,6 +157,7 @@ def make_cohort(root, t1_base, with_sub02=False):
     nib.save(nib.Nifti1Image(swi.astype(np.float32) * 7.3, s_aff), anat / "sub-01_swi.nii.gz")
     truth["swi_grid"] = (s_shape, s_aff)
     truth["t1_grid"] = (t1.shape, aff)
+    truth["flair_motion"] = fl_motion
     if with_sub02:
         a2 = bids / "sub-02" / "anat"
         a2.mkdir(parents=True)
@@ -277,9 +278,21 @@ def test_outputs_on_the_native_grids(run):
         fig = run["out"] / pipe / "sub-01" / "figures"
         for key in (f"desc-{t}_qc.png", f"desc-{t}_lesions.png", "desc-brain_mask.png"):
             assert (fig / f"{stem}_{key}").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the WMH registration FLAIR -> T1 recovered the simulated head motion (inverse of it)
+    # the WMH registration FLAIR -> T1 recovered the simulated head motion (its inverse): points of
+    # the head mapped T1 -> FLAIR (motion) -> T1 (registration) land within 1 mm of where they started
     rec = json.loads((run["out"] / "work" / "records" / "sub-01.json").read_text())
     assert rec["pipelines"]["wmh"]["sub-01_T1w"]["status"] == "ok"
+    prep = Prepared.load(run["out"] / "work" / "prep" / "wmh" / "sub-01" / "sub-01_T1w.npz")
+    flair_to_t1 = np.asarray(prep.meta["registration"]["flair_to_t1"])
+    shape, aff = truth["t1_grid"]
+    centre = nib.affines.apply_affine(aff, np.array(shape) / 2)
+    corners = centre + 50.0 * np.array(np.meshgrid([-1, 1], [-1, 1], [-1, 1])).reshape(3, -1).T  # a 10 cm cube
+    back = nib.affines.apply_affine(flair_to_t1 @ truth["flair_motion"], corners)
+    err = np.linalg.norm(back - corners, axis=1)
+    print(f"FLAIR -> T1 rigid: corner errors {np.round(err, 2)} mm")
+    assert err.max() < 1.0
+    moved = np.linalg.norm(nib.affines.apply_affine(truth["flair_motion"], corners) - corners, axis=1)
+    assert moved.max() > 5.0  # the motion was real
 
 
 @pytest.mark.slow
@@ -418,20 +431,21 @@ def test_card_roles():
 
 
 def test_prepare_fails_clearly_on_bad_inputs(tmp_path):
-    g = {"_global": {"allow_4d": False, "max_voxels": 10**9, "output_dir": str(tmp_path)}}
+    g = {}
+    ctx = Context(output_dir=str(tmp_path), max_voxels=10**9)
     p = tmp_path / "sub-01_swi.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.float32), np.eye(4)), p)
     item = Item("sub-01", "", "cmb", "sub-01_swi", {"image": str(p)})
     with pytest.raises(InputError, match="all zeros"):
-        get_pipeline("cmb").prepare(item, [_card("s", ["swi"])], g)
+        get_pipeline("cmb").prepare(item, [_card("s", ["swi"])], g, ctx)
     p.write_bytes(p.read_bytes()[:100])
     with pytest.raises(InputError, match="corrupt|not a readable"):
-        get_pipeline("cmb").prepare(item, [_card("s", ["swi"])], g)
+        get_pipeline("cmb").prepare(item, [_card("s", ["swi"])], g, ctx)
     t1 = tmp_path / "sub-01_T1w.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((20, 20, 20), np.float32), np.eye(4)), t1)
     item = Item("sub-01", "", "wmh", "sub-01_T1w", {"image": str(t1)})
     with pytest.raises(InputError, match="need a FLAIR"):
-        get_pipeline("wmh").prepare(item, [_card("w", ["t1", "flair"])], g)
+        get_pipeline("wmh").prepare(item, [_card("w", ["t1", "flair"])], g, ctx)
 
 
 def test_predict_and_finalize_directly(tmp_path, t1_base):
@@ -459,14 +473,12 @@ def test_predict_and_finalize_directly(tmp_path, t1_base):
     res = pipe.predict([[_NumpyFold(0), _NumpyFold(1)]], prep, [card], {}, 1)
     assert res["prob"].shape == (160, 214, 176) and res["prob"].dtype == np.float16
     assert np.array_equal(unpack_mask(res["brain_mask"], (256,) * 3), mask)
-    with open(tmp_path / "prob.npz", "wb") as f:
-        np.savez(f, **res)
-    with np.load(tmp_path / "prob.npz") as z:
-        prob = {k: z[k] for k in z.files}
+    res.save(tmp_path / "prob.npz")
+    prob = Predicted.load(tmp_path / "prob.npz")
     item = Item("sub-01", "", "wmh", "sub-01_T1w", {"image": str(native)})
     out = OutputWriter(tmp_path / "out", item)
     metrics = pipe.finalize(item, prep, prob, [card], {"threshold": 0.2, "min_cluster_voxels": 1,
-                                                       "max_outside_fraction": 0.25, "_global": {}}, out)
+                                                       "max_outside_fraction": 0.25}, Context(), out)
     assert metrics["count"] == 2 and "etiv_ml" not in metrics
     expected = 2 * 4 / 3 * np.pi * 27
     assert metrics["volume_mm3"] == pytest.approx(expected, rel=0.25)
@@ -480,7 +492,7 @@ def test_predict_and_finalize_directly(tmp_path, t1_base):
     # a stricter minimum cluster size drops everything, and is what the sidecar records
     out2 = OutputWriter(tmp_path / "out2", item)
     m2 = pipe.finalize(item, prep, prob, [card], {"threshold": 0.2, "min_cluster_voxels": 500,
-                                                  "max_outside_fraction": 0.25, "_global": {}}, out2)
+                                                  "max_outside_fraction": 0.25}, Context(), out2)
     assert m2["count"] == 0 and m2["volume_mm3"] == 0
     side = json.loads(open(out2.files["label-WMH_dseg.json"]).read())
     assert side["postprocessing"]["min_cluster_voxels"] == 500
@@ -516,3 +528,34 @@ def test_meshnet_mask_path_keeps_the_orientation(t1_base):
     assert str(res["mask_source"]) == "model:mindgrab"
     assert (unpack_mask(res["brain_mask"], conf.shape) ^ m).sum() < 1e-4 * m.sum()
     assert res["prob"].shape == (160, 214, 176)
+
+
+def test_two_prepare_runs_of_a_session_give_identical_transforms_and_tables(tmp_path, t1_base):
+    """Reproducibility for a given input and antspyx version: prepare the same CMB session (rigid
+    SWI -> T1 and affine T1 -> MNI) twice from scratch, then predict and finalize each with the
+    numpy stand-in folds: transforms bit-identical, census and region tables byte-identical."""
+    from cohortseg.pipelines import lesion
+
+    bids, _ = make_cohort(tmp_path, t1_base)
+    anat = bids / "sub-01" / "anat"
+    item = Item("sub-01", "", "cmb", "sub-01_swi", {"image": str(anat / "sub-01_swi.nii.gz"),
+                                                     "t1": str(anat / "sub-01_T1w.nii.gz")})
+    card = _card("s", ["swi"])
+    cfg = {"interpolation": "linear", "_global": {"allow_4d": False, "max_voxels": 10**9, "output_dir": str(tmp_path)}}
+    pipe = get_pipeline("cmb")
+    runs = []
+    for k in range(2):
+        lesion._T1_CACHE.clear()  # the T1's MNI registration is recomputed too
+        prep = pipe.prepare(item, [card], cfg)
+        prob = pipe.predict([[_NumpyFold(0), _NumpyFold(1)]], prep, [card], {}, 1)
+        out = OutputWriter(tmp_path / f"out{k}", item)
+        metrics = pipe.finalize(item, prep, prob, [card], {"threshold": 0.5, "min_cluster_voxels": 1,
+                                                           "max_outside_fraction": 0.25, "_global": {}}, out)
+        runs.append((prep.meta, metrics, out.files))
+    (m0, met0, f0), (m1, met1, f1) = runs
+    assert m0["mni"]["matrix"] is not None and m0["registration"]["swi_to_t1"]
+    assert m0["registration"] == m1["registration"]  # nested lists of floats: exact equality
+    assert m0["mni"] == m1["mni"]
+    assert met0 == met1 and met0["count"] >= 1
+    for name in ("desc-CMB_census.tsv", "desc-CMB_regions.tsv"):
+        assert open(f0[name], "rb").read() == open(f1[name], "rb").read(), name

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from cohortseg.qc.page import FIELDS, write_qc_page
-from cohortseg.qc.ratings import COLUMNS, apply_ratings, read_ratings, write_ratings
+from cohortseg.qc.ratings import COLUMNS, apply_ratings, read_ratings
 
 PIPELINES = ["sc_gm", "brain", "cmb", "wmh"]
 
@@ -129,8 +129,6 @@ def test_ratings_round_trip_latest_wins(tmp_path):
                                              "rating"]].itertuples(index=False)}
     assert got == {("sub-01", "ses-01", "brain"): "fail", ("sub-02", "", "cmb"): "artifact",
                    ("sub-03", "", "cmb"): "fail"}
-    write_ratings(r, tmp_path / "again.tsv")
-    assert read_ratings(tmp_path / "again.tsv").equals(r)
 
 
 def test_several_exports_and_unrated_clears(tmp_path):

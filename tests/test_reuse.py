@@ -66,3 +66,54 @@ def test_a_dying_worker_only_costs_its_own_session():
     assert [r for i, r in enumerate(res) if i != 2] == [0, 10, 30, 40]
     assert isinstance(res[2], BrokenProcessPool)
     assert steps._map_sessions(_maybe_die, [(0,), (1,)], workers=1) == [0, 10]  # in process
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_new_code_of_one_pipeline_recomputes_its_items_only(tmp_path, shared_dir):
+    """The code version (a digest of a pipeline's modules and what they import) is in every stamp:
+    after an edit of sc_csa's module, a rerun recomputes the sc_csa items and reuses sc_gm's."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    wf = tmp_path / "wf"  # a copy of the workflow whose package we can edit
+    wf.mkdir()
+    for part in ("Snakefile", "rules", "scripts", "config", "envs", "cohortseg"):
+        (shutil.copytree if (REPO / part).is_dir() else shutil.copy)(
+            REPO / part, wf / part, **({"ignore": shutil.ignore_patterns("__pycache__")} if part != "Snakefile" else {}))
+    anat = tmp_path / "bids" / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    (tmp_path / "bids" / "dataset_description.json").write_text('{"Name": "t", "BIDSVersion": "1.9.0"}')
+    shutil.copy(shared_dir / "data" / "spine" / "t2s" / "t2s.nii.gz", anat / "sub-01_T2starw.nii.gz")
+    shutil.copy(shared_dir / "data" / "spine" / "t1" / "t1w.nii.gz", anat / "sub-01_T1w.nii.gz")
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", bids_dir=str(tmp_path / "bids"), output_dir=str(out),
+                       model_dir=str(shared_dir / "models"), pipelines=["sc_gm", "sc_csa"],
+                       sc_gm={"models": ["gmseg_challenge"]}, sc_csa={"filters": {"image": {"suffix": "T1w"}}})
+
+    def run():
+        cmd = [sys.executable, "-m", "snakemake", "-s", str(wf / "Snakefile"), "--directory", str(tmp_path),
+               "--configfile", str(cfg), "--cores", "2"]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        assert res.returncode == 0, res.stderr[-4000:]
+        return json.loads((out / "group" / "summary.json").read_text())["code_versions"]
+
+    def stamps(pipeline):
+        return {f"{where}/{k}": v for where, folder, pattern in (
+            ("prep", out / "work" / "prep" / pipeline, "*.npz"), ("infer", out / "work" / "infer" / pipeline, "*.npz"),
+            ("out", out / pipeline, "*.nii.gz")) for k, v in _mtimes(folder, pattern).items()}
+
+    first = run()
+    gm, csa = stamps("sc_gm"), stamps("sc_csa")
+    assert len(gm) >= 4 and len(csa) >= 4
+    with open(wf / "cohortseg" / "pipelines" / "sc_csa.py", "a") as f:
+        f.write("\n# a new release of sc_csa\n")
+    second = run()
+    assert second["sc_gm"] == first["sc_gm"] and second["sc_csa"] != first["sc_csa"]
+    assert stamps("sc_gm") == gm  # reused: not one file rewritten
+    after = stamps("sc_csa")
+    assert set(after) == set(csa) and all(after[k] != csa[k] for k in csa)  # every sc_csa file recomputed
+    summary = pd.read_csv(out / "group" / "summary.csv")
+    assert list(summary["status"]) == ["ok"]

@@ -112,3 +112,19 @@ def test_batches_of_shards(fake_cohort):
     tmp, cfg = fake_cohort
     counts = job_counts(snakemake(tmp, "-n", "--cores", "1", "--batch", "aggregate=1/5", configfile=cfg).stdout)
     assert counts == {"prepare": 1, "infer": 1, "finalize": 1}  # 5 shards of 2 sessions -> one per part
+
+
+def test_registry_schema_and_plugins_agree():
+    """Adding a pipeline = a module in the one registry + its config-schema section + a card: the
+    schema's `pipelines` enum and its per-pipeline sections list exactly the registered plugins, and
+    every plugin's name is its registry key."""
+    import yaml
+
+    from cohortseg.pipelines import REGISTRY, get_pipeline
+
+    schema = yaml.safe_load((REPO / "config" / "schemas" / "config.schema.yaml").read_text())
+    assert schema["properties"]["pipelines"]["items"]["enum"] == list(REGISTRY)
+    sections = {k for k, v in schema["properties"].items() if isinstance(v, dict) and "models" in (v.get("properties") or {})}
+    assert sections == set(REGISTRY)
+    for name in REGISTRY:
+        assert get_pipeline(name).name == name

@@ -13,14 +13,12 @@ What the upstream SHIVA models expect (see ../shared/README.md, "Recipes"):
 A SHIVA user brings a model folder plus a ``model_info_*.json`` descriptor (``files`` with ``name`` and
 ``md5``, ``modalities``, ``target``). Fold files are either Keras full models (``.h5``) or TF SavedModel
 folders (``*.tf_inference`` and the extension-less ``*_bestvalloss`` folders). The md5 of a folder is
-SHIVA's convention: md5 over the bytes of every file below it, files in sorted path order.
-
-Conforming: a private helper (:func:`_conform_ras`) uses ``nibabel.processing.conform``; it is
-meant to be merged with ``cohortseg.science.conform`` / ``cohortseg.science.resampling`` later.
+SHIVA's convention (:func:`cohortseg.io.tree_md5`), checked by the model store like every checksum.
+Conforming, registration and the fold ensemble are the project's own (``cohortseg.pipelines.lesion``,
+``cohortseg.models.ensemble``): this module holds only what is SHIVA's.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +85,7 @@ def read_model_info(json_path) -> dict:
 def _fold_loader_kind(name: str, info: dict, model_dir: Path | None) -> str:
     """'keras_full' for .h5/.keras files, 'savedmodel' for SavedModel folders."""
     if model_dir is not None:
-        p = resolve_fold_path(model_dir, name, must_exist=False)
+        p = Path(model_dir) / name
         if p.is_dir():
             return "savedmodel"
         if p.is_file():
@@ -106,7 +104,7 @@ def card_from_model_info(json_path, model_dir=None) -> dict:
     Keys: name, pipeline (cmb/wmh/pvs by target), target, contrasts, grid, normalisation,
     architecture {loader: keras_full|savedmodel, ...}, folds [{file, md5}], thresholds, labels,
     source (descriptor provenance). Fold files are resolved relative to `model_dir` (default: the
-    descriptor's folder) when the card is used (:func:`verify_folds`).
+    descriptor's folder) when the card is used (the model store checks their md5).
     """
     json_path = Path(json_path)
     info = read_model_info(json_path)
@@ -145,72 +143,6 @@ def card_from_model_info(json_path, model_dir=None) -> dict:
 # ----------------------------------------------------------------------------------------------
 # fold files
 # ----------------------------------------------------------------------------------------------
-def tree_md5(path) -> str:
-    """md5 of a file, or SHIVA's md5 of a folder (bytes of all files below it, sorted by path)."""
-    path = Path(path)
-    if path.is_file():
-        return md5sum(path)
-    if path.is_dir():
-        h = hashlib.md5()
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-        return h.hexdigest()
-    raise FileNotFoundError(str(path))
-
-
-def resolve_fold_path(model_dir, name: str, must_exist: bool = True) -> Path:
-    """Where fold `name` (a path relative to the bundle, e.g. ``SWI-CMB/..tf_inference``) lies.
-
-    Tried in order: ``model_dir/name``; ``model_dir.parent/name`` when `model_dir` already is the
-    bundle's first folder (SHIVA's own rule); ``model_dir/basename(name)``.
-    """
-    model_dir = Path(model_dir)
-    rel = Path(name)
-    candidates = [model_dir / rel]
-    if len(rel.parts) > 1 and rel.parts[0] == model_dir.name:
-        candidates.append(model_dir.parent / rel)
-    candidates.append(model_dir / rel.name)
-    for c in candidates:
-        if c.exists():
-            return c
-    if must_exist:
-        raise ModelError(f"fold model {name!r} not found under {model_dir} (tried: "
-                         + ", ".join(str(c) for c in candidates) + ")")
-    return candidates[0]
-
-
-def verify_folds(card: dict, model_dir) -> list[Path]:
-    """Resolve every fold of `card` under `model_dir` and check its md5.
-
-    Returns the fold paths in card order. Raises ModelError naming every missing file and every
-    file whose md5 differs (expected and actual digests).
-    """
-    missing, bad, paths = [], [], []
-    for fold in card.get("folds", []):
-        name, expected = fold["file"], str(fold.get("md5", "")).lower()
-        try:
-            p = resolve_fold_path(model_dir, name)
-        except ModelError:
-            missing.append(name)
-            continue
-        actual = tree_md5(p)
-        if expected and actual != expected:
-            bad.append(f"{p} (expected md5 {expected}, got {actual})")
-        paths.append(p)
-    if not card.get("folds"):
-        raise ModelError(f"model card {card.get('name')!r} lists no fold files")
-    msgs = []
-    if missing:
-        msgs.append(f"missing fold model(s) under {model_dir}: " + ", ".join(missing))
-    if bad:
-        msgs.append("md5 mismatch for fold model(s): " + "; ".join(bad))
-    if msgs:
-        raise ModelError(f"model {card.get('name')!r}: " + " | ".join(msgs))
-    return paths
-
-
 class FoldModel:
     """A loaded fold: ``fold(x) -> float32 array`` and ``fold.predict(x, batch_size)``."""
 
@@ -224,7 +156,9 @@ class FoldModel:
         return np.asarray(self._fn(np.asarray(x, dtype=np.float32)), dtype=np.float32)
 
     def predict(self, x: np.ndarray, batch_size: int = 1, verbose=0) -> np.ndarray:
-        return _predict_batched(self, x, batch_size)
+        from cohortseg.models.ensemble import predict_batched
+
+        return predict_batched(self, x, batch_size)
 
     def __repr__(self):
         return f"FoldModel({self.kind}, {self.path.name})"
@@ -288,39 +222,6 @@ def load_fold(path, custom_objects: dict | None = None) -> FoldModel:
         return out.numpy() if hasattr(out, "numpy") else np.asarray(out)
 
     return FoldModel(fn, path, "keras_full", keras_model=model)
-
-
-def load_folds(card: dict, model_dir, verify: bool = True, custom_objects: dict | None = None) -> list[FoldModel]:
-    """Verify (md5) and load every fold of a SHIVA card."""
-    paths = verify_folds(card, model_dir) if verify else [resolve_fold_path(model_dir, f["file"]) for f in card["folds"]]
-    return [load_fold(p, custom_objects=custom_objects) for p in paths]
-
-
-def _predict_batched(fold: Callable, x: np.ndarray, batch_size: int) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    bs = max(1, int(batch_size))
-    outs = [np.asarray(fold(x[i:i + bs]), dtype=np.float32) for i in range(0, x.shape[0], bs)]
-    return np.concatenate(outs, axis=0)
-
-
-def fold_average(fold_callables: Sequence[Callable], x: np.ndarray, batch_size: int = 1) -> np.ndarray:
-    """Mean probability of the folds: ``mean_k fold_k(x)``, predicted in batches along axis 0.
-
-    Accumulated in float64, returned as float32. Each callable maps a float32 batch to a batch.
-    """
-    folds = list(fold_callables)
-    if not folds:
-        raise ModelError("fold_average needs at least one fold model")
-    acc = None
-    for f in folds:
-        p = _predict_batched(f, x, batch_size).astype(np.float64)
-        if acc is None:
-            acc = p
-        elif p.shape != acc.shape:
-            raise ModelError(f"fold outputs disagree in shape: {p.shape} vs {acc.shape}")
-        else:
-            acc += p
-    return (acc / len(folds)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,14 +319,6 @@ def uncrop(cropped: np.ndarray, box, full_shape: Sequence[int]) -> np.ndarray:
     return out
 
 
-def crop_affine(affine: np.ndarray, box) -> np.ndarray:
-    """Affine of the cropped grid: voxel (0,0,0) of the crop is voxel `box.start` of the image."""
-    box = CropBox.from_dict(box)
-    t = np.eye(4)
-    t[:3, 3] = box.start
-    return np.asarray(affine, dtype=float) @ t
-
-
 # ----------------------------------------------------------------------------------------------
 # intensities
 # ----------------------------------------------------------------------------------------------
@@ -462,69 +355,6 @@ def normalise_p99(volume: np.ndarray, brain_mask: np.ndarray, percentile: float 
     return v
 
 
-# ----------------------------------------------------------------------------------------------
-# 1 mm RAS conforming (private; to be merged with cohortseg.science.conform / cohortseg.science.resampling)
-# ----------------------------------------------------------------------------------------------
-def _conform_ras(img, shape: Sequence[int] = CONFORM_SHAPE, voxel_size=(1.0, 1.0, 1.0), order: int = 1):
-    """Resample a nibabel image onto a `shape` grid of `voxel_size` mm, RAS, centred like the input
-    (``nibabel.processing.conform``). Returns a Nifti1Image (float32 data for order > 0)."""
-    import nibabel as nib
-    import nibabel.processing as nip
-
-    data = np.asanyarray(img.dataobj)
-    if data.ndim > 3:
-        data = data.reshape(data.shape[:3] + (-1,))[..., 0]
-    src = nib.Nifti1Image(np.asarray(data, dtype=np.float32 if order > 0 else data.dtype), img.affine)
-    out = nip.conform(src, out_shape=tuple(int(s) for s in shape), voxel_size=tuple(voxel_size),
-                      order=order, cval=0.0, orientation="RAS")
-    return out
-
-
-def _resample_onto(img, ref, order: int):
-    """Resample `img` (any grid, same world space) onto the grid of nibabel image `ref`."""
-    import nibabel as nib
-    import nibabel.processing as nip
-
-    data = np.asanyarray(img.dataobj)
-    if data.ndim > 3:
-        data = data.reshape(data.shape[:3] + (-1,))[..., 0]
-    src = nib.Nifti1Image(np.asarray(data, dtype=np.float32), img.affine)
-    return nip.resample_from_to(src, (ref.shape[:3], ref.affine), order=order, cval=0.0)
-
-
-def prepare_input(images: Sequence, brain_mask, grid_shape: Sequence[int] = GRID_SHAPE,
-                  conform_shape: Sequence[int] = CONFORM_SHAPE, order: int = 3) -> tuple[np.ndarray, dict]:
-    """SHIVA preparation of one session.
-
-    `images`: nibabel images already co-registered (same world space; channel order = the card's
-    modalities, e.g. [T1, FLAIR]); `brain_mask`: nibabel mask in that world space. The first image
-    is conformed to 1 mm RAS `conform_shape` (spline `order`), the other images and the mask are
-    resampled onto that grid (mask: nearest), then crop box, crop and p99 normalisation per channel.
-
-    Returns ``x`` of shape (1, *grid_shape, C) float32 and ``meta`` (JSON-able: box, conformed
-    affine/shape, native affine/shape of the first image, crop affine) for :func:`to_native`.
-    """
-    if not images:
-        raise InputError("no input image")
-    ref = images[0]
-    ref_c = _conform_ras(ref, conform_shape, order=order)
-    mdata = np.asarray(_resample_onto(brain_mask, ref_c, order=0).dataobj) > 0.5
-    if not mdata.any():
-        raise InputError("brain mask is empty after conforming to 1 mm RAS (mask and image do not overlap?)")
-    box = crop_box(mdata, grid_shape)
-    mcrop = crop(mdata, box)
-    chans = []
-    for i, img in enumerate(images):
-        c = ref_c if i == 0 else _resample_onto(img, ref_c, order=order)
-        chans.append(normalise_p99(crop(np.asarray(c.dataobj, dtype=np.float32), box), mcrop))
-    x = np.stack(chans, axis=-1)[None].astype(np.float32)
-    meta = {"box": box.to_dict(), "conformed_affine": np.asarray(ref_c.affine).tolist(),
-            "conformed_shape": list(ref_c.shape[:3]), "native_affine": np.asarray(ref.affine).tolist(),
-            "native_shape": list(ref.shape[:3]),
-            "crop_affine": crop_affine(ref_c.affine, box).tolist()}
-    return x, meta
-
-
 def to_native(prob: np.ndarray, meta: dict, order: int = 1) -> np.ndarray:
     """Map a model-grid probability map (160x214x176, extra singleton axes allowed) back to the
     native grid recorded in `meta` (uncrop into the conformed grid, then resample, linear)."""
@@ -544,17 +374,7 @@ def to_native(prob: np.ndarray, meta: dict, order: int = 1) -> np.ndarray:
     return np.asarray(out.dataobj, dtype=np.float32)
 
 
-def thresholds_for(card: dict) -> tuple[float, int, float]:
-    """(probability threshold, min cluster voxels, max outside-brain fraction) of a SHIVA card."""
-    t = card.get("thresholds", {})
-    tgt = TARGET_THRESHOLDS.get(str(card.get("target", "")).upper(), TARGET_THRESHOLDS["CMB"])
-    return (float(t.get("probability", tgt["probability"])), int(t.get("min_cluster_vox", tgt["min_cluster_vox"])),
-            float(t.get("max_outside_brain_frac", tgt["max_outside_brain_frac"])))
-
-
 __all__ = [
-    "GRID_SHAPE", "CONFORM_SHAPE", "TARGET_THRESHOLDS", "read_model_info", "card_from_model_info",
-    "tree_md5", "resolve_fold_path", "verify_folds", "FoldModel", "load_fold", "load_folds",
-    "fold_average", "CropBox", "crop_box", "crop", "uncrop", "crop_affine", "normalise_p99",
-    "prepare_input", "to_native", "thresholds_for",
+    "GRID_SHAPE", "CONFORM_SHAPE", "TARGET_THRESHOLDS", "read_model_info", "card_from_model_info", "FoldModel",
+    "load_fold", "CropBox", "crop_box", "crop", "uncrop", "normalise_p99", "to_native",
 ]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cohortseg.models.cards import ModelCard
 from cohortseg.errors import ModelError
-from cohortseg.io import atomic_path, git_blob_sha1, md5sum, sha256sum, write_json_atomic
+from cohortseg.io import atomic_path, git_blob_sha1, md5sum, sha256sum, tree_md5, write_json_atomic
 
 
 class ModelStore:
@@ -23,6 +23,13 @@ class ModelStore:
         self.allow_download = allow_download
         self.cache_file = Path(cache_file) if cache_file else None
         self._verified = self._load_cache()
+
+    @classmethod
+    def from_config(cls, config: dict) -> ModelStore:
+        """The run's store: `model_dir`, `allow_download`, verified checksums cached under the work folder."""
+        work = Path(config["output_dir"]) / "work" if config.get("output_dir") else None
+        return cls(config.get("model_dir", "models"), allow_download=config.get("allow_download", False),
+                   cache_file=work / "model_checksums.json" if work else None)
 
     # -- checksums --------------------------------------------------------------------------
     def _load_cache(self) -> dict:
@@ -47,8 +54,6 @@ class ModelStore:
             return self._verified[key]
         if path.is_dir():  # SavedModel folds: md5 over the folder's files (SHIVA's convention)
             if "md5" in entry:
-                from cohortseg.models.shiva import tree_md5
-
                 got = tree_md5(path)
                 if got.lower() != entry["md5"].lower():
                     raise ModelError(f"model '{card.name}': checksum mismatch for folder {path} "

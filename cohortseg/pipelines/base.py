@@ -45,6 +45,31 @@ class Item:
 
 
 @dataclass
+class Context:
+    """What a plugin may know of the run beyond its own settings, passed explicitly to every call
+    (no hidden channels). `session` is a memo for one session's items (e.g. the conformed T1 and its
+    MNI registration that `cmb` and `wmh` share); the step functions make a new Context per session."""
+
+    output_dir: str = ""
+    model_dir: str = ""
+    allow_4d: bool = False
+    max_voxels: int = 200_000_000
+    session: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_config(cls, config: dict) -> Context:
+        return cls(output_dir=str(config.get("output_dir") or ""), model_dir=str(config.get("model_dir") or ""),
+                   allow_4d=bool(config.get("allow_4d", False)),
+                   max_voxels=int(config.get("max_voxels") or 200_000_000))
+
+    def load_image(self, path, need: str = "3D image"):
+        """`cohortseg.io.load_image` with the run's 4D and memory settings: (image, warnings)."""
+        from cohortseg.io import load_image
+
+        return load_image(path, allow_4d=self.allow_4d, max_voxels=self.max_voxels, need=need)
+
+
+@dataclass
 class Prepared:
     """Network input `x` (float32, N x spatial x C) and everything needed to go back (`meta`, JSON-able)."""
 
@@ -68,6 +93,38 @@ class Prepared:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files if k not in ("x", "meta")}
             return cls(x=z["x"], meta=json.loads(str(z["meta"])), arrays=arrays)
+
+
+@dataclass
+class Predicted:
+    """What `predict` returns and `finalize` receives: named arrays on the network grid. `prob` is the
+    fold-averaged probability; pipelines whose cards play different parts add more (brain mask, box)."""
+
+    arrays: dict
+
+    @property
+    def prob(self) -> np.ndarray:
+        return self.arrays["prob"]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.arrays[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.arrays
+
+    def get(self, key: str, default=None):
+        return self.arrays.get(key, default)
+
+    def save(self, path) -> None:
+        from cohortseg.io import atomic_path
+
+        with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **self.arrays)
+
+    @classmethod
+    def load(cls, path) -> Predicted:
+        with np.load(path, allow_pickle=False) as z:
+            return cls({k: z[k] for k in z.files})
 
 
 class OutputWriter:
@@ -131,18 +188,18 @@ class Pipeline:
     #: BIDS-derivatives description of the pipeline's dataset
     description: str = ""
 
-    def prepare(self, item: Item, cards: list, cfg: dict) -> Prepared:
+    def prepare(self, item: Item, cards: list, cfg: dict, ctx: Context) -> Prepared:
         raise NotImplementedError
 
-    def predict(self, models: list, prepared: Prepared, cards: list, cfg: dict, batch_size: int) -> np.ndarray:
+    def predict(self, models: list, prepared: Prepared, cards: list, cfg: dict, batch_size: int) -> Predicted:
         """`models[i]` are the FoldModels of `cards[i]`. Default: the mean over every fold of every
         card (an ensemble); pipelines whose cards play different parts (mask, tissue) override this."""
         from cohortseg.models.ensemble import fold_average
 
-        return fold_average([f.predict for folds in models for f in folds], prepared.x, batch_size)
+        return Predicted({"prob": fold_average([f.predict for folds in models for f in folds], prepared.x, batch_size)})
 
-    def finalize(self, item: Item, prepared: Prepared, prob: np.ndarray, cards: list, cfg: dict,
-                 out: OutputWriter) -> dict:
+    def finalize(self, item: Item, prepared: Prepared, predicted: Predicted, cards: list, cfg: dict,
+                 ctx: Context, out: OutputWriter) -> dict:
         raise NotImplementedError
 
     def methods(self, cards: list, cfg: dict) -> dict:

@@ -14,7 +14,7 @@ it into the three steps.
     (:func:`cohortseg.science.brain.run_meshnet_crop`: two activations alive at a time), folds of a card
     averaged: (1) brain mask (card ``task: brain_mask``, mindgrab; brain probability > 0.5, largest
     component, holes filled); (2) GM/WM (``task: tissue``, model5_gw_ae) with the white-matter
-    rescaling of :func:`cohortseg.science.brain.segment_tissue` (``wm_target``), largest foreground
+    rescaling of :func:`cohortseg.science.brain.wm_gain` (``wm_target``), largest foreground
     component, then :func:`cohortseg.science.brain.tissue_dseg` (1 GM, 2 WM, 3 CSF = mask minus GM/WM);
     (3) 18 classes (``task: aseg``, model30chan18cls), largest foreground component, masked.
     Nets (2) and (3) run on the bounding box of the brain mask plus their padding of context
@@ -43,7 +43,6 @@ Learned intracranial mask (card ``deepwmh_head``, in the default ``models``)
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import logging
@@ -52,7 +51,8 @@ import time
 import numpy as np
 
 from cohortseg.errors import InputError, ModelError
-from cohortseg.pipelines.base import Item, OutputWriter, Pipeline, Prepared, Role
+from cohortseg.pipelines.base import Context, Item, OutputWriter, Pipeline, Predicted, Prepared, Role
+from cohortseg.science.metrics import bounding_box
 
 log = logging.getLogger("cohortseg")
 
@@ -72,33 +72,10 @@ _ORDER = {"cubic": 3, "linear": 1}
 # ----------------------------------------------------------------------------------------------
 # cards
 # ----------------------------------------------------------------------------------------------
-def meshnet_spec(card):
-    """The :class:`cohortseg.science.brain.MeshNetSpec` of a card: ``architecture.params.meshnet`` names one of
-    :data:`cohortseg.science.brain.MESHNETS` (params ``norm``, ``crop_padding``, ``crop_threshold`` override it);
-    an unknown MeshNet gets a spec from the card itself (task, labels, normalisation.method)."""
-    from cohortseg.science.brain import MESHNETS, MeshNetSpec
-
-    params = dict(card["architecture"].get("params") or {})
-    name = params.pop("meshnet", None)
-    if name is None:
-        files = " ".join(f["file"] for f in card.folds)
-        name = next((k for k in MESHNETS if f"/{k}/" in files or k == card.name), None)
-    over = {k: params[k] for k in ("norm", "crop_padding", "crop_threshold") if k in params}
-    if name in MESHNETS:
-        return dataclasses.replace(MESHNETS[name], **over)
-    labels = card.get("labels")
-    if not card.get("task") or not labels:
-        raise ModelError(f"model '{card.name}': unknown MeshNet {name!r} (known: {', '.join(MESHNETS)}); "
-                         "give architecture.params.meshnet, or task + labels + normalisation.method")
-    names = tuple(str(labels[k]) for k in sorted(labels, key=int))
-    return MeshNetSpec(card.name, card["task"], names, norm=over.get("norm", card["normalisation"]["method"]),
-                       crop_padding=int(over.get("crop_padding", 18)),
-                       crop_threshold=float(over.get("crop_threshold", 0.0)))
-
-
 def card_roles(cards) -> dict:
     """{role: (card index, MeshNetSpec)}; ModelError when a role is doubled, unknown or the mask is missing."""
     from cohortseg.pipelines.deepwmh import card_net
+    from cohortseg.science.brain import meshnet_spec
 
     out: dict = {}
     for i, card in enumerate(cards):
@@ -146,15 +123,6 @@ def _grid(cards) -> dict:
 # ----------------------------------------------------------------------------------------------
 # geometry helpers
 # ----------------------------------------------------------------------------------------------
-def _bbox(fg: np.ndarray) -> tuple[list[int], list[int]]:
-    lo, hi = [], []
-    for ax in range(fg.ndim):
-        idx = np.flatnonzero(fg.any(axis=tuple(a for a in range(fg.ndim) if a != ax)))
-        lo.append(int(idx[0]))
-        hi.append(int(idx[-1]) + 1)
-    return lo, hi
-
-
 def _slices(lo, hi) -> tuple[slice, ...]:
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
@@ -228,17 +196,14 @@ class BrainTissue(Pipeline):
         return out
 
     # -- prepare ---------------------------------------------------------------------------------
-    def prepare(self, item: Item, cards: list, cfg: dict) -> Prepared:
+    def prepare(self, item: Item, cards: list, cfg: dict, ctx: Context) -> Prepared:
         import nibabel as nib
 
         from cohortseg.science.conform import conform
-        from cohortseg.io import load_image
 
         card_roles(cards)  # a bad model list fails here, before any GPU time is spent
-        g = cfg["_global"]
         path = item.inputs["image"]
-        img, warnings = load_image(path, allow_4d=g.get("allow_4d", False),
-                                   max_voxels=g.get("max_voxels") or 200_000_000)
+        img, warnings = ctx.load_image(path)
         data = np.asarray(img.dataobj)
         stored = nib.load(str(path)).get_data_dtype()
         if stored == np.uint8 and data.min() >= 0 and data.max() <= 255 and np.array_equal(data, np.rint(data)):
@@ -254,7 +219,7 @@ class BrainTissue(Pipeline):
         fg = vol > 0
         if not fg.any():
             raise InputError("image is empty after conforming to the 1 mm grid", path)
-        lo, hi = _bbox(fg)
+        lo, hi = bounding_box(fg)
         x = np.ascontiguousarray(vol[_slices(lo, hi)])[None, ..., None]
         meta = {"conform": info, "grid": grid, "x_box": [lo, hi], "warnings": warnings}
         arrays = {}
@@ -309,7 +274,7 @@ class BrainTissue(Pipeline):
             raise InputError("brain mask is empty (is this a T1w of a head?)")
         info["boxes"]["brain_mask"] = _box_list(box)
         info["seconds"]["brain_mask"], t0 = round(time.perf_counter() - t0, 2), time.perf_counter()
-        lo, hi = _bbox(mask)
+        lo, hi = bounding_box(mask)
         mbox = _slices(lo, hi)
         out.update({"box": np.array(lo + hi, np.int32), "brain_mask": mask[mbox].astype(np.uint8)})
 
@@ -318,18 +283,14 @@ class BrainTissue(Pipeline):
                 return {"padding": s.crop_padding, "threshold": s.crop_threshold}
             return {"padding": s.crop_padding, "mask": mask}
 
-        # 2. GM/WM with the white-matter rescaling of brain.segment_tissue
+        # 2. GM/WM with the white-matter-anchored input gain (brain.wm_gain)
         if "tissue" in roles:
             i, spec = roles["tissue"]
             names = [n.lower() for n in spec.labels]
             wm_i = next(k for k, n in enumerate(names) if n.startswith("white"))
             gm_i = next(k for k, n in enumerate(names) if n.startswith("gr"))
             target = cfg.get("wm_target", brain.WM_TARGET)
-            level, gain = None, 1.0
-            if target:
-                level = brain.estimate_wm_level(_model(models[i][0]), vol, spec.norm, wm_i)
-                if level is not None and level > 0 and abs(float(target) / level - 1.0) >= 0.05:
-                    gain = float(np.clip(float(target) / level, 1 / 3, 3.0))
+            level, gain = brain.wm_gain(_model(models[i][0]), vol, spec, target)
             box, p = _run_folds(models[i], vol, spec, gain=gain, **crop_kw(spec))
             gw = np.zeros(shape, np.uint8)
             gw[box] = brain.argmax(p)
@@ -361,15 +322,16 @@ class BrainTissue(Pipeline):
             info["boxes"]["aseg"] = _box_list(box)
             info["seconds"]["aseg"] = round(time.perf_counter() - t0, 2)
         out["info"] = np.array(json.dumps(info))
-        return out
+        return Predicted(out)
 
     # -- finalize --------------------------------------------------------------------------------
-    def finalize(self, item: Item, prepared: Prepared, prob, cards, cfg, out: OutputWriter) -> dict:
+    def finalize(self, item: Item, prepared: Prepared, prob: Predicted, cards, cfg, ctx: Context,
+                 out: OutputWriter) -> dict:
         import nibabel as nib
 
         from cohortseg.science import brain
 
-        if not isinstance(prob, dict) or "box" not in prob or "brain_mask" not in prob:
+        if "box" not in prob or "brain_mask" not in prob:
             raise InputError("inference output lacks the brain_tissue arrays (stale work files? rerun infer)")
         meta = prepared.meta
         caff = np.asarray(meta["conform"]["conformed_affine"], float)
@@ -589,4 +551,4 @@ def _run_folds(folds, vol, spec, gain: float = 1.0, padding: int | None = None, 
     return box, acc
 
 
-__all__ = ["BrainTissue", "card_roles", "meshnet_spec", "crop_to_native", "conformed_volume", "conformed_volumes"]
+__all__ = ["BrainTissue", "card_roles", "crop_to_native", "conformed_volume", "conformed_volumes"]

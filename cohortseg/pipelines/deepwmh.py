@@ -30,7 +30,7 @@ import os
 import numpy as np
 
 from cohortseg.errors import InputError, ModelError
-from cohortseg.pipelines.base import Item, OutputWriter, Prepared
+from cohortseg.pipelines.base import Context, Item, OutputWriter, Predicted, Prepared
 from cohortseg.science import deepwmh as W
 
 NETS = ("head", "affine", "rois", "wmh")
@@ -82,13 +82,10 @@ def compact_voxels(data: np.ndarray) -> np.ndarray:
     return d
 
 
-def prepare(item: Item, cards: list, cfg: dict) -> Prepared:
-    from cohortseg.io import load_image
-
-    g = cfg.get("_global") or {}
+def prepare(item: Item, cards: list, cfg: dict, ctx: Context) -> Prepared:
     net_cards(cards)
     path = item.inputs["image"]
-    img, warnings = load_image(path, allow_4d=g.get("allow_4d", False), max_voxels=g.get("max_voxels") or 200_000_000)
+    img, warnings = ctx.load_image(path)
     data = np.asarray(img.dataobj, np.float32)
     if min(data.shape) < 8:
         raise InputError(f"image of shape {data.shape} is too small for deep-T1-WMH (a 3D T1 of the head)", path)
@@ -115,7 +112,7 @@ def head_priors(folds, x: np.ndarray, batch_size: int = 1) -> np.ndarray:
     return np.asarray(run_folds(folds, x, batch_size)[0], np.float32)
 
 
-def predict(models, prepared: Prepared, cards, cfg, batch_size) -> dict:
+def predict(models, prepared: Prepared, cards, cfg, batch_size) -> Predicted:
     idx = net_cards(cards)
     meta = prepared.meta
     aff = np.asarray(meta["native_affine"], float)
@@ -133,11 +130,11 @@ def predict(models, prepared: Prepared, cards, cfg, batch_size) -> dict:
     labels = W.roi_labels(run_folds(models[idx["rois"]], xb, 1)[0])
     wmh = run_folds(models[idx["wmh"]], xb, 1)[0]
     wmh = W.wmh_rescale(wmh[..., 0] if wmh.ndim == 4 else wmh)
-    return {"priors": pri[..., :3].astype(np.float32), "matrix": matrix, "affine_params": params,
-            "coverage": np.array(coverage), "wmh_box": wmh.astype(np.float32), "rois_box": labels}
+    return Predicted({"priors": pri[..., :3].astype(np.float32), "matrix": matrix, "affine_params": params,
+                      "coverage": np.array(coverage), "wmh_box": wmh.astype(np.float32), "rois_box": labels})
 
 
-def finalize(item: Item, prepared: Prepared, prob, cards, cfg, out: OutputWriter) -> dict:
+def finalize(item: Item, prepared: Prepared, prob: Predicted, cards, cfg, ctx: Context, out: OutputWriter) -> dict:
     import nibabel as nib
     import pandas as pd
 
@@ -145,7 +142,7 @@ def finalize(item: Item, prepared: Prepared, prob, cards, cfg, out: OutputWriter
     from cohortseg.pipelines.lesion import BRAIN_MASK_RANGE_MM3, CENSUS_COLUMNS, _census
     from cohortseg.qc.outliers import sanity_flags
 
-    if not isinstance(prob, dict) or "wmh_box" not in prob:
+    if "wmh_box" not in prob:
         raise InputError("inference output lacks the deep-T1-WMH arrays (stale work files? rerun infer)")
     meta = prepared.meta
     aff = np.asarray(meta["native_affine"], float)

@@ -83,7 +83,8 @@ from pathlib import Path
 import numpy as np
 
 from cohortseg.errors import InputError, ModelError
-from cohortseg.pipelines.base import Item, OutputWriter, Pipeline, Prepared, Role
+from cohortseg.pipelines.base import Context, Item, OutputWriter, Pipeline, Predicted, Prepared, Role
+from cohortseg.science.metrics import bounding_box
 
 
 CONFORM_SHAPE = 256
@@ -168,7 +169,7 @@ def fallback_brain_mask(data: np.ndarray, affine) -> np.ndarray:
     from scipy import ndimage
     from skimage.filters import threshold_otsu
 
-    from cohortseg.science.lesions import voxel_sizes
+    from cohortseg.science.metrics import voxel_sizes
 
     def ball(r):
         g = np.ogrid[tuple(slice(-r, r + 1) for _ in range(3))]
@@ -284,33 +285,12 @@ def split_cards(cards: list) -> tuple[int | None, list[int]]:
     return mask_i, seg
 
 
-def _meshnet_spec(card):
-    from cohortseg.science.brain import MESHNETS, MeshNetSpec
-
-    name = card["architecture"].get("params", {}).get("meshnet")
-    if name is None:
-        files = " ".join(f["file"] for f in card.folds)
-        name = next((k for k in MESHNETS if k in files or k in card.name), None)
-    spec = MESHNETS.get(name) if name else None
-    return spec or MeshNetSpec(card.name, "brain_mask", ("background", "brain"), norm="minmax", crop_padding=20)
-
-
 # ----------------------------------------------------------------------------------------------
-# registration (cached per process: cmb and wmh of one session share the T1's work)
+# registration (memoised in the session's Context: cmb and wmh of one session share the T1's work)
 # ----------------------------------------------------------------------------------------------
-_T1_CACHE: dict = {}
-
-
-def _file_key(path) -> tuple:
-    st = os.stat(path)
-    return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-
-
-def _conformed_with_mask(path, g: dict, order: int):
+def _conformed_with_mask(path, ctx: Context, order: int):
     """(native image, warnings, conformed image, fallback mask on the conformed grid)."""
-    from cohortseg.io import load_image
-
-    img, warnings = load_image(path, allow_4d=g.get("allow_4d", False), max_voxels=g.get("max_voxels") or 200_000_000)
+    img, warnings = ctx.load_image(path)
     conf = conform_ras(img, order=order)
     try:
         mask = fallback_brain_mask(np.asarray(conf.dataobj), conf.affine)
@@ -338,17 +318,16 @@ def _mni(conf, mask, source: str) -> dict:
     return out
 
 
-def _t1_entry(path, g: dict, order: int, antspyx_mni: bool = True) -> dict:
+def _t1_entry(path, ctx: Context, order: int, antspyx_mni: bool = True) -> dict:
     """The session T1, conformed, its fallback mask and (unless the deep-T1-WMH nets give it in
-    ``predict``) its antspyx affine to MNI152."""
-    key = _file_key(path) + (order, antspyx_mni)
-    if key not in _T1_CACHE:
-        _T1_CACHE.clear()  # one session at a time: keep memory flat
-        img, warnings, conf, mask = _conformed_with_mask(path, g, order)
+    ``predict``) its antspyx affine to MNI152; memoised in the session's Context."""
+    key = ("lesion_t1", str(path), order, antspyx_mni)
+    if key not in ctx.session:
+        img, warnings, conf, mask = _conformed_with_mask(path, ctx, order)
         mni = _mni(conf, mask, "T1w") if antspyx_mni else {"matrix": None, "det": None, "from": "T1w", "error": "",
                                                            "tool": DEEP_MNI_TOOL}
-        _T1_CACHE[key] = {"img": img, "warnings": warnings, "conf": conf, "mask": mask, "mni": mni}
-    return _T1_CACHE[key]
+        ctx.session[key] = {"img": img, "warnings": warnings, "conf": conf, "mask": mask, "mni": mni}
+    return ctx.session[key]
 
 
 DEEP_MNI_TOOL = "deep-T1-WMH affine net (in predict)"
@@ -423,7 +402,9 @@ class _Lesion(Pipeline):
         fg = mask.copy()
         for c, s in zip(channels, scales):
             fg |= np.asarray(chans[c]) > 0.02 * s  # above background noise
-        lo, hi = _bbox(fg, margin=4)
+        if not fg.any():
+            raise InputError("image is empty after conforming to the 1 mm RAS grid")
+        lo, hi = bounding_box(fg, margin=4)
         sl = tuple(slice(a, b) for a, b in zip(lo, hi))
         x = np.stack([np.asarray(chans[c], np.float32)[sl] / s for c, s in zip(channels, scales)], axis=-1)
         meta.update({
@@ -458,7 +439,9 @@ class _Lesion(Pipeline):
             else:
                 source = f"model:{cards[mask_i].name} ({source})"
         elif mask_i is not None:
-            mask = meshnet_brain_mask(models[mask_i], vol[..., 0], _meshnet_spec(cards[mask_i]))
+            from cohortseg.science.brain import meshnet_spec
+
+            mask = meshnet_brain_mask(models[mask_i], vol[..., 0], meshnet_spec(cards[mask_i]))
             source = f"model:{cards[mask_i].name}"
         else:
             mask = unpack_mask(prepared.arrays["brain_mask"], vol.shape[:3])
@@ -478,17 +461,18 @@ class _Lesion(Pipeline):
             n += len(folds)
         prob = (acc / n)[0].astype(np.float16)
         boxarr = np.array([*box.start, *box.shape, *box.centre, box.shift_up], dtype=np.int32)
-        return {"prob": prob, "box": boxarr, "brain_mask": np.packbits(mask.astype(bool)),
-                "mask_source": np.array(source), **extra}
+        return Predicted({"prob": prob, "box": boxarr, "brain_mask": np.packbits(mask.astype(bool)),
+                          "mask_source": np.array(source), **extra})
 
     # -- finalize --------------------------------------------------------------------------------
-    def finalize(self, item: Item, prepared: Prepared, prob, cards, cfg, out: OutputWriter) -> dict:
+    def finalize(self, item: Item, prepared: Prepared, prob: Predicted, cards, cfg, ctx: Context,
+                 out: OutputWriter) -> dict:
         import nibabel as nib
 
         from cohortseg.models import shiva
         from cohortseg.science.conform import to_native
 
-        if not isinstance(prob, dict):
+        if "box" not in prob:
             raise InputError("inference output lacks the crop box (stale work files? rerun infer)")
         meta = prepared.meta
         t = self.target
@@ -525,7 +509,7 @@ class _Lesion(Pipeline):
             etiv = float(icv.sum()) * abs(float(np.linalg.det(np.asarray(t1["affine"], float)[:3, :3]))) / 1000.0
             mni["etiv_method"] = "deep-T1-WMH head net intracranial prior > 0.5 on the T1's native grid"
         matrix = np.asarray(mni["matrix"], float) if mni.get("matrix") else None
-        regions, region_vol = self._regions(nshape, naff, matrix, cfg)
+        regions, region_vol = self._regions(nshape, naff, matrix, ctx)
         labels, census = _census(p_native, mask_native, naff, thr, min_vox, max_out, regions, matrix)
 
         # -- outputs
@@ -587,22 +571,11 @@ class _Lesion(Pipeline):
         out.snapshot("desc-brain_mask.png", lambda png: mosaic(data, mask.astype(np.uint8), aff, png, view="axial",
                                                                zoom="brain", n=8, title=f"{item.name} - brain mask"))
 
-    def _regions(self, nshape, naff, matrix, cfg):
+    def _regions(self, nshape, naff, matrix, ctx: Context):
         return None, None
 
     def _region_table(self, census, labels, region_vol, aff):
         raise NotImplementedError
-
-
-def _bbox(fg: np.ndarray, margin: int = 0) -> tuple[list[int], list[int]]:
-    if not fg.any():
-        raise InputError("image is empty after conforming to the 1 mm RAS grid")
-    lo, hi = [], []
-    for ax in range(3):
-        idx = np.flatnonzero(fg.any(axis=tuple(a for a in range(3) if a != ax)))
-        lo.append(max(int(idx[0]) - margin, 0))
-        hi.append(min(int(idx[-1]) + 1 + margin, fg.shape[ax]))
-    return lo, hi
 
 
 def full_volume(prepared: Prepared) -> np.ndarray:
@@ -683,7 +656,7 @@ def _census(prob, mask, aff, thr, min_vox, max_out, regions, matrix):
     sup = prob > thr
     if not sup.any():
         return labels, []
-    lo, hi = _bbox(sup, margin=1)
+    lo, hi = bounding_box(sup, margin=1)
     sl = tuple(slice(a, b) for a, b in zip(lo, hi))
     shift = np.eye(4)
     shift[:3, 3] = lo
@@ -743,16 +716,15 @@ class Cmb(_Lesion):
     modality_roles = {"swi": "image", "t2gre": "image"}
     region_names = ("lobar", "deep", "infratentorial")
 
-    def prepare(self, item: Item, cards: list, cfg: dict) -> Prepared:
+    def prepare(self, item: Item, cards: list, cfg: dict, ctx: Context) -> Prepared:
         from cohortseg.science import registration
 
-        g = cfg["_global"]
         order = _INTERP_ORDER[cfg.get("interpolation", "cubic")]
         channels = self._channels(cards)
-        swi, warnings, conf, mask = _conformed_with_mask(item.inputs["image"], g, order)
+        swi, warnings, conf, mask = _conformed_with_mask(item.inputs["image"], ctx, order)
         meta: dict = {"warnings": list(warnings), "registration": {}}
         if item.inputs.get("t1"):
-            t1 = _t1_entry(item.inputs["t1"], g, order, antspyx_mni=not deep_mni(cards))
+            t1 = _t1_entry(item.inputs["t1"], ctx, order, antspyx_mni=not deep_mni(cards))
             meta["warnings"] += [f"T1w: {w}" for w in t1["warnings"]]
             rig = registration.rigid(conf, t1["conf"])
             mni = dict(t1["mni"])
@@ -776,18 +748,20 @@ class Cmb(_Lesion):
     def methods(self, cards, cfg):
         return {**_mask_methods(cards, "SWI"), **_mni_methods(cards, "SWI")}
 
-    def _regions(self, nshape, naff, matrix, cfg):
+    def _regions(self, nshape, naff, matrix, ctx: Context):
         from cohortseg.science.lesions import cmb_location_mni
 
         return (cmb_location_mni if matrix is not None else None), None
 
     def _region_table(self, census, labels, region_vol, aff):
+        from cohortseg.science.lesions import lesion_counts_by_region
+
+        counts = lesion_counts_by_region(census, (*self.region_names, "unassigned"))
         rows, metrics = [], {}
         for r in (*self.region_names, "unassigned"):
-            sel = [c for c in census if c["region"] == r]
-            vol = round(float(sum(c["volume_mm3"] for c in sel)), 3)
-            rows.append({"region": r, "count": len(sel), "volume_mm3": vol})
-            metrics[f"count_{r}"] = len(sel)
+            vol = round(float(sum(c["volume_mm3"] for c in census if c["region"] == r)), 3)
+            rows.append({"region": r, "count": counts[r], "volume_mm3": vol})
+            metrics[f"count_{r}"] = counts[r]
         return rows, metrics
 
 
@@ -808,12 +782,12 @@ class Wmh(_Lesion):
 
     # deep-T1-WMH cards (the default) take the T1-only path of cohortseg.pipelines.deepwmh; SHIVA cards
     # the T1 [+ FLAIR] path below.
-    def prepare(self, item: Item, cards: list, cfg: dict) -> Prepared:
+    def prepare(self, item: Item, cards: list, cfg: dict, ctx: Context) -> Prepared:
         from cohortseg.pipelines import deepwmh
 
         if deepwmh.uses_deepwmh(cards):
-            return deepwmh.prepare(item, cards, cfg)
-        return self._prepare_shiva(item, cards, cfg)
+            return deepwmh.prepare(item, cards, cfg, ctx)
+        return self._prepare_shiva(item, cards, cfg, ctx)
 
     def predict(self, models, prepared, cards, cfg, batch_size):
         from cohortseg.pipelines import deepwmh
@@ -822,12 +796,12 @@ class Wmh(_Lesion):
             return deepwmh.predict(models, prepared, cards, cfg, batch_size)
         return super().predict(models, prepared, cards, cfg, batch_size)
 
-    def finalize(self, item: Item, prepared: Prepared, prob, cards, cfg, out: OutputWriter) -> dict:
+    def finalize(self, item: Item, prepared: Prepared, prob, cards, cfg, ctx: Context, out: OutputWriter) -> dict:
         from cohortseg.pipelines import deepwmh
 
         if deepwmh.uses_deepwmh(cards):
-            return deepwmh.finalize(item, prepared, prob, cards, cfg, out)
-        return super().finalize(item, prepared, prob, cards, cfg, out)
+            return deepwmh.finalize(item, prepared, prob, cards, cfg, ctx, out)
+        return super().finalize(item, prepared, prob, cards, cfg, ctx, out)
 
     def methods(self, cards, cfg):
         from cohortseg.pipelines import deepwmh
@@ -838,11 +812,9 @@ class Wmh(_Lesion):
         return {"wmh": "SHIVA-WMH fold ensemble", **_mask_methods(cards, "T1w"), **_mni_methods(cards, "T1w"),
                 "regions": "MNI152 template region map"}
 
-    def _prepare_shiva(self, item: Item, cards: list, cfg: dict) -> Prepared:
+    def _prepare_shiva(self, item: Item, cards: list, cfg: dict, ctx: Context) -> Prepared:
         from cohortseg.science import registration
-        from cohortseg.io import load_image
 
-        g = cfg["_global"]
         order = _INTERP_ORDER[cfg.get("interpolation", "cubic")]
         available = {"t1"} | ({"flair"} if item.inputs.get("flair") else set())
         chosen, choice_warnings = self._choose(cards, available)
@@ -852,7 +824,7 @@ class Wmh(_Lesion):
                              f"filters {(cfg.get('filters') or {}).get('flair', self.roles['flair'].filters)}); add "
                              "the FLAIR, or list a T1-only WMH model card beside it in wmh.models")
         channels = self._channels(cards, only=chosen)
-        t1 = _t1_entry(item.inputs["image"], g, order, antspyx_mni=not deep_mni(cards))
+        t1 = _t1_entry(item.inputs["image"], ctx, order, antspyx_mni=not deep_mni(cards))
         conf = t1["conf"]
         meta: dict = {"warnings": list(t1["warnings"]) + choice_warnings, "registration": {}, "mni": dict(t1["mni"]),
                       "etiv_ml": _etiv_ml(t1["mni"]), "models_used": [cards[i].name for i in chosen]}
@@ -860,8 +832,7 @@ class Wmh(_Lesion):
             meta["warnings"].append(f"MNI registration: {t1['mni']['error']}")
         chans = {"t1": np.asarray(conf.dataobj)}
         if "flair" in channels:
-            flair, fw = load_image(item.inputs["flair"], allow_4d=g.get("allow_4d", False),
-                                   max_voxels=g.get("max_voxels") or 200_000_000)
+            flair, fw = ctx.load_image(item.inputs["flair"])
             meta["warnings"] += [f"FLAIR: {w}" for w in fw]
             rig = registration.rigid(flair, conf)
             f_c = registration.apply(rig, flair, reference=(conf.shape, conf.affine),
@@ -875,13 +846,13 @@ class Wmh(_Lesion):
         meta.update(head_meta)
         return self._finish_prepare(chans, channels, t1["mask"], conf, t1["img"], meta, extra)
 
-    def _regions(self, nshape, naff, matrix, cfg):
+    def _regions(self, nshape, naff, matrix, ctx: Context):
         if matrix is None:
             return None, None
         from cohortseg.science import registration
         from cohortseg.science.lesions import WMH_REGIONS
 
-        rimg = _mni_wmh_regions(cfg)
+        rimg = _mni_wmh_regions(ctx)
         tr = registration.LinearTransform(matrix)
         rmap = np.asarray(registration.apply(tr, rimg, reference=(nshape, naff), interpolation="nearest",
                                              inverse=True).dataobj).astype(np.uint8)
@@ -924,14 +895,14 @@ def _mni_methods(cards, primary: str) -> dict:
             "etiv": "atlas scaling (MNI152 ICV / det of the antspyx affine of the T1)"}
 
 
-def _mni_wmh_regions(cfg):
+def _mni_wmh_regions(ctx: Context):
     """The MNI152 WMH region map (:func:`cohortseg.science.wmh.mni_region_map`, 1 mm), cached on disk under
     ``<output_dir>/work/cache`` so each finalize job does not redo the distance transforms."""
     import nibabel as nib
 
     from cohortseg.io import atomic_path
 
-    out_dir = (cfg.get("_global") or {}).get("output_dir")
+    out_dir = ctx.output_dir
     path = Path(out_dir) / "work" / "cache" / "wmh_regions_mni152_1mm.nii.gz" if out_dir else None
     if path is not None and path.is_file():
         try:

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from cohortseg.errors import InputError, ModelError
-from cohortseg.pipelines.base import Item, OutputWriter, Pipeline, Prepared, Role
+from cohortseg.pipelines.base import Context, Item, OutputWriter, Pipeline, Predicted, Prepared, Role
 
 PERSLICE = "desc-csa_perslice.tsv"
 PERLEVEL = "desc-csa_perlevel.tsv"
@@ -148,18 +148,15 @@ class ScCsa(Pipeline):
     group_tables = {"csa_perslice.csv": PERSLICE, "csa_perlevel.csv": PERLEVEL}
 
     # ------------------------------------------------------------------------------- prepare
-    def prepare(self, item: Item, cards: list, cfg: dict) -> Prepared:
+    def prepare(self, item: Item, cards: list, cfg: dict, ctx: Context) -> Prepared:
         import nibabel as nib
 
-        from cohortseg.io import load_image
         from cohortseg.training.datasets import preprocess_image
 
         if not cards:
             raise ModelError("sc_csa: no model card configured (sc_csa.models)")
         grid_spec = _common_grid(cards)
-        g = cfg.get("_global") or {}
-        img, warnings = load_image(item.inputs["image"], allow_4d=g.get("allow_4d", False),
-                                   max_voxels=g.get("max_voxels") or 200_000_000)
+        img, warnings = ctx.load_image(item.inputs["image"])
         x, grid = preprocess_image(img, float(grid_spec["inplane_mm"]), grid_spec["crop"])
         trained = sorted({c for card in cards for c in card.get("contrasts", [])})
         if trained and item.contrast not in trained:
@@ -194,23 +191,21 @@ class ScCsa(Pipeline):
             mirror = 1 if (card.get("tta") or {}).get("flip_lr") else None
             acc = acc + fold_average([f.predict for f in folds], prepared.x, batch_size, mirror).astype(np.float64) * len(folds)
             n += len(folds)
-        return (acc / n).astype(np.float32)
+        return Predicted({"prob": (acc / n).astype(np.float32)})
 
     # ------------------------------------------------------------------------------ finalize
-    def finalize(self, item: Item, prepared: Prepared, prob, cards, cfg, out: OutputWriter) -> dict:
+    def finalize(self, item: Item, prepared: Prepared, predicted: Predicted, cards, cfg, ctx: Context,
+                 out: OutputWriter) -> dict:
         import pandas as pd
 
         from cohortseg.science import csa
-        from cohortseg.io import load_image
         from cohortseg.science.resampling import slices_to_native
 
-        g = cfg.get("_global") or {}
-        native, _ = load_image(item.inputs["image"], allow_4d=g.get("allow_4d", False),
-                               max_voxels=g.get("max_voxels") or 200_000_000)
+        native, _ = ctx.load_image(item.inputs["image"])
         aff = native.affine
         grid = prepared.meta["grid"]
         thr = float(cfg.get("threshold", cards[0].get("thresholds", {}).get("mask", 0.5)))
-        p = np.asarray(prob, dtype=np.float32)
+        p = np.asarray(predicted.prob, dtype=np.float32)
         if p.ndim == 4:
             p = p[..., 0]
         p = np.where((np.asarray(grid["valid_fraction"]) > 0)[:, None, None], p, 0.0)

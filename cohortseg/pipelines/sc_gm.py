@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cohortseg.pipelines.base import Item, OutputWriter, Pipeline, Prepared, Role
+from cohortseg.errors import InputError
+from cohortseg.pipelines.base import Context, Item, OutputWriter, Pipeline, Predicted, Prepared, Role
 
 
 class ScGm(Pipeline):
@@ -12,13 +13,10 @@ class ScGm(Pipeline):
     roles = {"image": Role(filters={"suffix": "T2starw"}, description="axial T2*w of the cervical cord")}
     group_tables = {"sc_gm_perslice.csv": "desc-GM_perslice.tsv"}
 
-    def prepare(self, item: Item, cards: list, cfg: dict) -> Prepared:
-        from cohortseg.io import load_image
+    def prepare(self, item: Item, cards: list, cfg: dict, ctx: Context) -> Prepared:
         from cohortseg.science.resampling import to_axial_slices
 
-        g = cfg["_global"]
-        img, warnings = load_image(item.inputs["image"], allow_4d=g.get("allow_4d", False),
-                                   max_voxels=g.get("max_voxels") or 200_000_000)
+        img, warnings = ctx.load_image(item.inputs["image"])
         grid_spec = cards[0].get("grid", {})
         slices, grid = to_axial_slices(img, inplane_mm=float(grid_spec.get("inplane_mm", 0.25)),
                                        crop=tuple(grid_spec.get("crop", (200, 200))))
@@ -38,16 +36,19 @@ class ScGm(Pipeline):
             for fold in folds:
                 if cfg.get("standardise", "model") == "volume":
                     mean, std = prepared.meta["volume_mean"], prepared.meta["volume_std"]
+                    if not std > 0:
+                        raise InputError("constant image inside the field of view: cannot standardise it")
                 else:
                     norm = {**card["normalisation"], **fold.params}
                     mean, std = float(norm["mean"]), float(norm["std"])
-                xs = (x - mean) / max(std, 1e-6)
+                xs = (x - mean) / std
                 # flip_tta: left-right mirror of each slice (axis 1 of the slice grid runs R->L)
                 per_card.append(fold_average([fold.predict], xs, batch_size,
                                              mirror_axis=1 if cfg.get("flip_tta") else None))
-        return np.mean(per_card, axis=0).astype(np.float32)
+        return Predicted({"prob": np.mean(per_card, axis=0).astype(np.float32)})
 
-    def finalize(self, item: Item, prepared: Prepared, prob, cards, cfg, out: OutputWriter) -> dict:
+    def finalize(self, item: Item, prepared: Prepared, predicted: Predicted, cards, cfg, ctx: Context,
+                 out: OutputWriter) -> dict:
         import nibabel as nib
         import pandas as pd
 
@@ -55,6 +56,7 @@ class ScGm(Pipeline):
         from cohortseg.models.nets.gmseg import fine_to_native
 
         native = nib.load(item.inputs["image"])
+        prob = predicted.prob
         fine = prob[..., 0] if prob.ndim == 4 else prob
         grid = prepared.meta["grid"]
         # binarise at threshold_fine in the 0.25 mm grid, map back linearly: probseg is the GM
@@ -81,8 +83,6 @@ class ScGm(Pipeline):
         }
         _qc(native, mask_native, out, item)
         if not mask_native.any():
-            from cohortseg.errors import InputError
-
             raise InputError("no gray matter found: the field of view may miss the cord or the image is not an "
                              "axial T2*w (outputs written for QC)", item.inputs["image"])
         return metrics

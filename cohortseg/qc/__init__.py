@@ -17,7 +17,7 @@ _EXPORTS = {
     "tukey_flags": "outliers", "tukey_fences": "outliers", "sanity_flags": "outliers",
     "combine_flags": "outliers", "add_qc_flags": "outliers",
     "write_qc_page": "page",
-    "read_ratings": "ratings", "write_ratings": "ratings", "apply_ratings": "ratings",
+    "read_ratings": "ratings", "apply_ratings": "ratings",
 }
 __all__ = sorted(_EXPORTS)
 

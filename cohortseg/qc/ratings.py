@@ -19,9 +19,8 @@ from typing import Iterable
 
 import pandas as pd
 
-from cohortseg.io import write_text_atomic
 
-__all__ = ["RATINGS", "COLUMNS", "read_ratings", "write_ratings", "apply_ratings"]
+__all__ = ["RATINGS", "COLUMNS", "read_ratings", "apply_ratings"]
 
 RATINGS = ("pass", "fail", "artifact")
 UNRATED = "unrated"
@@ -100,17 +99,6 @@ def read_ratings(path: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     df = df.sort_values(["_ts", "_order"], na_position="first", kind="stable")
     df = df.drop_duplicates("_key", keep="last").sort_values("_order", kind="stable")
     return df[COLUMNS].reset_index(drop=True)
-
-
-def write_ratings(df: pd.DataFrame, path) -> Path:
-    """Write ratings in the page's export format (atomic)."""
-    out = df.copy()
-    for c in COLUMNS:
-        if c not in out.columns:
-            out[c] = ""
-    text = out[COLUMNS].fillna("").astype(str).to_csv(sep="\t", index=False, lineterminator="\n")
-    write_text_atomic(path, text)
-    return Path(path)
 
 
 def apply_ratings(summary_df: pd.DataFrame, ratings_df: pd.DataFrame,

@@ -160,12 +160,9 @@ def _inplane(view):
 
 def _bbox(mask):
     """Inclusive-exclusive bounding box [(lo, hi), ...] of a non-empty boolean array."""
-    out = []
-    for ax in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != ax)
-        hit = np.flatnonzero(mask.any(axis=other))
-        out.append((int(hit[0]), int(hit[-1]) + 1))
-    return out
+    from cohortseg.science.metrics import bounding_box
+
+    return list(zip(*bounding_box(mask)))
 
 
 def _expand(lo, hi, n, extra_lo, extra_hi):

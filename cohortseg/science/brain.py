@@ -21,7 +21,7 @@ GM/WM maps > 0.5, in the template grid) and on brainchop's t1_crop:
   name-encoded instance norm, see ``cohortseg.models.nets.tfjs``): Dice 0.965 with the template's
   intracranial mask; 1643 mL on t1_crop (brain + CSF, i.e. a segmented ICV). Without the
   instance norm it returns 6 L of "brain".
-* GM/WM: ``model5_gw_ae`` (min-max, then white-matter-anchored gain, ``segment_tissue``):
+* GM/WM: ``model5_gw_ae`` (min-max, then white-matter-anchored gain, ``wm_gain``):
   GM 0.81 / WM 0.88 (plain brainchop recipe, trilinear conform: 0.80 / 0.81). Alternatives, plain
   recipe: model11_gw_ae GM 0.66 / WM 0.79 (min-max; 0.65 / 0.79 quantile); model20chan3cls
   GM 0.75 / WM 0.84 (min-max), 0.74 / 0.76 with its documented 5-95 % quantile scaling, and it
@@ -32,13 +32,14 @@ GM/WM maps > 0.5, in the template grid) and on brainchop's t1_crop:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from cohortseg.errors import InputError, ModelError
+from cohortseg.science.metrics import largest_component
 
 
 # ------------------------------------------------------------------------------- model registry
@@ -77,6 +78,28 @@ MESHNETS: dict[str, MeshNetSpec] = {
     "model30chan18cls": MeshNetSpec("model30chan18cls", "aseg", ASEG18_LABELS, norm="minmax",
                                     crop_padding=18, crop_threshold=0.2),
 }
+
+
+def meshnet_spec(card):
+    """The :class:`MeshNetSpec` of a card: ``architecture.params.meshnet`` names one of
+    :data:`MESHNETS` (params ``norm``, ``crop_padding``, ``crop_threshold`` override it);
+    an unknown MeshNet gets a spec from the card itself (task, labels, normalisation.method)."""
+    params = dict(card["architecture"].get("params") or {})
+    name = params.pop("meshnet", None)
+    if name is None:
+        files = " ".join(f["file"] for f in card.folds)
+        name = next((k for k in MESHNETS if f"/{k}/" in files or k == card.name), None)
+    over = {k: params[k] for k in ("norm", "crop_padding", "crop_threshold") if k in params}
+    if name in MESHNETS:
+        return replace(MESHNETS[name], **over)
+    labels = card.get("labels")
+    if not card.get("task") or not labels:
+        raise ModelError(f"model '{card.name}': unknown MeshNet {name!r} (known: {', '.join(MESHNETS)}); "
+                         "give architecture.params.meshnet, or task + labels + normalisation.method")
+    names = tuple(str(labels[k]) for k in sorted(labels, key=int))
+    return MeshNetSpec(card.name, card["task"], names, norm=over.get("norm", card["normalisation"]["method"]),
+                       crop_padding=int(over.get("crop_padding", 18)),
+                       crop_threshold=float(over.get("crop_threshold", 0.0)))
 
 
 # ------------------------------------------------------------------------------- preprocessing
@@ -204,7 +227,7 @@ def run_meshnet(model, conformed, norm: str = "minmax", crop: bool = True, paddi
     norm: 'minmax' | 'quantile' (see ``normalize``) applied to the whole volume before cropping.
     crop: run on ``crop_box`` (head bounding box at ``threshold``, or of ``mask``) plus ``padding``
     zero voxels (brainchop's cropPadding); outside the crop the probabilities are background (1, 0...).
-    gain: multiplies the normalised input (intensity standardisation, see ``segment_tissue``).
+    gain: multiplies the normalised input (intensity standardisation, see ``wm_gain``).
     dtype: of the returned probabilities (float16 halves the memory of many-class nets).
     """
     shape = np.shape(conformed.dataobj if hasattr(conformed, "dataobj") else conformed)
@@ -215,34 +238,10 @@ def run_meshnet(model, conformed, norm: str = "minmax", crop: bool = True, paddi
     return out
 
 
-def meshnet_labels(model, conformed, **kw) -> np.ndarray:
-    """argmax label map (full grid, background outside the crop) without the full probability array."""
-    shape = np.shape(conformed.dataobj if hasattr(conformed, "dataobj") else conformed)
-    box, prob = run_meshnet_crop(model, conformed, **kw)
-    out = np.zeros(tuple(shape), dtype=np.uint8 if prob.shape[-1] <= 256 else np.int16)
-    out[box] = argmax(prob)
-    return out
-
-
 def argmax(prob: np.ndarray) -> np.ndarray:
     """Label map (uint8 for < 256 classes) from probabilities (..., C)."""
     lab = np.argmax(prob, axis=-1)
     return lab.astype(np.uint8 if prob.shape[-1] <= 256 else np.int16)
-
-
-def largest_component(mask: np.ndarray, fill_holes: bool = True) -> np.ndarray:
-    """Largest 26-connected component of a binary mask (optionally with holes filled)."""
-    mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
-        return mask
-    lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    if n > 1:
-        sizes = np.bincount(lab.ravel())
-        sizes[0] = 0
-        mask = lab == int(np.argmax(sizes))
-    if fill_holes:
-        mask = ndimage.binary_fill_holes(mask)
-    return mask
 
 
 def keep_largest_foreground(dseg: np.ndarray) -> np.ndarray:
@@ -257,22 +256,9 @@ def keep_largest_foreground(dseg: np.ndarray) -> np.ndarray:
     return out
 
 
-def keep_largest_per_class(dseg: np.ndarray, classes=None) -> np.ndarray:
-    """brainchop's post-processing: for each class keep its largest connected component; voxels
-    of dropped islands become background (0)."""
-    out = np.array(dseg, copy=True)
-    classes = [c for c in (classes if classes is not None else np.unique(dseg)) if c != 0]
-    for c in classes:
-        m = out == c
-        if m.any():
-            keep = largest_component(m, fill_holes=False)
-            out[m & ~keep] = 0
-    return out
-
-
 # ------------------------------------------------------------------------------- tissue
 #: Level (in the net's normalised input) the white-matter intensity is moved to before the GW net
-#: runs (see ``segment_tissue``).
+#: runs (see ``wm_gain``).
 WM_TARGET = 0.65
 
 #: whether the aseg net (model30chan18cls) gets the GW net's WM standardisation gain too: no, it is
@@ -309,14 +295,14 @@ def estimate_wm_level(model, vol: np.ndarray, norm: str = "minmax", wm_index: in
     return wm_level(sub[inner], lab[inner], wm_index)
 
 
-def segment_tissue(model, conformed, spec: MeshNetSpec | None = None, wm_target: float | None = WM_TARGET,
-                   postprocess: bool = True, tol: float = 0.05) -> tuple[np.ndarray, np.ndarray, dict]:
-    """GM/WM with a GW MeshNet and white-matter-anchored intensity standardisation.
+def wm_gain(model, vol: np.ndarray, spec: MeshNetSpec, wm_target: float | None = WM_TARGET,
+            tol: float = 0.05) -> tuple[float | None, float]:
+    """(WM level, input gain) of the white-matter-anchored intensity standardisation of a GW MeshNet.
 
     A first, cheap pass of the net (brainchop's recipe ``spec.norm`` on a central block, see
     ``estimate_wm_level``) gives the image's WM level (median normalised intensity of the voxels
-    it calls WM); the net then runs on the head crop with the input scaled by
-    ``gain = wm_target / level`` (gain 1 when |gain - 1| < ``tol``, or ``wm_target`` is None).
+    it calls WM); the net then runs with its input scaled by ``gain = wm_target / level`` (gain 1
+    when |gain - 1| < ``tol``, or ``wm_target`` is None).
 
     Why: on whole-head T1s (WM about 0.5 of the robust range after conform, the brightest voxels
     being fat) the GW nets are insensitive to the global gain (model5_gw_ae on t1_crop: GM/WM
@@ -326,28 +312,14 @@ def segment_tissue(model, conformed, spec: MeshNetSpec | None = None, wm_target:
     the range that is safe on real heads, so standardising to it changes real-head results
     little (t1_crop, gain 1.3: GM/WM Dice 0.98 with the plain recipe, volumes within 1.5 %) and
     fixes the out-of-distribution case. The gain is clamped to [1/3, 3].
-
-    Returns (prob (X, Y, Z, 3), label map (0 bg, 1 WM, 2 GM as the net's channels; with
-    ``postprocess`` only the largest connected brain component is kept), info {'wm_level',
-    'gain', 'wm_target'}).
     """
-    spec = spec or MESHNETS["model5_gw_ae"]
-    vol = np.asarray(conformed.dataobj if hasattr(conformed, "dataobj") else conformed)
-    kw = dict(norm=spec.norm, padding=spec.crop_padding, threshold=spec.crop_threshold)
+    if not wm_target:
+        return None, 1.0
     wm_i = next(i for i, n in enumerate(spec.labels) if n.lower().startswith("white"))
-    info = {"wm_level": None, "gain": 1.0, "wm_target": wm_target}
-    gain = 1.0
-    if wm_target:
-        level = estimate_wm_level(model, vol, spec.norm, wm_i)
-        info["wm_level"] = level
-        if level is not None and level > 0 and abs(float(wm_target) / level - 1.0) >= tol:
-            gain = float(np.clip(float(wm_target) / level, 1 / 3, 3.0))
-            info["gain"] = gain
-    prob = run_meshnet(model, vol, gain=gain, **kw)
-    lab = argmax(prob)
-    if postprocess:
-        lab = keep_largest_foreground(lab)
-    return prob, lab, info
+    level = estimate_wm_level(model, vol, spec.norm, wm_i)
+    if level is not None and level > 0 and abs(float(wm_target) / level - 1.0) >= tol:
+        return level, float(np.clip(float(wm_target) / level, 1 / 3, 3.0))
+    return level, 1.0
 
 
 # ------------------------------------------------------------------------------- measures
@@ -380,23 +352,6 @@ def tissue_volumes(dseg: np.ndarray, labels, affine, skip_background: bool = Tru
         n = int(counts[idx]) if 0 <= idx < counts.size else 0
         out[name] = n * vox
     return out
-
-
-def prob_volumes(prob: np.ndarray, labels, affine, skip_background: bool = True) -> dict[str, float]:
-    """Partial-volume-aware volumes: sum of each class's probability x voxel volume (mL)."""
-    vox = voxel_volume_ml(affine)
-    out = {}
-    for idx, name in _label_items(labels):
-        if skip_background and idx == 0:
-            continue
-        out[name] = float(prob[..., idx].sum(dtype=np.float64)) * vox
-    return out
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    s = a.sum() + b.sum()
-    return float(2.0 * np.logical_and(a, b).sum() / s) if s else 1.0
 
 
 # ------------------------------------------------------------------------------- label tables
@@ -490,7 +445,7 @@ def estimate_etiv(t1_img, brain_mask: np.ndarray | None = None, resolution: int 
             "method": "atlas scaling: ICV(MNI152 2009 nilearn) / det(affine subject->MNI152), antspyx"}
 
 
-# ------------------------------------------------------------------------------- high level
+# ------------------------------------------------------------------------------- names
 #: Label dict of TISSUE_DSEG (index -> name)
 TISSUE_LABELS = {i: n for i, n, _ in TISSUE_DSEG}
 
@@ -498,105 +453,3 @@ TISSUE_LABELS = {i: n for i, n, _ in TISSUE_DSEG}
 def metric_name(label: str) -> str:
     """'Lateral-Ventricle' -> 'lateral_ventricle' (column-friendly)."""
     return "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
-
-
-@dataclass
-class BrainResult:
-    """Outputs of the brain_tissue models, all in the conformed grid (``affine``)."""
-
-    affine: np.ndarray
-    brain_mask: np.ndarray | None = None  # bool, mindgrab (largest component, holes filled)
-    tissue_prob: np.ndarray | None = None  # (X, Y, Z, 3) GW net softmax (bg, WM, GM)
-    tissue: np.ndarray | None = None  # uint8 TISSUE_DSEG labels (1 GM, 2 WM, 3 CSF)
-    aseg: np.ndarray | None = None  # uint8 ASEG18_DSEG labels
-    volumes: dict = field(default_factory=dict)  # flat metrics, mL
-    info: dict = field(default_factory=dict)
-
-    def probseg(self) -> dict[str, np.ndarray]:
-        """{'GM': p, 'WM': p} float32 maps (inside the brain mask when there is one)."""
-        if self.tissue_prob is None:
-            return {}
-        m = 1.0 if self.brain_mask is None else self.brain_mask.astype(np.float32)
-        return {"GM": self.tissue_prob[..., 2] * m, "WM": self.tissue_prob[..., 1] * m}
-
-
-def segment_conformed(conformed: nib.Nifti1Image, models: dict, specs: dict | None = None,
-                      postprocess: bool = True, wm_target: float | None = WM_TARGET,
-                      etiv: bool = False) -> BrainResult:
-    """Run the brain_tissue models on a conformed T1 (``conform`` output) and measure.
-
-    models: {'brain_mask': mindgrab, 'tissue': a GW net, 'aseg': model30chan18cls}; any may be
-    None/absent. specs: MeshNetSpec per key (defaults MESHNETS mindgrab / model5_gw_ae /
-    model30chan18cls). ``wm_target``: white-matter standardisation of the GW and aseg nets (see
-    ``segment_tissue``; None = brainchop's plain recipe). ``etiv``: also estimate eTIV (needs the
-    brain mask).
-
-    Volumes (mL): brain_mask_ml (mindgrab = segmented intracranial volume), gm_ml, wm_ml, csf_ml
-    (mask minus GM/WM), brain_ml (GM + WM), etiv_ml, aseg_<label>_ml per aseg class.
-    """
-    specs = {"brain_mask": MESHNETS["mindgrab"], "tissue": MESHNETS["model5_gw_ae"],
-             "aseg": MESHNETS["model30chan18cls"], **(specs or {})}
-    vol = np.asarray(conformed.dataobj)
-    aff = np.asarray(conformed.affine, dtype=float)
-    res = BrainResult(affine=aff)
-    vols: dict[str, float] = {}
-    vox = voxel_volume_ml(aff)
-
-    if models.get("brain_mask") is not None:
-        s = specs["brain_mask"]
-        m = meshnet_labels(models["brain_mask"], vol, norm=s.norm, padding=s.crop_padding,
-                           threshold=s.crop_threshold) == 1
-        res.brain_mask = largest_component(m) if postprocess else m
-        if not res.brain_mask.any():
-            raise InputError("brain mask is empty (is this a brain T1?)")
-        vols["brain_mask_ml"] = float(res.brain_mask.sum()) * vox
-
-    gain = 1.0
-    if models.get("tissue") is not None:
-        s = specs["tissue"]
-        p, gw, info = segment_tissue(models["tissue"], vol, s, wm_target=wm_target, postprocess=postprocess)
-        gain = info["gain"]
-        res.tissue_prob = p
-        res.info["tissue"] = info
-        res.tissue = tissue_dseg(gw, res.brain_mask, s.labels)
-        tv = tissue_volumes(res.tissue, TISSUE_LABELS, aff)
-        vols.update({"gm_ml": tv["GM"], "wm_ml": tv["WM"]})
-        if res.brain_mask is not None:
-            vols["csf_ml"] = tv["CSF"]
-        vols["brain_ml"] = vols["gm_ml"] + vols["wm_ml"]
-
-    if models.get("aseg") is not None:
-        s = specs["aseg"]
-        a = meshnet_labels(models["aseg"], vol, norm=s.norm, padding=s.crop_padding,
-                           threshold=s.crop_threshold, gain=gain if ASEG_USES_WM_GAIN else 1.0)
-        if postprocess:
-            a = keep_largest_foreground(a)
-        if res.brain_mask is not None:
-            a[~res.brain_mask] = 0
-        res.aseg = a
-        for name, ml in tissue_volumes(a, list(s.labels), aff).items():
-            vols[f"aseg_{metric_name(name)}_ml"] = ml
-
-    if etiv:
-        if res.brain_mask is None:
-            raise ModelError("eTIV needs the brain mask model (mindgrab)")
-        e = estimate_etiv(conformed, res.brain_mask)
-        vols["etiv_ml"] = e["etiv_ml"]
-        res.info["etiv"] = {k: v for k, v in e.items() if k != "etiv_ml"}
-    res.volumes = vols
-    return res
-
-
-def segment_t1(t1_img, models: dict, specs: dict | None = None, etiv: bool = True,
-               **kw) -> tuple[BrainResult, nib.Nifti1Image, dict]:
-    """Conform any T1 (``cohortseg.science.conform.conform``) and run ``segment_conformed``.
-
-    Returns (result in the conformed grid, conformed image, conform info). Map outputs back with
-    ``cohortseg.science.conform.to_native`` (labels order 0, probabilities order 1).
-    """
-    from cohortseg.science.conform import conform
-
-    conformed, cinfo = conform(t1_img)
-    res = segment_conformed(conformed, models, specs, etiv=etiv and models.get("brain_mask") is not None, **kw)
-    res.info["conform"] = cinfo
-    return res, conformed, cinfo

@@ -494,13 +494,12 @@ def largest_component(prob, threshold: float = 0.5) -> np.ndarray:
     """
     from scipy import ndimage
 
+    from cohortseg.science.metrics import largest_component as largest
+
     p = np.asarray(prob, dtype=np.float32)
-    b = p > threshold
-    lab, n = ndimage.label(b, structure=np.ones((3, 3, 3), bool))
-    if n == 0:
+    keep = largest(p > threshold, fill_holes=False)
+    if not keep.any():
         return np.zeros_like(p)
-    sizes = ndimage.sum_labels(b, lab, index=np.arange(1, n + 1))
-    keep = lab == (int(np.argmax(sizes)) + 1)
     keep = ndimage.binary_dilation(keep, structure=np.ones((3, 3, 3), bool))
     return np.where(keep, p, 0.0).astype(np.float32)
 

@@ -36,6 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from cohortseg.errors import InputError
+from cohortseg.science.metrics import voxel_sizes, voxel_volume_mm3
 
 WMH_REGIONS = {1: "periventricular", 2: "deep_white", 3: "infracortical"}
 CMB_REGIONS = {1: "lobar", 2: "deep", 3: "infratentorial"}
@@ -43,14 +44,6 @@ UNASSIGNED = "unassigned"
 
 _STRUCTURES = {6: ndimage.generate_binary_structure(3, 1), 18: ndimage.generate_binary_structure(3, 2),
                26: ndimage.generate_binary_structure(3, 3)}
-
-
-def voxel_sizes(affine: np.ndarray) -> np.ndarray:
-    return np.sqrt((np.asarray(affine, dtype=float)[:3, :3] ** 2).sum(axis=0))
-
-
-def voxel_volume(affine: np.ndarray) -> float:
-    return float(abs(np.linalg.det(np.asarray(affine, dtype=float)[:3, :3])))
 
 
 def _apply_affine(aff: np.ndarray, pts: np.ndarray) -> np.ndarray:
@@ -136,7 +129,7 @@ def lesion_census(prob: np.ndarray, brain_mask: np.ndarray | None, affine: np.nd
     pmax = np.asarray(ndimage.maximum(p, labels, idx), dtype=float).reshape(n)
     pmean = np.asarray(ndimage.mean(p, labels, idx), dtype=float).reshape(n)
     world = _apply_affine(affine, coms)
-    vvol = voxel_volume(affine)
+    vvol = voxel_volume_mm3(affine)
     mni = None
     if mni_affine_fn is not None:
         if callable(mni_affine_fn):
@@ -205,7 +198,7 @@ def regional_volumes(labels: np.ndarray, region_map: np.ndarray, names: Mapping,
     rmap = np.asarray(region_map)
     if rmap.shape != labels.shape:
         raise InputError(f"region map shape {rmap.shape} != label shape {labels.shape}")
-    vvol = voxel_volume(affine)
+    vvol = voxel_volume_mm3(affine)
     les = labels > 0
     reg = rmap[les].astype(np.int64)
     out = {}
@@ -294,15 +287,6 @@ def _cmb_codes_xyz(x, y, z) -> np.ndarray:
     return codes
 
 
-def cmb_region_map_mni(shape: Sequence[int], affine: np.ndarray, brain_mask: np.ndarray | None = None) -> np.ndarray:
-    """Label map (1 lobar, 2 deep, 3 infratentorial) on an MNI-space grid (`shape`, `affine`);
-    0 outside `brain_mask` when given. Warp it to a subject with nearest-neighbour interpolation."""
-    codes = _cmb_codes_xyz(*world_grid(shape, affine))
-    if brain_mask is not None:
-        codes[np.asarray(brain_mask) <= 0] = 0
-    return codes
-
-
 __all__ = ["WMH_REGIONS", "CMB_REGIONS", "UNASSIGNED", "label_clusters", "filter_clusters", "lesion_census",
            "regional_volumes", "lesion_counts_by_region", "wmh_region_map", "cmb_location_mni",
-           "cmb_region_map_mni", "voxel_sizes", "voxel_volume", "world_grid"]
+           "world_grid"]

@@ -16,6 +16,42 @@ def dice(a, b) -> float:
     return float(2.0 * np.logical_and(a, b).sum() / total)
 
 
+def bounding_box(mask, margin: int = 0) -> tuple[list[int], list[int]]:
+    """(lo, hi) voxel corners (hi exclusive) of the non-zero voxels of `mask`, grown by `margin` and
+    clipped to the array. ValueError for an empty mask."""
+    m = np.asarray(mask) != 0
+    if not m.any():
+        raise ValueError("bounding_box of an empty mask")
+    lo, hi = [], []
+    for ax in range(m.ndim):
+        idx = np.flatnonzero(m.any(axis=tuple(a for a in range(m.ndim) if a != ax)))
+        lo.append(max(int(idx[0]) - margin, 0))
+        hi.append(min(int(idx[-1]) + 1 + margin, m.shape[ax]))
+    return lo, hi
+
+
+def largest_component(mask, fill_holes: bool = True) -> np.ndarray:
+    """Largest 26-connected component of a binary mask (optionally with holes filled)."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return mask
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if n > 1:
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        mask = lab == int(np.argmax(sizes))
+    if fill_holes:
+        mask = ndimage.binary_fill_holes(mask)
+    return mask
+
+
+def voxel_sizes(affine) -> np.ndarray:
+    """Length (mm) of each voxel axis of `affine`."""
+    return np.sqrt((_linear(affine) ** 2).sum(axis=0))
+
+
 def _linear(affine) -> np.ndarray:
     a = np.asarray(affine, dtype=np.float64)
     if a.shape not in ((4, 4), (3, 3)):

@@ -8,7 +8,8 @@
   :func:`transform_points` / :func:`points_to_mni` map world points.
 * Determinism: ITK runs single-threaded (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1`` is set before
   ants is first imported, unless the caller set it) and the metric sampling uses a fixed
-  ``random_seed``, so the same inputs give bit-identical matrices.
+  ``random_seed`` (passed both ways antspyx versions read it, see :func:`_seeded`), so the same
+  inputs give bit-identical matrices.
 * Fixed image for MNI: the MNI152 2009c (sym) T1 template shipped inside the nilearn wheel, brain
   only, at 2 mm by default.
 
@@ -18,11 +19,12 @@ inverse of that, converted to RAS.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -46,6 +48,27 @@ def _ants(threads: int | None = None):
     import ants  # noqa: WPS433 - heavy import kept lazy
 
     return ants
+
+
+@contextlib.contextmanager
+def _seeded(ants, seed: int):
+    """Make ``ants.registration`` use `seed` whichever way this antspyx version reads it.
+
+    antspyx <= 0.6.1 passes its ``random_seed`` argument to antsRegistration; 0.6.3 ignores that
+    argument and reads the package-global ``ants.config._random_seed`` instead (set by
+    ``ants.set_ants_deterministic``, which also reseeds numpy's global generator - not wanted in a
+    library), so the global is set for the call and restored afterwards.
+    """
+    cfg = getattr(ants, "config", None)
+    if cfg is None or not hasattr(cfg, "_random_seed"):
+        yield
+        return
+    old = cfg._random_seed
+    cfg._random_seed = int(seed)
+    try:
+        yield
+    finally:
+        cfg._random_seed = old
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,7 +234,7 @@ def register(moving, fixed, kind: str = "affine", moving_mask=None, fixed_mask=N
         if not np.allclose(fix.spacing, sp):
             fix = ants.resample_image(fix, sp, use_voxels=False, interp_type=0)
     sched = dict(FAST_SCHEDULE if schedule is None else schedule)
-    with tempfile.TemporaryDirectory(prefix="cohortseg_reg_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cohortseg_reg_") as tmp, _seeded(ants, seed):
         reg = ants.registration(fixed=fix, moving=mov, type_of_transform=tmap[kind],
                                 outprefix=os.path.join(tmp, "reg_"), aff_metric="mattes", aff_sampling=32,
                                 aff_random_sampling_rate=sampling_rate, random_seed=int(seed), verbose=False,
@@ -312,17 +335,6 @@ def transform_points(points_mm: np.ndarray, transform, inverse: bool = False) ->
     return p @ m[:3, :3].T + m[:3, 3]
 
 
-def points_to_mni(points_mm: np.ndarray, transform) -> np.ndarray:
-    """Native world RAS mm points -> MNI mm, with a transform from :func:`affine_to_mni`."""
-    return transform_points(points_mm, transform)
-
-
-def mni_point_mapper(transform) -> Callable[[np.ndarray], np.ndarray]:
-    """Callable for ``lesions.lesion_census(mni_affine_fn=...)``."""
-    tr = LinearTransform.from_dict(transform)
-    return functools.partial(points_to_mni, transform=tr)
-
-
 def voxels_to_world(ijk: Sequence, affine: np.ndarray) -> np.ndarray:
     a = np.asarray(affine, dtype=float)
     p = np.asarray(ijk, dtype=float).reshape(-1, 3)
@@ -330,5 +342,5 @@ def voxels_to_world(ijk: Sequence, affine: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["LinearTransform", "register", "rigid", "affine", "affine_to_mni", "mni_template", "apply",
-           "transform_points", "points_to_mni", "mni_point_mapper", "to_ants", "from_ants", "voxels_to_world",
+           "transform_points", "to_ants", "from_ants", "voxels_to_world",
            "FAST_SCHEDULE", "DEFAULT_SEED"]

@@ -20,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from cohortseg.errors import InputError
+from cohortseg.science.metrics import voxel_sizes
 
 # World (RAS+) directions used to present axial slices canonically.
 _LEFT = np.array([-1.0, 0.0, 0.0])
@@ -41,12 +42,6 @@ def _check_affine(affine, what: str = "affine") -> np.ndarray:
     if abs(np.linalg.det(a[:3, :3])) < 1e-12:
         raise InputError(f"{what} is singular (zero voxel size or degenerate axes)")
     return a
-
-
-def voxel_sizes(affine) -> np.ndarray:
-    """Length (mm) of each voxel axis of `affine`."""
-    a = np.asarray(affine, dtype=np.float64)
-    return np.sqrt((a[:3, :3] ** 2).sum(axis=0))
 
 
 def through_plane_axis(affine) -> int:
@@ -111,41 +106,6 @@ def resample_like(data: np.ndarray, src_affine, target_shape: Sequence[int], tar
         else:
             out[i0:i1] = _map(work, coords, order, cval, prefiltered)
     return out
-
-
-def resample_to_spacing(img: nib.Nifti1Image, spacing, order: int = 1, cval: float = 0.0
-                        ) -> nib.Nifti1Image:
-    """Resample `img` to voxel size `spacing` (scalar or 3 values, mm), same orientation and FOV.
-
-    The direction cosines of the affine are kept; the new shape is round(extent / spacing) per axis
-    and the grid is centred on the same field of view (the FOV's outer corners stay put when the
-    extent is a multiple of the new spacing).
-    """
-    if img.ndim < 3:
-        raise InputError(f"expected a 3D image, got shape {img.shape}")
-    aff = _check_affine(img.affine)
-    old = voxel_sizes(aff)
-    new = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,)).copy()
-    if not np.all(new > 0):
-        raise InputError(f"spacing must be positive, got {spacing}")
-    shape = np.asarray(img.shape[:3])
-    extent = shape * old
-    new_shape = np.maximum(1, np.round(extent / new)).astype(int)
-    dirs = aff[:3, :3] / old
-    new_aff = np.eye(4)
-    new_aff[:3, :3] = dirs * new
-    # keep the FOV centre: world of old centre voxel == world of new centre voxel
-    c_old = aff[:3, :3] @ ((shape - 1) / 2.0) + aff[:3, 3]
-    new_aff[:3, 3] = c_old - new_aff[:3, :3] @ ((new_shape - 1) / 2.0)
-    data = np.asanyarray(img.dataobj)
-    out = resample_like(data, aff, new_shape, new_aff, order=order, cval=cval)
-    res = nib.Nifti1Image(out, new_aff)
-    res.set_sform(new_aff, code=1)
-    res.set_qform(new_aff, code=1)
-    return res
-
-
-# ----------------------------------------------------------------------------- axial slice grid
 
 
 def _unit(v: np.ndarray) -> np.ndarray:

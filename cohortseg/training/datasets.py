@@ -196,7 +196,8 @@ def soft_label(mask: np.ndarray, affine, sigma_mm: float, binarise: bool = True)
     at 0.5 first (manual masks); False keeps fractional values (a consensus of several masks)."""
     from scipy import ndimage
 
-    from cohortseg.science.resampling import through_plane_axis, voxel_sizes
+    from cohortseg.science.metrics import voxel_sizes
+    from cohortseg.science.resampling import through_plane_axis
 
     m = np.asarray(mask, dtype=np.float64)
     m = (m > 0.5).astype(np.float64) if binarise else np.clip(m, 0.0, 1.0)

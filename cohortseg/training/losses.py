@@ -91,10 +91,9 @@ def dice_score(y_true, y_pred, threshold: float = 0.5) -> float:
     """Hard Dice (numpy) of two arrays binarised at ``threshold``; 1.0 when both are empty."""
     import numpy as np
 
-    a = np.asarray(y_true) > threshold
-    b = np.asarray(y_pred) > threshold
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else float(2.0 * np.logical_and(a, b).sum() / s)
+    from cohortseg.science.metrics import dice
+
+    return dice(np.asarray(y_true) > threshold, np.asarray(y_pred) > threshold)
 
 
 __all__ = ["LOSSES", "SOFT_LOSSES", "get_loss", "dice_loss", "bce_loss", "mse_loss",

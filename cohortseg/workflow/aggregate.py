@@ -143,6 +143,7 @@ def provenance(config: dict, records: list[dict]) -> dict:
     from importlib import metadata
 
     from cohortseg.models.cards import pipeline_cards
+    from cohortseg.pipelines import code_version
 
     versions = {}
     for pkg in ("snakemake", "tensorflow", "tensorflow-cpu", "keras", "nibabel", "antspyx", "numpy", "pandas",
@@ -166,6 +167,7 @@ def provenance(config: dict, records: list[dict]) -> dict:
     return {
         "cohortseg_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "python": platform.python_version(), "platform": platform.platform(), "packages": versions,
+        "code_versions": {p: code_version(p) for p in config["pipelines"]},
         "models": models, "methods": methods, "config": config,
         "thresholds": {p: {k: v for k, v in (config.get(p) or {}).items()
                            if any(w in k for w in ("threshold", "min_cluster", "max_outside"))}

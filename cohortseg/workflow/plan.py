@@ -11,9 +11,6 @@ from pathlib import Path
 
 from cohortseg.errors import ConfigError
 
-PIPELINE_ORDER = ["sc_gm", "sc_csa", "brain_tissue", "cmb", "wmh"]
-
-
 def session_key(participant_id: str, session_id: str) -> str:
     return f"{participant_id}_{session_id}" if session_id else participant_id
 
@@ -58,8 +55,7 @@ class Plan:
         from cohortseg.models.cards import pipeline_cards
         from cohortseg.models.store import ModelStore
 
-        store = ModelStore(self.config["model_dir"], allow_download=self.config.get("allow_download", False),
-                           cache_file=self.work / "model_checksums.json")
+        store = ModelStore.from_config(self.config)
         return {p: store.verify(pipeline_cards(self.config, p)) for p in self.pipelines if p in self.infer_shards}
 
     def _index(self) -> None:
@@ -153,12 +149,15 @@ class Plan:
         return self._by_key
 
     def step_params(self, pipelines=None) -> str:
-        """The config that changes results, as one string param (changes rerun the jobs)."""
+        """The config and code that change results, as one string param (changes rerun the jobs)."""
+        from cohortseg.pipelines import code_version
+
         ps = pipelines or self.config["pipelines"]
         keep = {p: self.config.get(p, {}) for p in ps}
         keep["pipelines"] = list(ps)
         keep["allow_4d"] = self.config.get("allow_4d", False)
         keep["max_voxels"] = self.config.get("max_voxels")
+        keep["code"] = {p: code_version(p) for p in ps}  # new code reruns the steps; stamps pick the items
         return json.dumps(keep, sort_keys=True)
 
 
@@ -193,6 +192,8 @@ def validate_semantics(config: dict) -> None:
     if not md.is_dir() and not config.get("allow_download"):
         raise ConfigError(f"config key 'model_dir': {md} does not exist (set allow_download: true to fetch "
                           f"models from their upstream URLs, or point model_dir at a local model store)")
-    unknown = [p for p in config["pipelines"] if p not in PIPELINE_ORDER]
+    from cohortseg.pipelines import REGISTRY
+
+    unknown = [p for p in config["pipelines"] if p not in REGISTRY]
     if unknown:
-        raise ConfigError(f"config key 'pipelines': unknown pipeline(s) {unknown}; known: {PIPELINE_ORDER}")
+        raise ConfigError(f"config key 'pipelines': unknown pipeline(s) {unknown}; known: {list(REGISTRY)}")

@@ -4,7 +4,7 @@ pipeline, GPU), finalize (CPU). A shard job fans its sessions out to `workers` p
 Every session and item keeps its own files outside the jobs' declared outputs
 (`work/prep/<session>.json`, `work/infer/<pipeline>/<session>/<item>.npz`, `work/records/<session>.json`)
 with a *stamp*: a digest of the item's input files (size, mtime), its pipeline settings, its model
-cards and the cohortseg version. A rerun shard job (killed, resubmitted, or with a new session in it)
+cards and its pipeline's code version (`cohortseg.pipelines.code_version`). A rerun shard job (killed, resubmitted, or with a new session in it)
 reuses every item whose stamp is unchanged, so nothing already computed is lost (config `reuse`).
 Data errors are recorded per item and never raised: one broken scan must not block its shard or the
 cohort tables."""
@@ -20,14 +20,13 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-import numpy as np
 
 from cohortseg import __version__
 from cohortseg.models.cards import pipeline_cards
 from cohortseg.errors import InputError
-from cohortseg.io import atomic_path, write_json_atomic
-from cohortseg.pipelines import get_pipeline
-from cohortseg.pipelines.base import Item, OutputWriter, Prepared
+from cohortseg.io import write_json_atomic
+from cohortseg.pipelines import code_version, get_pipeline
+from cohortseg.pipelines.base import Context, Item, OutputWriter, Predicted, Prepared
 
 log = logging.getLogger("cohortseg")
 
@@ -108,7 +107,8 @@ def _stamp(row: dict, config: dict, cards: list) -> str:
             stats[role] = [st.st_size, st.st_mtime_ns]
         except OSError:
             stats[role] = None
-    payload = {"version": __version__, "item": [row["pipeline"], row["item"], inputs], "stats": stats,
+    payload = {"version": __version__, "code": code_version(row["pipeline"]),
+               "item": [row["pipeline"], row["item"], inputs], "stats": stats,
                "settings": _cfg(config, row["pipeline"]), "cards": [c.data for c in cards]}
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -125,9 +125,7 @@ def _reusable(entry: dict | None, stamp: str, *files) -> bool:
 
 
 def _cfg(config: dict, pipeline: str) -> dict:
-    cfg = dict(config.get(pipeline) or {})
-    cfg["_global"] = {k: config.get(k) for k in ("allow_4d", "max_voxels", "output_dir", "model_dir")}
-    return cfg
+    return dict(config.get(pipeline) or {})
 
 
 def _map_sessions(fn, jobs: list[tuple], workers: int) -> list:
@@ -197,6 +195,7 @@ def prepare_session(rows: list[dict], config: dict, record_path) -> dict:
     record = {"participant_id": rows[0]["participant_id"] if rows else "", "session_id": rows[0]["session_id"] if rows else "",
               "pipelines": {}, "cohortseg_version": __version__}
     cards_cache: dict = {}
+    ctx = Context.from_config(config)  # one per session: its memo is shared by this session's items only
     for row in rows:
         pname = row["pipeline"]
         items = record["pipelines"].setdefault(pname, {})
@@ -213,7 +212,7 @@ def prepare_session(rows: list[dict], config: dict, record_path) -> dict:
             if _reusable(prev, stamp, (prev or {}).get("prep", "")):
                 items[item.name] = prev
                 continue
-            prepared = get_pipeline(pname).prepare(item, cards_cache[pname], _cfg(config, pname))
+            prepared = get_pipeline(pname).prepare(item, cards_cache[pname], _cfg(config, pname), ctx)
             path = _prep_path(work, item)
             prepared.save(path)
             items[item.name] = {"status": "ok", "prep": str(path), "stamp": stamp,
@@ -254,8 +253,7 @@ def infer_shard(pipeline: str, prep_shard_record, record_path, config: dict) -> 
     if todo:
         configure_tensorflow(threads=int(inf.get("threads", 0) or 0))
         cards = pipeline_cards(config, pipeline)
-        store = ModelStore(config["model_dir"], allow_download=config.get("allow_download", False),
-                           cache_file=work / "model_checksums.json")
+        store = ModelStore.from_config(config)
         models = load_models(cards, store)
         report["model_load_seconds"] = timer()
         report["models"] = {c.name: [f.sha256 for f in folds] for c, folds in zip(cards, models)}
@@ -266,10 +264,10 @@ def infer_shard(pipeline: str, prep_shard_record, record_path, config: dict) -> 
             try:
                 if isinstance(loaded, Exception):
                     raise loaded
-                prob = p.predict(models, loaded, cards, cfg, batch)
-                arrays = prob if isinstance(prob, dict) else {"prob": prob}
-                with atomic_path(out, suffix=".npz") as tmp, open(tmp, "wb") as fh:
-                    np.savez(fh, **arrays)
+                predicted = p.predict(models, loaded, cards, cfg, batch)
+                if not isinstance(predicted, Predicted):
+                    raise TypeError(f"{pipeline}.predict must return Predicted, not {type(predicted).__name__}")
+                predicted.save(out)
                 entry = {"status": "ok", "seconds": round(time.perf_counter() - t0, 3)}
             except Exception as e:  # noqa: BLE001
                 entry = _failure("inference", e)
@@ -304,6 +302,7 @@ def finalize_session(rows: list[dict], prep_record, config: dict, record_path) -
     old = _read_json(record_path) if _reuse(config) else None
     row_of = {(r["pipeline"], r["item"]): r for r in rows}
     cards_cache: dict = {}
+    ctx = Context.from_config(config)
     for pname, items in rec["pipelines"].items():
         _dataset_description(out_dir, pname)
         for name, it in items.items():
@@ -322,13 +321,10 @@ def finalize_session(rows: list[dict], prep_record, config: dict, record_path) -
                 if side.get("stamp") != it["stamp"] or side.get("status") != "ok" or not prob_file.is_file():
                     why = side.get("error", "") if side.get("stamp") == it["stamp"] else ""
                     raise InputError(f"inference produced no output{': ' + why if why else ''}")
-                with np.load(prob_file) as z:
-                    arrays = {k: z[k] for k in z.files}
-                prob = arrays["prob"] if list(arrays) == ["prob"] else arrays
                 if pname not in cards_cache:
                     cards_cache[pname] = pipeline_cards(config, pname)
-                metrics = get_pipeline(pname).finalize(item, Prepared.load(it["prep"]), prob, cards_cache[pname],
-                                                       _cfg(config, pname), writer)
+                metrics = get_pipeline(pname).finalize(item, Prepared.load(it["prep"]), Predicted.load(prob_file),
+                                                       cards_cache[pname], _cfg(config, pname), ctx, writer)
                 it.update({"status": "ok", "metrics": metrics, "files": writer.files, "sanity_flags": writer.flags,
                            "finalize_seconds": round(time.perf_counter() - t0, 2)})
             except Exception as e:  # noqa: BLE001

@@ -16,24 +16,21 @@ Dropout(0.4). Layer names reproduce the Keras 2.0.6 auto-generated names of the 
 files (batch_normalization_1..16 / dropout_1..16 in upstream creation order), so weights are mapped
 by name and checked by shape (`load_gmseg_weights`).
 
-Inference recipe (`segment_gm`): axial slices resampled to 0.25 x 0.25 mm and centre-cropped/padded to
+Inference recipe (the `sc_gm` pipeline, `cohortseg.pipelines.sc_gm`): axial slices resampled to 0.25 x 0.25 mm and centre-cropped/padded to
 200 x 200 (`cohortseg.science.resampling.to_axial_slices`), standardised with the model's training mean/std
 (or the volume's own), predicted slice by slice, averaged over the ensemble in the 0.25 mm grid,
 binarised at 0.999 there, mapped back to the native grid (linear) and thresholded at 0.5.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from cohortseg.errors import InputError, ModelError
-from cohortseg.science.resampling import fov_mask, slices_to_native, to_axial_slices
+from cohortseg.errors import ModelError
+from cohortseg.science.resampling import slices_to_native
 
-INPLANE_MM = 0.25
-CROP = (200, 200)
 THRESHOLD_FINE = 0.999
 THRESHOLD_NATIVE = 0.5
 BN_EPSILON = 1e-3
@@ -206,68 +203,7 @@ def load_gmseg_weights(model, h5_path) -> None:
         var.assign(arr.astype(var.dtype))
 
 
-def infer_filters(h5_path) -> int:
-    """Number of filters of a gmseg weight file (output channels of its first conv)."""
-    w = read_keras2_weights(h5_path)
-    if "conv2d_1" not in w or "kernel" not in w["conv2d_1"]:
-        raise ModelError(f"{h5_path}: no conv2d_1/kernel, not a gmseg weight file")
-    return int(w["conv2d_1"]["kernel"].shape[-1])
-
-
-def load_gmseg(h5_path, filters: int | None = None, input_size: Sequence[int] | None = (200, 200)):
-    """Build the net and load `h5_path`. `filters` None = read it from the file (32 or 64)."""
-    if filters is None:
-        filters = infer_filters(h5_path)
-    model = build_gmseg(filters=filters, input_size=input_size)
-    load_gmseg_weights(model, h5_path)
-    return model
-
-
-def read_gmseg_stats(json_path) -> dict:
-    """The model's json sidecar: {'mean': float, 'std': float, 'filters': int}."""
-    try:
-        meta = json.loads(Path(json_path).read_text())
-        stats = {"mean": float(meta["mean_train"]), "std": float(meta["std_train"]),
-                 "filters": int(meta.get("filters", 32))}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelError(f"cannot read gmseg stats from {json_path}: {e}") from e
-    if not (np.isfinite(stats["std"]) and stats["std"] > 0 and np.isfinite(stats["mean"])):
-        raise ModelError(f"{json_path}: invalid mean/std {stats}")
-    return stats
-
-
 # ----------------------------------------------------------------------------- recipe pieces
-
-
-def standardise_slices(slices: np.ndarray, mean: float | None = None, std: float | None = None,
-                       valid: np.ndarray | None = None) -> np.ndarray:
-    """(x - mean) / std as float32 (N, H, W, 1). mean/std None = the volume's own statistics,
-    computed over `valid` pixels (inside the native field of view) when given."""
-    x = np.asarray(slices, dtype=np.float32)
-    if mean is None or std is None:
-        vals = x[valid] if valid is not None else x
-        if vals.size == 0:
-            raise InputError("no voxel inside the field of view to standardise")
-        mean, std = float(vals.mean()), float(vals.std())
-        if not std > 0:
-            raise InputError("constant image: cannot standardise with its own std")
-    x = (x - np.float32(mean)) / np.float32(std)
-    return x[..., None]
-
-
-def predict_slices(model, x: np.ndarray, batch_size: int = 8, flip_tta: bool = False) -> np.ndarray:
-    """Sigmoid probabilities (N, H, W) of `model` on standardised slices x (N, H, W, 1).
-
-    flip_tta: average with the prediction on left-right flipped slices (axis H of the canonical
-    slice grid runs R->L), flipped back.
-    """
-    from cohortseg.models.ensemble import fold_average
-
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim == 3:
-        x = x[..., None]
-    return fold_average([lambda b: model(b, training=False)], x, batch_size,
-                        mirror_axis=1 if flip_tta else None)[..., 0]
 
 
 def fine_to_native(prob_fine: np.ndarray, grid: dict, native_img=None,
@@ -286,54 +222,3 @@ def fine_to_native(prob_fine: np.ndarray, grid: dict, native_img=None,
     prob_native = np.clip(slices_to_native(fine, grid, native_img, order=1), 0.0, 1.0)
     mask = (prob_native > threshold_native).astype(np.uint8)
     return prob_native.astype(np.float32), mask
-
-
-def _model_and_stats(entry):
-    if isinstance(entry, dict):
-        return entry["model"], entry.get("mean"), entry.get("std")
-    if len(entry) == 3:
-        return entry[0], entry[1], entry[2]
-    if len(entry) == 2:
-        model, st = entry
-        if isinstance(st, dict):
-            mean = st.get("mean", st.get("mean_train"))
-            std = st.get("std", st.get("std_train"))
-            return model, mean, std
-    raise ModelError("models_with_stats entries must be (model, mean, std), (model, stats_dict) "
-                     "or {'model', 'mean', 'std'}")
-
-
-def segment_gm(img, models_with_stats: Iterable, standardise: str = "model", flip_tta: bool = False,
-               batch_size: int = 8, threshold_fine: float | None = THRESHOLD_FINE,
-               threshold_native: float = THRESHOLD_NATIVE, return_details: bool = False):
-    """Whole gmseg recipe on a NIfTI image with an ensemble of (model, mean, std).
-
-    Each model standardises the resampled slices with its own training mean/std
-    (standardise="model") or all use the volume's own mean/std inside the field of view
-    ("volume", SCT's production variant). The ensemble probability is the mean of the models'
-    probabilities in the 0.25 mm grid; it is binarised at 0.999 there and mapped back to the native
-    grid (see `fine_to_native`). Returns (prob_native float32, mask_native uint8) in the native voxel
-    grid of `img`; with return_details a third item {"prob_fine": (N, 200, 200) ensemble mean,
-    "member_prob_fine": [one (N, 200, 200) per model], "grid": grid}.
-    """
-    if standardise not in ("model", "volume"):
-        raise InputError(f"standardise must be 'model' or 'volume', got {standardise!r}")
-    entries = [_model_and_stats(e) for e in models_with_stats]
-    if not entries:
-        raise ModelError("segment_gm needs at least one model")
-    slices, grid = to_axial_slices(img, INPLANE_MM, CROP, order=1)
-    valid = fov_mask(grid)
-    members = []
-    for model, mean, std in entries:
-        if standardise == "model":
-            if mean is None or std is None:
-                raise ModelError("standardise='model' needs each model's training mean and std")
-            x = standardise_slices(slices, mean, std)
-        else:
-            x = standardise_slices(slices, None, None, valid)
-        members.append(predict_slices(model, x, batch_size=batch_size, flip_tta=flip_tta))
-    prob_fine = np.mean(np.stack(members), axis=0, dtype=np.float64).astype(np.float32)
-    prob_native, mask = fine_to_native(prob_fine, grid, img, threshold_fine, threshold_native)
-    if return_details:
-        return prob_native, mask, {"prob_fine": prob_fine, "member_prob_fine": members, "grid": grid}
-    return prob_native, mask

@@ -13,21 +13,15 @@ Brainchop specifics handled here:
   GroupNorm with one group per channel (= instance norm, PyTorch ``GroupNorm(C, C, affine=False)``,
   eps 1e-5) in the *name* of the preceding convolution (``conv3d_0_gn``): the layer JSON has no
   norm layer and no weights for it. ``load_tfjs_layers_model`` re-inserts it (``gn_from_names``).
-
-Conversion results are cached as ``.keras`` files (``convert_tfjs_to_keras``) so a model store can
-checksum them.
 """
 from __future__ import annotations
 
 import json
-import os
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from cohortseg.errors import ModelError
-from cohortseg.io import atomic_path, sha256sum, write_json_atomic
 
 #: dtypes a manifest entry may declare (after de-quantisation everything becomes float32/int32)
 _DTYPES = {"float32": np.float32, "int32": np.int32, "bool": np.bool_, "float16": np.float16,
@@ -78,28 +72,6 @@ def _layers_of(mc: dict) -> list[dict]:
     return layers
 
 
-def model_summary(model_dir) -> dict:
-    """Cheap facts about a TF.js model without building it: classes, input channels, layers."""
-    spec = read_model_json(model_dir)
-    mc = _model_config(spec)
-    layers = _layers_of(mc)
-    out_filters = None
-    in_shape = None
-    for layer in layers:
-        c = layer.get("config", {})
-        if in_shape is None and ("batch_input_shape" in c or "batch_shape" in c):
-            in_shape = c.get("batch_input_shape") or c.get("batch_shape")
-        if "filters" in c:
-            out_filters = c["filters"]
-        elif "units" in c:
-            out_filters = c["units"]
-    return {"class_name": mc["class_name"], "n_layers": len(layers), "n_classes": out_filters,
-            "input_shape": in_shape, "generated_by": spec.get("generatedBy"),
-            "keras_version": spec["modelTopology"].get("keras_version"),
-            "comment": spec.get("_comment")}
-
-
-# --------------------------------------------------------------------------------------- weights
 def read_tfjs_weights(model_dir, spec: dict | None = None) -> list[tuple[str, np.ndarray]]:
     """All weights of the manifest, in manifest order, as (name, array).
 
@@ -367,102 +339,3 @@ def load_tfjs_layers_model(model_dir, *, flexible_input: bool = True, gn_from_na
     model = build_keras_model(spec, flexible_input=flexible_input, gn_from_names=gn_from_names)
     assign_weights(model, weights)
     return model
-
-
-# --------------------------------------------------------------------------------------- labels
-def tfjs_labels(model_dir, n_classes: int | None = None) -> list[str] | None:
-    """Class names from the brainchop colormap/labels json next to the model, or None.
-
-    With several candidates (model5_gw_ae ships colormap.json with 2 labels for its brain-mask use
-    and colormap3.json with 3), the one whose length equals ``n_classes`` wins.
-    """
-    model_dir = Path(model_dir)
-    cands = []
-    for f in sorted(model_dir.glob("colormap*.json")) + sorted(model_dir.glob("labels*.json")):
-        try:
-            obj = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        labels = obj.get("labels") if isinstance(obj, dict) else None
-        if labels is None and isinstance(obj, dict) and all(k.isdigit() for k in obj):
-            labels = [obj[k] for k in sorted(obj, key=int)]
-        if isinstance(labels, list) and labels:
-            cands.append([str(x) for x in labels])
-    if n_classes is not None:
-        cands = [c for c in cands if len(c) == n_classes]
-    return cands[0] if cands else None
-
-
-def tfjs_colors(model_dir, n_classes: int | None = None) -> list[str] | None:
-    """'#rrggbb' per class from a colormap json (same selection rule as tfjs_labels)."""
-    for f in sorted(Path(model_dir).glob("colormap*.json")):
-        try:
-            obj = json.loads(f.read_text())
-            r, g, b = obj["R"], obj["G"], obj["B"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if n_classes is None or len(r) == n_classes:
-            return [f"#{int(a):02x}{int(bb):02x}{int(c):02x}" for a, bb, c in zip(r, g, b)]
-    return None
-
-
-# --------------------------------------------------------------------------------------- caching
-def source_checksums(model_dir) -> dict[str, str]:
-    """sha256 of model.json and every shard it references (identity of the source model)."""
-    model_dir = Path(model_dir)
-    spec = read_model_json(model_dir)
-    files = ["model.json"] + [p for g in spec["weightsManifest"] for p in g.get("paths", [])]
-    out = {}
-    for rel in files:
-        f = model_dir / rel
-        if not f.is_file():
-            raise ModelError(f"weight shard missing: {f}")
-        out[rel] = sha256sum(f)
-    return out
-
-
-def convert_tfjs_to_keras(model_dir, cache_path, *, flexible_input: bool = True,
-                          gn_from_names: bool | None = None, force: bool = False) -> tuple[Path, str]:
-    """Convert once and cache: returns (path of the ``.keras`` file, its sha256).
-
-    A JSON sidecar ``<cache_path>.json`` records the source checksums; a cache whose sources
-    changed (or whose sidecar is missing) is rebuilt. The write is atomic.
-    """
-    cache_path = Path(cache_path)
-    if cache_path.suffix != ".keras":
-        raise ModelError(f"cache path must end with .keras: {cache_path}")
-    sidecar = cache_path.with_name(cache_path.name + ".json")
-    src = source_checksums(model_dir)
-    if not force and cache_path.is_file() and sidecar.is_file():
-        try:
-            meta = json.loads(sidecar.read_text())
-        except (OSError, ValueError):
-            meta = {}
-        digest = sha256sum(cache_path)
-        if meta.get("sources") == src and meta.get("sha256") == digest \
-                and meta.get("flexible_input") == flexible_input and meta.get("gn_from_names") == gn_from_names:
-            return cache_path, digest
-    model = load_tfjs_layers_model(model_dir, flexible_input=flexible_input, gn_from_names=gn_from_names)
-    with atomic_path(cache_path, suffix=".keras") as tmp, warnings.catch_warnings():
-        # Keras 3 + TF 2.21 + numpy 2: harmless "__array__ ... copy keyword" noise while saving
-        warnings.filterwarnings("ignore", message=r"__array__ implementation", category=DeprecationWarning)
-        model.save(str(tmp))
-    digest = sha256sum(cache_path)
-    write_json_atomic(sidecar, {"sources": src, "sha256": digest, "model_dir": os.fspath(model_dir),
-                                "flexible_input": flexible_input, "gn_from_names": gn_from_names})
-    return cache_path, digest
-
-
-def load_converted(cache_path, sha256: str | None = None):
-    """Load a cached ``.keras`` conversion (checking its sha256 when given)."""
-    import keras
-
-    cache_path = Path(cache_path)
-    if not cache_path.is_file():
-        raise ModelError(f"converted model not found: {cache_path}")
-    if sha256 is not None and sha256sum(cache_path) != sha256:
-        raise ModelError(f"sha256 mismatch for {cache_path}")
-    try:
-        return keras.saving.load_model(str(cache_path), compile=False)
-    except Exception as e:  # noqa: BLE001
-        raise ModelError(f"cannot load {cache_path}: {e}") from e

@@ -1,0 +1,62 @@
+"""Command-line config overrides: nested `--config` values arrive as strings and are coerced along
+the schema (cohortseg.workflow.overrides), top-level and nested, through the real Snakefile."""
+import pytest
+
+from cohortseg.fakebids import make_fake_bids
+from cohortseg.workflow.overrides import coerce, coerce_config, load_schema, override_hint
+from helpers import job_counts, snakemake, write_config
+
+
+def test_coerce_follows_the_schema():
+    schema = load_schema()
+    cfg = {"inference": {"shard_size": "3", "batch_size": "8"}, "max_voxels": "1000",
+           "sc_gm": {"flip_tta": "true", "threshold_native": "0.4", "models": ["gmseg_large"]},
+           "brain_tissue": {"wm_target": "null", "brain_mask_range_ml": ["600", "2e3"]},
+           "reuse": "False", "bids_dir": "123", "output_dir": "out"}
+    got = coerce(cfg, schema)
+    assert got["inference"] == {"shard_size": 3, "batch_size": 8} and got["max_voxels"] == 1000
+    assert got["sc_gm"] == {"flip_tta": True, "threshold_native": 0.4, "models": ["gmseg_large"]}
+    assert got["brain_tissue"] == {"wm_target": None, "brain_mask_range_ml": [600, 2000.0]}
+    assert got["reuse"] is False
+    assert got["bids_dir"] == "123"  # the schema wants a string: left alone
+    # what does not parse stays a string, so validation still names the key
+    assert coerce({"inference": {"shard_size": "3.5"}}, schema)["inference"]["shard_size"] == "3.5"
+    assert coerce({"sc_gm": {"flip_tta": "maybe"}}, schema)["sc_gm"]["flip_tta"] == "maybe"
+    # free-form objects (filters, train_set) are not touched; unknown keys neither
+    assert coerce({"sc_gm": {"filters": {"image": {"run": "1"}}}, "nope": "1"}, schema) == \
+        {"sc_gm": {"filters": {"image": {"run": "1"}}}, "nope": "1"}
+    live = {"inference": {"shard_size": "2"}}
+    assert coerce_config(live, schema) is live and live["inference"]["shard_size"] == 2
+
+
+def test_override_hint_shows_the_working_form():
+    msg = "ValidationError: 'abc' is not of type 'integer'"
+    assert "--config 'inference={\"shard_size\": 3}'" in override_hint(msg)
+    assert override_hint("'x' is not one of ['a']") == "'x' is not one of ['a']"
+
+
+@pytest.fixture()
+def fake_cohort(tmp_path, shared_dir):
+    bids = make_fake_bids(tmp_path / "bids", 7, contrasts=("T2starw",), session_every=3)  # 10 sessions
+    cfg = write_config(tmp_path / "cfg.yaml", bids_dir=str(bids), output_dir=str(tmp_path / "out"),
+                       model_dir=str(shared_dir / "models"), pipelines=["sc_gm"])
+    return tmp_path, cfg
+
+
+def test_nested_and_top_level_overrides_on_the_command_line(fake_cohort):
+    tmp, cfg = fake_cohort
+    res = snakemake(tmp, "-n", "--cores", "1", "--config", 'inference={"shard_size": 3}', "max_voxels=300000000",
+                    'sc_gm={"flip_tta": true, "threshold_native": 0.4}', "reuse=false", configfile=cfg)
+    # 10 sessions in shards of 3 -> 4 shards
+    assert job_counts(res.stdout) == {"prepare": 4, "infer": 4, "finalize": 4, "aggregate": 1, "qc_page": 1, "all": 1}
+    res = snakemake(tmp, "-n", "--cores", "1", "--config", "inference={shard_size: 5}", configfile=cfg)
+    assert job_counts(res.stdout)["prepare"] == 2
+
+
+def test_a_bad_override_is_refused_with_the_working_form(fake_cohort):
+    tmp, cfg = fake_cohort
+    res = snakemake(tmp, "-n", "--cores", "1", "--config", 'inference={"shard_size": "three"}', configfile=cfg,
+                    check=False)
+    text = res.stdout + res.stderr
+    assert res.returncode != 0 and "Job stats" not in res.stdout
+    assert "'three' is not of type 'integer'" in text and "inference={\"shard_size\": 3}" in text, text[-3000:]
