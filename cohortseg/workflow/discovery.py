@@ -35,7 +35,9 @@ import operator
 import os
 import re
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,6 +104,8 @@ def _scandir(path):
 
 # -- the scan, one subject folder at a time ---------------------------------------------------------
 SCAN_COUNTS = {"subjects_listed": 0, "sidecars_read": 0}  # for tests: what the last scans did
+_COUNT_LOCK = threading.Lock()
+LIST_THREADS = 4  # subject folders stat'ed / listed concurrently (system calls release the GIL)
 
 
 def _mtime(path) -> int:
@@ -118,7 +122,6 @@ def scan_subject(sub_path: str, datatypes=("anat",), sidecar_keys=(), now_ns: in
     Each folder is stat'ed before it is listed, so a change during the listing leaves a newer mtime
     than the one recorded. `rel` paths are relative to the subject folder.
     """
-    SCAN_COUNTS["subjects_listed"] += 1
     now_ns = time.time_ns() if now_ns is None else now_ns
     dirs, files, sidecars = [], [], {}
 
@@ -158,7 +161,8 @@ _SAFE = re.compile(r"^[^\t\n/]+$").match  # folder names the tab-joined cache ca
 
 
 def _read_sidecar(path, keys) -> dict:
-    SCAN_COUNTS["sidecars_read"] += 1
+    with _COUNT_LOCK:
+        SCAN_COUNTS["sidecars_read"] += 1
     try:
         with open(path) as fh:
             data = json.load(fh)
@@ -202,6 +206,7 @@ def scan(bids_dir, datatypes=("anat",), sidecar_keys=()) -> tuple[list[BidsFile]
     files: list[BidsFile] = []
     for name, path in subject_folders(bids_dir):
         rec = scan_subject(path, datatypes, sidecar_keys)
+        SCAN_COUNTS["subjects_listed"] += 1
         h.update(f"{name}\t{rec['dirs']}\n".encode())
         files.extend(subject_files(path, rec))
     return files, h.hexdigest()
@@ -490,11 +495,16 @@ def _inputs_of(by_key: dict) -> dict:
     return {k: _session_inputs(rows) for k, rows in by_key.items()}
 
 
-def _session_inputs(rows) -> list[str]:
+def _session_inputs(rows, files=None) -> list[str]:
+    """The input files named by the rows' `inputs` (JSON). With the session's `files`, by a substring
+    test of each file's JSON-quoted path (no JSON parse per row), when every path is plain ASCII."""
+    texts = [r["inputs"] for r in rows if r["inputs"] and r["inputs"] != "{}"]
+    if files is not None and all(f.path.isascii() and '"' not in f.path and "\\" not in f.path for f in files):
+        quoted = [(f.path, f'"{f.path}"') for f in files]
+        return sorted({p for p, q in quoted if any(q in t for t in texts)})
     paths = set()
-    for r in rows:
-        if r["inputs"] and r["inputs"] != "{}":
-            paths.update(json.loads(r["inputs"]).values())
+    for t in texts:
+        paths.update(json.loads(t).values())
     return sorted(paths)
 
 
@@ -641,22 +651,48 @@ def load_or_build(bids_dir, manifest_path, pipelines: dict, participant_label=()
     subjects = subject_folders(bids_dir)
     new_records, listed, rebuilt, changed = {}, [], [], set()
     old_ranges = _subject_ranges(old) if rows_current else {}
-    for name, path in subjects:
-        rec = records.get(name)
-        try:
-            if rec is not None and subject_unchanged(path, rec):
+    plist = old.pipelines if rows_current else list(pipelines)  # the ok masks of kept rows use its order
+    root = str(Path(bids_dir))
+    built: dict[str, list] = {}  # subject -> [(session key, TSV chunk, ok mask)] of rebuilt rows
+
+    def probe(batch):  # in threads: stat (and list) folders, the system calls overlap
+        out = []
+        for name, path in batch:
+            rec = records.get(name)
+            try:
+                if rec is not None and subject_unchanged(path, rec):
+                    out.append((name, path, rec, False))
+                    continue
+            except (KeyError, TypeError, ValueError, AttributeError):  # a damaged record: list again
+                pass
+            out.append((name, path, scan_subject(path, datatypes, sidecar_keys, now), True))
+        return out
+
+    batches = [subjects[i:i + 256] for i in range(0, len(subjects), 256)]
+    with ThreadPoolExecutor(max_workers=LIST_THREADS) as pool:
+        for batch in pool.map(probe, batches):  # in order; rows are built here while threads list ahead
+            for name, path, rec, was_listed in batch:
                 new_records[name] = rec
-                continue
-        except (KeyError, TypeError, ValueError):  # a damaged record: list the folder again
-            pass
-        new = new_records[name] = scan_subject(path, datatypes, sidecar_keys, now)
-        listed.append(name)
-        if rec is not None and new["files"] == rec.get("files") and new.get("sidecars") == rec.get("sidecars"):
-            for k in ("inputs", "n_rows"):  # same files (a folder touched, or listed while 'racy'): same rows
-                if k in rec:
-                    new[k] = rec[k]
-        else:
-            changed.add(name)
+                if was_listed:
+                    listed.append(name)
+                    old_rec = records.get(name)
+                    if (isinstance(old_rec, dict) and rec["files"] == old_rec.get("files")
+                            and rec.get("sidecars") == old_rec.get("sidecars")):
+                        for k in ("inputs", "n_rows"):  # same files (a folder touched, or 'racy'): same rows
+                            if k in old_rec:
+                                rec[k] = old_rec[k]
+                    else:
+                        changed.add(name)
+                label = name[4:]
+                if not _selected(label, include, excl):
+                    rec.pop("inputs", None)
+                    continue
+                if name in old_ranges and name not in changed and "inputs" in rec:
+                    continue  # its rows are kept as they are in the TSV
+                rebuilt.append(name)
+                built[name] = _build_subject(path, rec, label, pipelines, plist, root)
+    with _COUNT_LOCK:
+        SCAN_COUNTS["subjects_listed"] += len(listed)
     stats = {"subjects": len(subjects), "listed": listed, "changed": sorted(changed), "rows_rebuilt": 0,
              "written": False}
     if rows_current and not changed and set(new_records) == set(records):
@@ -673,34 +709,19 @@ def load_or_build(bids_dir, manifest_path, pipelines: dict, participant_label=()
 
     # write a new manifest: unchanged subjects' rows are copied from the old TSV, the others rebuilt
     old_bytes = manifest_path.read_bytes() if old_ranges else b""
-    plist = old.pipelines if rows_current else list(pipelines)  # the ok masks of kept rows use its order
     chunks, entries, n_rows = [], [], 0
-    root = str(Path(bids_dir))
-    for name, path in subjects:
+    for name, _ in subjects:
         rec = new_records[name]
-        label = name[4:]
-        if not _selected(label, include, excl):
-            rec.pop("inputs", None)
-            continue
-        rng = old_ranges.get(name)
-        if rng is not None and name not in changed and "inputs" in rec:
-            i0, i1 = rng
+        if name in built:
+            for k, chunk, mask in built[name]:
+                chunks.append(chunk)
+                entries.append((k, len(chunk), mask))
+            n_rows += rec["n_rows"]
+        elif "inputs" in rec and name in old_ranges:
+            i0, i1 = old_ranges[name]
             chunks.append(old_bytes[old.offsets[i0]:old.offsets[i1]])
             entries.extend((old.keys[i], old.offsets[i + 1] - old.offsets[i], old.ok[i]) for i in range(i0, i1))
             n_rows += rec.get("n_rows", 0)
-            continue
-        rebuilt.append(name)
-        files = [f for f in subject_files(path, rec) if f.entities["sub"] == label]
-        inputs, rec["n_rows"] = [], 0
-        for (pid, sid), srows in subject_rows(files, pipelines).items():
-            k = session_key(pid, sid)
-            chunk = _tsv_bytes(srows)
-            chunks.append(chunk)
-            entries.append((k, len(chunk), _ok_mask(srows, plist)))
-            inputs.append("\t".join([k, *(_rel(p, root) for p in _session_inputs(srows))]))
-            rec["n_rows"] += len(srows)
-        rec["inputs"] = "\n".join(inputs)
-        n_rows += rec["n_rows"]
     if listed:
         notes.append(f"discovery: {len(subjects):,} subject folders, {len(listed):,} listed "
                      f"({', '.join(listed[:3])}{', ...' if len(listed) > 3 else ''}), "
@@ -715,6 +736,20 @@ def load_or_build(bids_dir, manifest_path, pipelines: dict, participant_label=()
     m._inputs = _load_inputs(new_records, bids_dir)
     m.notes, m.stats = notes, {**stats, "rows_rebuilt": len(rebuilt), "written": True}
     return m
+
+
+def _build_subject(path: str, rec: dict, label: str, pipelines: dict, plist: list, root: str) -> list:
+    """The rows of one subject folder as [(session key, TSV chunk, ok mask)]; records its sessions'
+    input files and row count in `rec`."""
+    files = [f for f in subject_files(path, rec) if f.entities["sub"] == label]
+    out, inputs, rec["n_rows"] = [], [], 0
+    for (pid, sid), srows in subject_rows(files, pipelines).items():
+        k = session_key(pid, sid)
+        out.append((k, _tsv_bytes(srows), _ok_mask(srows, plist)))
+        inputs.append("\t".join([k, *(_rel(p, root) for p in _session_inputs(srows, files))]))
+        rec["n_rows"] += len(srows)
+    rec["inputs"] = "\n".join(inputs)
+    return out
 
 
 def _rel(p: str, root: str) -> str:
