@@ -34,16 +34,9 @@ log = logging.getLogger("cohortseg")
 def rows_by_session(config: dict, keys) -> dict[str, list[dict]]:
     """The manifest rows of some sessions, read in the job from the cached manifest (keeping them out
     of rule params saves planning time per job)."""
-    from cohortseg.workflow.discovery import read_manifest
-    from cohortseg.workflow.plan import session_key
+    from cohortseg.workflow.discovery import open_manifest
 
-    want = set(keys)
-    by: dict[str, list[dict]] = {k: [] for k in keys}
-    for r in read_manifest(Path(config["output_dir"]) / "manifest.tsv"):
-        k = session_key(r["participant_id"], r["session_id"])
-        if k in want:
-            by[k].append(r)
-    return by
+    return open_manifest(Path(config["output_dir"]) / "manifest.tsv").rows(keys)  # their byte ranges only
 
 
 def session_records(finalize_shard_records) -> list[str]:
