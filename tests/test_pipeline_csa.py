@@ -26,7 +26,9 @@ IDS = ["participant_id", "session_id", "contrast"]
 
 # ------------------------------------------------------------------------------ pure helpers
 def _item(status, **metrics):
-    return {"status": status, "metrics": metrics}
+    from cohortseg.workflow.records import ItemRecord
+
+    return ItemRecord(status, metrics=metrics)
 
 
 def test_session_metrics_sd_and_cv_across_contrasts():
@@ -35,7 +37,7 @@ def test_session_metrics_sd_and_cv_across_contrasts():
     p = get_pipeline("sc_csa")
     items = {"sub-01_T1w": _item("ok", csa_mean_mm2=60.0, csa_C3_mm2=60.0, csa_C4_mm2=66.0, n_slices=70),
              "sub-01_T2w": _item("ok", csa_mean_mm2=70.0, csa_C3_mm2=70.0, csa_C5_mm2=75.0),
-             "sub-01_T2starw": {"status": "failed", "error": "x"}}
+             "sub-01_T2starw": _item("failed")}
     m = p.session_metrics(items)
     assert m["n_contrasts"] == 2
     assert m["csa_C3_sd_mm2"] == pytest.approx(np.std([60, 70], ddof=1), abs=1e-3)
@@ -43,7 +45,7 @@ def test_session_metrics_sd_and_cv_across_contrasts():
     assert "csa_mean_sd_mm2" in m and "csa_mean_cv_pct" in m
     assert "csa_C4_sd_mm2" not in m and "csa_C5_sd_mm2" not in m  # one contrast only
     assert p.session_metrics({"sub-02_T2w": _item("ok", csa_mean_mm2=70.0)}) == {"n_contrasts": 1}
-    assert p.session_metrics({"-": {"status": "failed"}}) == {"n_contrasts": 0}
+    assert p.session_metrics({"-": _item("failed")}) == {"n_contrasts": 0}
 
 
 @pytest.mark.shared
