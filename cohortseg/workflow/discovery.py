@@ -17,8 +17,8 @@ from pathlib import Path
 
 from cohortseg.io import atomic_path, write_json_atomic
 
-MANIFEST_COLUMNS = ["participant_id", "session_id", "pipeline", "item", "status", "error", "inputs"]
-MANIFEST_VERSION = 1
+MANIFEST_COLUMNS = ["participant_id", "session_id", "pipeline", "item", "status", "error", "inputs", "body_part"]
+MANIFEST_VERSION = 2
 _ENTITY = re.compile(r"^([a-zA-Z0-9]+)-([a-zA-Z0-9+]+)$")
 _NII = (".nii.gz", ".nii")
 
@@ -119,6 +119,56 @@ def matches(f: BidsFile, filters: dict) -> bool:
     return True
 
 
+def _normalised(value) -> str:
+    return re.sub(r"[^A-Z0-9]", "", str(value).upper())
+
+
+def body_part_router(anatomy: str, routing: dict):
+    """f(BidsFile) -> (keep, note): routes images by the body part BIDS gives, for a pipeline whose
+    anatomy is `anatomy` ('brain', 'spine'; '' = takes anything).
+
+    The body part is the JSON sidecar's ``BodyPartExamined`` (dcm2niix writes the DICOM tag), else
+    an entity value naming one (``routing['entities']``, e.g. ``acq-cspine``). A value among
+    ``routing['terms'][anatomy]`` keeps the image; any other sidecar value, or an entity naming
+    another anatomy's term, excludes it; no body part: kept (most datasets say nothing). `note`
+    says what was found and decided (the manifest's body_part column)."""
+    terms = {a: [_normalised(t) for t in ts] for a, ts in (routing.get("terms") or {}).items()}
+    entities = routing.get("entities") or []
+    cache: dict = {}
+
+    def route(f: BidsFile) -> tuple[bool, str]:
+        if not anatomy or not routing.get("route", True):
+            return True, ""
+        if f.path not in cache:
+            cache[f.path] = _sidecar_body_part(f.path)
+        value = cache[f.path]
+        name = os.path.basename(f.path)
+        if value:
+            keep = _normalised(value) in terms.get(anatomy, [])
+            return keep, f"{name}: BodyPartExamined {value} -> {'kept' if keep else 'excluded'} ({anatomy})"
+        for ent in entities:
+            v = _normalised(f.entities.get(ent, ""))
+            named = {a for a, ts in terms.items() if v and any(t and t in v for t in ts)}
+            if named:
+                keep = anatomy in named
+                return keep, f"{name}: {ent}-{f.entities[ent]} -> {'kept' if keep else 'excluded'} ({anatomy})"
+        return True, ""
+
+    return route
+
+
+def _sidecar_body_part(path: str) -> str:
+    """``BodyPartExamined`` of the image's own JSON sidecar ('' when absent or unreadable)."""
+    for ext in _NII:
+        if path.endswith(ext):
+            try:
+                with open(path[: -len(ext)] + ".json") as fh:
+                    return str(json.load(fh).get("BodyPartExamined") or "").strip()
+            except (OSError, ValueError, AttributeError):
+                return ""
+    return ""
+
+
 def _filter_hint(candidates: list[BidsFile]) -> str:
     keys = sorted({k for c in candidates for k in c.entities if k not in ("sub", "ses")})
     differing = [k for k in keys if len({c.entities.get(k) for c in candidates}) > 1]
@@ -127,10 +177,13 @@ def _filter_hint(candidates: list[BidsFile]) -> str:
     return ", ".join(differing) or "acq/run"
 
 
-def build_manifest(bids_dir, pipelines: dict, participant_label=(), exclude=()) -> tuple[list[dict], str]:
+def build_manifest(bids_dir, pipelines: dict, participant_label=(), exclude=(),
+                   routing: dict | None = None) -> tuple[list[dict], str]:
     """Rows for every session x pipeline: one per item, or a 'missing'/'ambiguous' row saying why.
 
-    `pipelines`: name -> {role: (filters, required, multiple)}.
+    `pipelines`: name -> {role: (filters, required, multiple)}. `routing`: the config's
+    ``body_part`` section plus ``anatomy``: {pipeline: 'brain' | 'spine' | ''} (see
+    :func:`body_part_router`); None routes nothing.
     """
     files, fingerprint = scan(bids_dir)
     include = {p.removeprefix("sub-") for p in participant_label}
@@ -142,19 +195,25 @@ def build_manifest(bids_dir, pipelines: dict, participant_label=(), exclude=()) 
             continue
         sessions.setdefault((f"sub-{sub}", f"ses-{f.entities['ses']}" if "ses" in f.entities else ""), []).append(f)
 
+    routers = {p: body_part_router((routing.get("anatomy") or {}).get(p, ""), routing) if routing else None
+               for p in pipelines}
     rows = []
     for (pid, sid), sfiles in sorted(sessions.items()):
         for pname, roles in pipelines.items():
-            rows.extend(_session_rows(pid, sid, pname, roles, sfiles))
+            rows.extend(_session_rows(pid, sid, pname, roles, sfiles, routers[pname]))
     return rows, fingerprint
 
 
-def _session_rows(pid, sid, pname, roles, sfiles):
+def _session_rows(pid, sid, pname, roles, sfiles, route=None):
     base = {"participant_id": pid, "session_id": sid, "pipeline": pname}
-    chosen, problems = {}, []
+    chosen, problems, notes = {}, [], []
     primary = next(iter(roles))
     for role, (filters, required, multiple) in roles.items():
         cands = [f for f in sfiles if matches(f, filters)]
+        if route is not None:
+            decided = [(f, *route(f)) for f in cands]
+            notes += [note for _, _, note in decided if note]
+            cands = [f for f, keep, _ in decided if keep]
         if not cands:
             if required:
                 problems.append(("missing", f"no image for role '{role}' matching {json.dumps(filters)}"))
@@ -165,14 +224,16 @@ def _session_rows(pid, sid, pname, roles, sfiles):
                                           f"set {pname}.filters.{role} with one of: {_filter_hint(cands)}"))
             continue
         chosen[role] = cands
+    body_part = "; ".join(notes)
     if problems:
         status = "ambiguous" if any(p[0] == "ambiguous" for p in problems) else "missing"
-        return [{**base, "item": "", "status": status, "error": "; ".join(p[1] for p in problems), "inputs": "{}"}]
+        return [{**base, "item": "", "status": status, "error": "; ".join(p[1] for p in problems), "inputs": "{}",
+                 "body_part": body_part}]
     rows = []
     shared_inputs = {r: c[0].path for r, c in chosen.items() if r != primary}
     for f in chosen[primary]:
         rows.append({**base, "item": f.stem, "status": "ok", "error": "",
-                     "inputs": json.dumps({primary: f.path, **shared_inputs}, sort_keys=True)})
+                     "inputs": json.dumps({primary: f.path, **shared_inputs}, sort_keys=True), "body_part": body_part})
     return rows
 
 
@@ -200,13 +261,13 @@ def read_meta(path) -> dict:
 
 
 def load_or_build(bids_dir, manifest_path, pipelines: dict, participant_label=(), exclude=(),
-                  rebuild: bool = False, check: bool = True) -> list[dict]:
+                  rebuild: bool = False, check: bool = True, routing: dict | None = None) -> list[dict]:
     """The cached manifest, rebuilt when the dataset or the selection changed (or on request).
 
     With check=False (cluster jobs) the cached manifest is trusted as is, with no file system scan.
     """
     manifest_path = Path(manifest_path)
-    selection = [str(Path(bids_dir).resolve()), pipelines, sorted(participant_label), sorted(exclude)]
+    selection = [str(Path(bids_dir).resolve()), pipelines, sorted(participant_label), sorted(exclude), routing]
     key = hashlib.sha256(json.dumps(selection, sort_keys=True, default=list).encode()).hexdigest()
     if manifest_path.is_file() and not rebuild:
         meta = read_meta(manifest_path)
@@ -216,7 +277,7 @@ def load_or_build(bids_dir, manifest_path, pipelines: dict, participant_label=()
             _, fingerprint = scan(bids_dir)
             if fingerprint == meta.get("fingerprint"):
                 return read_manifest(manifest_path)
-    rows, fingerprint = build_manifest(bids_dir, pipelines, participant_label, exclude)
+    rows, fingerprint = build_manifest(bids_dir, pipelines, participant_label, exclude, routing)
     write_manifest(rows, manifest_path, {"selection": key, "fingerprint": fingerprint,
                                          "bids_dir": str(Path(bids_dir).resolve())})
     return rows

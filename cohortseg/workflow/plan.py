@@ -40,9 +40,12 @@ class Plan:
             p = get_pipeline(name)
             user = (config.get(name) or {}).get("filters", {})
             roles[name] = {r: (user.get(r, spec.filters), spec.required, spec.multiple) for r, spec in p.roles.items()}
+        routing = {**(config.get("body_part") or {}),
+                   "anatomy": {name: get_pipeline(name).anatomy for name in config["pipelines"]}}
         rows = discovery.load_or_build(
             config["bids_dir"], out / "manifest.tsv", roles, config.get("participant_label", []),
-            config.get("exclude_participant_label", []), rebuild=config.get("rebuild_manifest", False), check=check)
+            config.get("exclude_participant_label", []), rebuild=config.get("rebuild_manifest", False), check=check,
+            routing=routing)
         plan = cls(config=config, rows=rows, out=out)
         plan._index()
         if check:  # main process only: a missing or corrupt model stops the run before any job
