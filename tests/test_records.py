@@ -14,7 +14,7 @@ import pytest
 from cohortseg.errors import AnatomyError
 from cohortseg.workflow.aggregate import aggregate
 from cohortseg.workflow.records import ItemRecord, SessionRecord
-from cohortseg.workflow.report import qc_rows
+from cohortseg.workflow.report import qc_rows, write_cohort_qc_page
 from cohortseg.workflow.steps import finalize_session, prepare_session
 
 
@@ -93,6 +93,14 @@ def test_records_round_trip_and_qc_rows(cohort):
     assert rows[("sub-01", "sc_gm")]["status"] == "no_input" and rows[("sub-01", "sc_gm")]["error"] == ""
     assert rows[("sub-03", "sc_csa")]["status"] == "refused"
     assert "no spinal cord in the field of view" in rows[("sub-03", "sc_csa")]["error"]
+    # the QC page's status filter lists the vocabulary with its meaning
+    from test_qc_page import read_blob
+
+    blob, _ = read_blob(write_cohort_qc_page(tmp / "group" / "summary.csv", paths, tmp / "qc"))
+    assert list(blob["statuses"]) == ["ok", "partial", "failed", "refused", "no_input"]
+    assert "not an error" in blob["statuses"]["no_input"] and "anatomy" in blob["statuses"]["refused"]
+    st = {(r[0], r[2]): r[3] for r in blob["rows"]}
+    assert st[("sub-01", "sc_gm")] == "no_input" and st[("sub-03", "sc_csa")] == "refused"
 
 
 def test_ambiguous_discovery_is_a_failure(tmp_path):

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pandas as pd
 
-from cohortseg.workflow.records import SessionRecord
+from cohortseg.workflow.records import STATUS_HELP, SessionRecord
 
 
 def qc_rows(summary_csv, record_paths, page_dir) -> list[dict]:
@@ -37,4 +38,4 @@ def write_cohort_qc_page(summary_csv, record_paths, page_dir) -> Path:
     from cohortseg.qc.page import write_qc_page
 
     page_dir = Path(page_dir)
-    return write_qc_page(qc_rows(summary_csv, record_paths, page_dir), page_dir)
+    return write_qc_page(qc_rows(summary_csv, record_paths, page_dir), page_dir, statuses=STATUS_HELP)
