@@ -69,8 +69,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cohortseg.errors import InputError, ModelError
+from cohortseg.errors import AnatomyError, InputError, ModelError
 from cohortseg.pipelines.base import Item, OutputWriter, Pipeline, Prepared, Role
+from cohortseg.science.anatomy import NOT_BRAIN, limits
 
 
 CONFORM_SHAPE = 256
@@ -254,16 +255,22 @@ def _file_key(path) -> tuple:
     return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
-def _conformed_with_mask(path, g: dict, order: int):
-    """(native image, warnings, conformed image, fallback mask on the conformed grid)."""
+def _conformed_with_mask(path, g: dict, order: int, anatomy: dict):
+    """(native image, warnings, conformed image, fallback mask on the conformed grid). Every image of
+    cmb and wmh passes here, so this is where they check it is a head (`anatomy`: the limits of
+    :mod:`cohortseg.science.anatomy`): before anything else from the image, then the fallback mask's
+    intracranial volume (its sides are not checked: it lives on the 256^3 conformed grid)."""
     from cohortseg.io import load_image
+    from cohortseg.science.anatomy import check_brain_mask, check_head
 
     img, warnings = load_image(path, allow_4d=g.get("allow_4d", False), max_voxels=g.get("max_voxels") or 200_000_000)
+    check_head(np.asarray(img.dataobj), img.affine, anatomy, path, warnings, {})
     conf = conform_ras(img, order=order)
     try:
         mask = fallback_brain_mask(np.asarray(conf.dataobj), conf.affine)
     except InputError as e:
         raise InputError(e.reason, path) from None
+    check_brain_mask(mask, conf.affine, {**anatomy, "max_sides_touched": 6}, path, warnings, {})
     return img, warnings, conf, mask
 
 
@@ -286,11 +293,11 @@ def _mni(conf, mask, source: str) -> dict:
     return out
 
 
-def _t1_entry(path, g: dict, order: int) -> dict:
-    key = _file_key(path) + (order,)
+def _t1_entry(path, g: dict, order: int, anatomy: dict) -> dict:
+    key = _file_key(path) + (order, repr(sorted(anatomy.items())))
     if key not in _T1_CACHE:
         _T1_CACHE.clear()  # one session at a time: keep memory flat
-        img, warnings, conf, mask = _conformed_with_mask(path, g, order)
+        img, warnings, conf, mask = _conformed_with_mask(path, g, order, anatomy)
         _T1_CACHE[key] = {"img": img, "warnings": warnings, "conf": conf, "mask": mask,
                           "mni": _mni(conf, mask, "T1w")}
     return _T1_CACHE[key]
@@ -312,6 +319,7 @@ def _etiv_ml(mni: dict) -> float | None:
 # ----------------------------------------------------------------------------------------------
 class _Lesion(Pipeline):
     target = ""  # CMB / WMH
+    anatomy = "brain"
     #: SHIVA modality -> input role
     modality_roles: dict = {}
     region_names: tuple = ()
@@ -382,7 +390,7 @@ class _Lesion(Pipeline):
             mask = unpack_mask(prepared.arrays["brain_mask"], vol.shape[:3])
             source = "fallback"
         if not mask.any():
-            raise InputError("brain mask is empty")
+            raise AnatomyError(f"{NOT_BRAIN}: the brain mask is empty")
         box = shiva.crop_box(mask)
         mcrop = shiva.crop(mask, box)
         acc, n = None, 0
@@ -631,10 +639,11 @@ class Cmb(_Lesion):
         g = cfg["_global"]
         order = _INTERP_ORDER[cfg.get("interpolation", "cubic")]
         channels = self._channels(cards)
-        swi, warnings, conf, mask = _conformed_with_mask(item.inputs["image"], g, order)
+        anatomy = limits(self.name, cfg)
+        swi, warnings, conf, mask = _conformed_with_mask(item.inputs["image"], g, order, anatomy)
         meta: dict = {"warnings": list(warnings), "registration": {}}
         if item.inputs.get("t1"):
-            t1 = _t1_entry(item.inputs["t1"], g, order)
+            t1 = _t1_entry(item.inputs["t1"], g, order, anatomy)
             meta["warnings"] += [f"T1w: {w}" for w in t1["warnings"]]
             rig = registration.rigid(conf, t1["conf"])
             mni = dict(t1["mni"])
@@ -695,7 +704,7 @@ class Wmh(_Lesion):
                              f"filters {(cfg.get('filters') or {}).get('flair', self.roles['flair'].filters)}); add "
                              "the FLAIR, or list a T1-only WMH model card beside it in wmh.models")
         channels = self._channels(cards, only=chosen)
-        t1 = _t1_entry(item.inputs["image"], g, order)
+        t1 = _t1_entry(item.inputs["image"], g, order, limits(self.name, cfg))
         conf = t1["conf"]
         meta: dict = {"warnings": list(t1["warnings"]) + choice_warnings, "registration": {}, "mni": dict(t1["mni"]),
                       "etiv_ml": _etiv_ml(t1["mni"]), "models_used": [cards[i].name for i in chosen]}

@@ -132,6 +132,7 @@ def provenance(config: dict, records: list[dict]) -> dict:
     from importlib import metadata
 
     from cohortseg.models.cards import pipeline_cards
+    from cohortseg.science.anatomy import limits as anatomy_limits
 
     versions = {}
     for pkg in ("snakemake", "tensorflow", "tensorflow-cpu", "keras", "nibabel", "antspyx", "numpy", "pandas",
@@ -154,5 +155,8 @@ def provenance(config: dict, records: list[dict]) -> dict:
         "thresholds": {p: {k: v for k, v in (config.get(p) or {}).items()
                            if any(w in k for w in ("threshold", "min_cluster", "max_outside"))}
                        for p in config["pipelines"]},
+        # what an image must show to be measured rather than refused (cohortseg.science.anatomy)
+        "anatomy": {p: anatomy_limits(p, config.get(p) or {}) for p in config["pipelines"]},
+        "body_part": config.get("body_part"),
         "n_sessions": len(records),
     }
