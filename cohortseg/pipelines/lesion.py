@@ -259,7 +259,8 @@ def _conformed_with_mask(path, g: dict, order: int, anatomy: dict):
     """(native image, warnings, conformed image, fallback mask on the conformed grid). Every image of
     cmb and wmh passes here, so this is where they check it is a head (`anatomy`: the limits of
     :mod:`cohortseg.science.anatomy`): before anything else from the image, then the fallback mask's
-    intracranial volume (its sides are not checked: it lives on the 256^3 conformed grid)."""
+    volume against the lower end of ``icv_range_ml`` only (the crude mask can leak into the scalp:
+    3.0 L on the deep-T1-WMH brain; and its sides are not checked: it lives on the conformed grid)."""
     from cohortseg.io import load_image
     from cohortseg.science.anatomy import check_brain_mask, check_head
 
@@ -270,7 +271,8 @@ def _conformed_with_mask(path, g: dict, order: int, anatomy: dict):
         mask = fallback_brain_mask(np.asarray(conf.dataobj), conf.affine)
     except InputError as e:
         raise InputError(e.reason, path) from None
-    check_brain_mask(mask, conf.affine, {**anatomy, "max_sides_touched": 6}, path, warnings, {})
+    check_brain_mask(mask, conf.affine, {**anatomy, "icv_range_ml": [anatomy["icv_range_ml"][0], float("inf")],
+                                         "max_sides_touched": 6}, path, warnings, {})
     return img, warnings, conf, mask
 
 
