@@ -212,7 +212,7 @@ def prepare_session(rows: list[dict], config: dict, record_path) -> dict:
             stamp = _stamp(row, config, cards_cache[pname])
             prev = old.pipelines.get(pname, {}).get(item.name) if old else None
             if _reusable(prev, stamp, prev.prep if prev else ""):
-                items[item.name] = prev
+                items[item.name] = dataclasses.replace(prev, contrast=item.contrast)  # (records of older versions)
                 continue
             prepared = get_pipeline(pname).prepare(item, cards_cache[pname], _cfg(config, pname))
             path = _prep_path(work, item)
@@ -316,7 +316,7 @@ def finalize_session(rows: list[dict], prep_record, config: dict, record_path) -
                 continue
             prev = old.pipelines.get(pname, {}).get(name) if old else None
             if _reusable(prev, it.stamp, *(prev.files.values() if prev else ())):
-                items[name] = prev
+                items[name] = dataclasses.replace(prev, contrast=it.contrast)
                 continue
             item = _item(row_of[(pname, name)])
             writer = OutputWriter(out_dir, item)
