@@ -178,6 +178,26 @@ def test_head_crop_and_optional_parts(glue, cards, tmp_path):
     assert m["brain_mask_ml"] == glue["metrics"]["brain_mask_ml"]
 
 
+def test_implausible_brain_mask_is_refused_after_the_nets(glue, cards, tmp_path):
+    """The check after the brain mask, in finalize: an intracranial volume outside anatomy.icv_range_ml
+    (here set above the 1.29 L head) refuses the image, naming the file and the criterion, with the
+    outputs kept for QC; with refuse: false it is a QC flag."""
+    from cohortseg.errors import AnatomyError
+
+    p, item = get_pipeline("brain_tissue"), glue["item"]
+    cfg = {"_global": {}, "wm_target": None, "etiv": False, "anatomy": {"icv_range_ml": [1500, 2500]}}
+    out = OutputWriter(tmp_path / "out", item)
+    with pytest.raises(AnatomyError) as e:
+        p.finalize(item, glue["prep"], glue["arrays"], cards, cfg, out)
+    assert e.value.reason == ("not a brain image: brain mask 1289 mL outside the plausible intracranial 1500-2500 mL "
+                              "(anatomy.icv_range_ml)") and e.value.path.endswith("sub-01_T1w.nii.gz")
+    assert {"desc-brain_mask.nii.gz", "dseg.nii.gz", "desc-tissue_qc.png"} <= set(out.files)
+    cfg["anatomy"] = {"icv_range_ml": [1500, 2500], "refuse": False, "max_sides_touched": 0}
+    out = OutputWriter(tmp_path / "out2", item)
+    p.finalize(item, glue["prep"], glue["arrays"], cards, cfg, out)
+    assert "anatomy_icv" in out.flags and "anatomy_fov_sides" not in out.flags  # the ball touches no side
+
+
 def test_crop_to_native_matches_whole_grid_resampling():
     from cohortseg.science.conform import conformed_affine, labels_to_native, to_native
     from cohortseg.pipelines.brain_tissue import crop_to_native
