@@ -84,6 +84,18 @@ class ItemRecord:
             log.error("%s: %s failed unexpectedly: %s\n%s", who, stage, msg, traceback.format_exc())
         return cls(status=status, stage=stage, error=msg, contrast=contrast)
 
+    def write(self, path) -> None:
+        """As its own file (the record beside an inference output)."""
+        write_json_atomic(path, dataclasses.asdict(self))
+
+    @classmethod
+    def read(cls, path) -> ItemRecord | None:
+        try:
+            d = json.loads(Path(path).read_text())
+            return cls.from_dict(d) if "status" in d else None
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
+
     @classmethod
     def from_discovery(cls, row: dict) -> ItemRecord:
         """A manifest row that is not an item to process: no input (not an error) or ambiguous."""

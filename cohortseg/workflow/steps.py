@@ -86,13 +86,6 @@ def _prob_path(work: Path, item: Item) -> Path:
     return work / "infer" / item.pipeline / item.session_key / f"{item.name}.npz"
 
 
-def _read_json(path) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _stamp(row: dict, config: dict, cards: list) -> str:
     """What an item's results depend on; equal stamps mean the stored results can be reused."""
     inputs = json.loads(row["inputs"])
@@ -117,12 +110,6 @@ def _reusable(entry: ItemRecord | None, stamp: str, *files) -> bool:
     files are all still there."""
     return (entry is not None and entry.ok and entry.stamp == stamp
             and all(Path(f).is_file() for f in files))
-
-
-def _read_item(path) -> ItemRecord | None:
-    """The record beside an inference output (status, stamp, error, seconds)."""
-    d = _read_json(path)
-    return ItemRecord.from_dict(d) if d and "status" in d else None
 
 
 def _cfg(config: dict, pipeline: str) -> dict:
@@ -191,7 +178,7 @@ def _write_crash_record(rows: list[dict], path, stage: str, exc: BaseException) 
     rec.write(path)
 
 
-def prepare_session(rows: list[dict], config: dict, record_path) -> dict:
+def prepare_session(rows: list[dict], config: dict, record_path) -> SessionRecord:
     """Prepare every item of one session for every pipeline; write the session's prep record."""
     work = _work(config)
     old = SessionRecord.read(record_path) if _reuse(config) else None
@@ -248,7 +235,7 @@ def infer_shard(pipeline: str, prep_shard_record, record_path, config: dict) -> 
                 report["items"][f"{key}/{name}"] = {"status": "skipped", "error": it.error}
                 continue
             out = work / "infer" / pipeline / key / f"{name}.npz"
-            side = _read_item(out.with_suffix(".json")) if _reuse(config) else None
+            side = ItemRecord.read(out.with_suffix(".json")) if _reuse(config) else None
             if _reusable(side, it.stamp, out):
                 report["items"][f"{key}/{name}"] = {"status": "ok", "reused": True}
                 continue
@@ -278,7 +265,7 @@ def infer_shard(pipeline: str, prep_shard_record, record_path, config: dict) -> 
                 if _is_fatal(e):
                     raise
             entry.stamp = stamp
-            write_json_atomic(out.with_suffix(".json"), dataclasses.asdict(entry))
+            entry.write(out.with_suffix(".json"))
             report["items"][f"{key}/{name}"] = {"status": entry.status, "seconds": entry.seconds, "error": entry.error}
     report["seconds"] = timer()
     write_json_atomic(record_path, report)
@@ -299,7 +286,7 @@ def finalize_shard(prep_shard_record, config: dict, record_path, workers: int = 
     return _run_shard("finalize", finalize_session, jobs, workers, record_path)
 
 
-def finalize_session(rows: list[dict], prep_record, config: dict, record_path) -> dict:
+def finalize_session(rows: list[dict], prep_record, config: dict, record_path) -> SessionRecord:
     """Back to native space, outputs, metrics and QC for every item of one session."""
     rec = SessionRecord.read(prep_record)
     if rec is None:
@@ -323,7 +310,7 @@ def finalize_session(rows: list[dict], prep_record, config: dict, record_path) -
             t0 = time.perf_counter()
             try:
                 prob_file = _prob_path(work, item)
-                side = _read_item(prob_file.with_suffix(".json"))
+                side = ItemRecord.read(prob_file.with_suffix(".json"))
                 if side is None or side.stamp != it.stamp or not side.ok or not prob_file.is_file():
                     why = side.error if side is not None and side.stamp == it.stamp else ""
                     raise InputError(f"inference produced no output{': ' + why if why else ''}")
