@@ -102,7 +102,7 @@ def cord_measures(mask, affine) -> dict:
     idx = np.flatnonzero(present)
     span = int(idx[-1] - idx[0] + 1)
     a = area[present]
-    out.update(extent_fraction=round(span / n, 4), continuity=round(present.sum() / span, 4),
+    out.update(extent_fraction=round(span / n, 4), continuity=round(float(present.sum() / span), 4),
                mean_area_mm2=round(float(a.mean()), 3), area_cv=round(float(a.std() / a.mean()), 4))
     if idx.size >= 2:
         ijk = np.argwhere(m)
