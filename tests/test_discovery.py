@@ -3,6 +3,7 @@ import json
 import os
 import time
 
+import pytest
 
 from cohortseg.workflow import discovery
 from cohortseg.fakebids import make_fake_bids
@@ -242,3 +243,42 @@ def test_corrupt_scan_cache_lists_again(tmp_path):
     assert len(m.stats["listed"]) == 5 and any("discovery cache stale or corrupt" in n for n in m.notes)
     assert list(m) == discovery.build_manifest(bids, ROLES2)[0]
     assert discovery.load_or_build(bids, man, ROLES2).stats["listed"] == []
+
+@pytest.mark.shared
+def test_body_part_routes_images_and_the_manifest_says_why(tmp_path, shared_dir):
+    """A multi-protocol cohort: brain and cord T1w in one dataset. The sidecar's BodyPartExamined
+    (dcm2niix) or an acq entity naming the body part route each image to the pipelines of its
+    anatomy (default config, through the Snakefile's plan); an image without either goes to both."""
+    import csv
+
+    from helpers import snakemake, write_config
+
+    bids = tmp_path / "bids"
+    files = {"sub-01/anat/sub-01_T1w": "BRAIN", "sub-02/anat/sub-02_acq-cspine_T1w": None,
+             "sub-03/anat/sub-03_T1w": "CSPINE", "sub-04/anat/sub-04_T1w": None}
+    for stem, part in files.items():
+        (bids / stem).parent.mkdir(parents=True, exist_ok=True)
+        (bids / f"{stem}.nii.gz").touch()
+        if part:
+            (bids / f"{stem}.json").write_text(json.dumps({"BodyPartExamined": part, "Modality": "MR"}))
+    cfg = write_config(tmp_path / "cfg.yaml", bids_dir=str(bids), output_dir=str(tmp_path / "out"),
+                       model_dir=str(shared_dir / "models"), pipelines=["sc_csa", "brain_tissue"])
+    snakemake(tmp_path, "-n", "--cores", "1", configfile=cfg)
+    with open(tmp_path / "out" / "manifest.tsv", newline="") as fh:
+        rows = {(r["participant_id"], r["pipeline"]): r for r in csv.DictReader(fh, delimiter="\t")}
+    status = {k: r["status"] for k, r in rows.items()}
+    assert status == {("sub-01", "sc_csa"): "missing", ("sub-01", "brain_tissue"): "ok",
+                      ("sub-02", "sc_csa"): "ok", ("sub-02", "brain_tissue"): "missing",
+                      ("sub-03", "sc_csa"): "ok", ("sub-03", "brain_tissue"): "missing",
+                      ("sub-04", "sc_csa"): "ok", ("sub-04", "brain_tissue"): "ok"}
+    assert rows[("sub-01", "sc_csa")]["body_part"] == "sub-01_T1w.nii.gz: BodyPartExamined BRAIN -> excluded (spine)"
+    assert rows[("sub-01", "brain_tissue")]["body_part"] == "sub-01_T1w.nii.gz: BodyPartExamined BRAIN -> kept (brain)"
+    assert rows[("sub-02", "brain_tissue")]["body_part"] == "sub-02_acq-cspine_T1w.nii.gz: acq-cspine -> excluded (brain)"
+    assert rows[("sub-03", "brain_tissue")]["body_part"] == "sub-03_T1w.nii.gz: BodyPartExamined CSPINE -> excluded (brain)"
+    assert rows[("sub-04", "brain_tissue")]["body_part"] == ""  # nothing said: kept by both
+    # routing off: the filters alone choose
+    cfg = write_config(tmp_path / "cfg2.yaml", bids_dir=str(bids), output_dir=str(tmp_path / "out2"),
+                       model_dir=str(shared_dir / "models"), pipelines=["brain_tissue"], body_part={"route": False})
+    snakemake(tmp_path, "-n", "--cores", "1", configfile=cfg)
+    text = (tmp_path / "out2" / "manifest.tsv").read_text()
+    assert text.count("\tok\t") == 4

@@ -41,8 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MANIFEST_COLUMNS = ["participant_id", "session_id", "pipeline", "item", "status", "error", "inputs"]
-MANIFEST_VERSION = 1
+MANIFEST_COLUMNS = ["participant_id", "session_id", "pipeline", "item", "status", "error", "inputs", "body_part"]
+MANIFEST_VERSION = 2
 CACHE_VERSION = 1  # manifest.idx.json and manifest.scan.json
 _ENTITY = re.compile(r"^([a-zA-Z0-9]+)-([a-zA-Z0-9+]+)$")
 _NII = (".nii.gz", ".nii")
@@ -242,6 +242,45 @@ def _compiled(filters: dict) -> tuple:
     return out
 
 
+BODY_PART_KEY = "BodyPartExamined"
+
+
+def _normalised(value) -> str:
+    return re.sub(r"[^A-Z0-9]", "", str(value).upper())
+
+
+def body_part_router(anatomy: str, routing: dict):
+    """f(BidsFile) -> (keep, note): routes images by the body part BIDS gives, for a pipeline whose
+    anatomy is `anatomy` ('brain', 'spine'; '' = takes anything).
+
+    The body part is the JSON sidecar's ``BodyPartExamined`` (dcm2niix writes the DICOM tag; read
+    when the subject folder is listed and cached with it, ``sidecar_keys``), else
+    an entity value naming one (``routing['entities']``, e.g. ``acq-cspine``). A value among
+    ``routing['terms'][anatomy]`` keeps the image; any other sidecar value, or an entity naming
+    another anatomy's term, excludes it; no body part: kept (most datasets say nothing). `note`
+    says what was found and decided (the manifest's body_part column)."""
+    terms = {a: [_normalised(t) for t in ts] for a, ts in (routing.get("terms") or {}).items()}
+    entities = routing.get("entities") or []
+
+    def route(f: BidsFile) -> tuple[bool, str]:
+        if not anatomy or not routing.get("route", True):
+            return True, ""
+        value = str((f.sidecar or {}).get(BODY_PART_KEY) or "").strip()
+        name = os.path.basename(f.path)
+        if value:
+            keep = _normalised(value) in terms.get(anatomy, [])
+            return keep, f"{name}: BodyPartExamined {value} -> {'kept' if keep else 'excluded'} ({anatomy})"
+        for ent in entities:
+            v = _normalised(f.entities.get(ent, ""))
+            named = {a for a, ts in terms.items() if v and any(t and t in v for t in ts)}
+            if named:
+                keep = anatomy in named
+                return keep, f"{name}: {ent}-{f.entities[ent]} -> {'kept' if keep else 'excluded'} ({anatomy})"
+        return True, ""
+
+    return route
+
+
 def _filter_hint(candidates: list[BidsFile]) -> str:
     keys = sorted({k for c in candidates for k in c.entities if k not in ("sub", "ses")})
     differing = [k for k in keys if len({c.entities.get(k) for c in candidates}) > 1]
@@ -258,13 +297,22 @@ def _labels(participant_label, exclude) -> tuple[set, set]:
     return {p.removeprefix("sub-") for p in participant_label}, {p.removeprefix("sub-") for p in exclude}
 
 
-def build_manifest(bids_dir, pipelines: dict, participant_label=(), exclude=()) -> tuple[list[dict], str]:
+def routers_for(pipelines: dict, routing: dict | None) -> dict:
+    """pipeline -> body-part router (or None): `routing` is the config's ``body_part`` section plus
+    ``anatomy``: {pipeline: 'brain' | 'spine' | ''} (see :func:`body_part_router`); None routes nothing."""
+    return {p: body_part_router((routing.get("anatomy") or {}).get(p, ""), routing) if routing else None
+            for p in pipelines}
+
+
+def build_manifest(bids_dir, pipelines: dict, participant_label=(), exclude=(),
+                   routing: dict | None = None) -> tuple[list[dict], str]:
     """Rows for every session x pipeline: one per item, or a 'missing'/'ambiguous' row saying why.
 
-    `pipelines`: name -> {role: (filters, required, multiple)}. (The uncached path; `load_or_build`
-    builds the same rows one subject folder at a time.)
+    `pipelines`: name -> {role: (filters, required, multiple)}; `routing`: see :func:`routers_for`.
+    (The uncached path; `load_or_build` builds the same rows one subject folder at a time.)
     """
-    files, fingerprint = scan(bids_dir)
+    files, fingerprint = scan(bids_dir, sidecar_keys=(BODY_PART_KEY,) if routing else ())
+    routers = routers_for(pipelines, routing)
     include, excl = _labels(participant_label, exclude)
     by_sub: dict[str, list[BidsFile]] = {}
     for f in files:
@@ -272,29 +320,35 @@ def build_manifest(bids_dir, pipelines: dict, participant_label=(), exclude=()) 
     rows = []
     for sub in sorted(by_sub, key=lambda s: f"sub-{s}"):
         if _selected(sub, include, excl):
-            for srows in subject_rows(by_sub[sub], pipelines).values():
+            for srows in subject_rows(by_sub[sub], pipelines, routers).values():
                 rows.extend(srows)
     return rows, fingerprint
 
 
-def subject_rows(files: list[BidsFile], pipelines: dict) -> dict[tuple[str, str], list[dict]]:
+def subject_rows(files: list[BidsFile], pipelines: dict, routers: dict | None = None) -> dict[tuple[str, str], list[dict]]:
     """(participant_id, session_id) -> rows, sessions sorted, for the files of one subject."""
     sessions: dict[tuple[str, str], list[BidsFile]] = {}
     for f in files:
         sessions.setdefault((f"sub-{f.entities['sub']}", f"ses-{f.entities['ses']}" if "ses" in f.entities else ""),
                             []).append(f)
+    routers = routers or {}
     out = {}
     for (pid, sid), sfiles in sorted(sessions.items()):
-        out[(pid, sid)] = [r for pname, roles in pipelines.items() for r in _session_rows(pid, sid, pname, roles, sfiles)]
+        out[(pid, sid)] = [r for pname, roles in pipelines.items()
+                           for r in _session_rows(pid, sid, pname, roles, sfiles, routers.get(pname))]
     return out
 
 
-def _session_rows(pid, sid, pname, roles, sfiles):
+def _session_rows(pid, sid, pname, roles, sfiles, route=None):
     base = {"participant_id": pid, "session_id": sid, "pipeline": pname}
-    chosen, problems = {}, []
+    chosen, problems, notes = {}, [], []
     primary = next(iter(roles))
     for role, (filters, required, multiple) in roles.items():
         cands = [f for f in sfiles if matches(f, filters)]
+        if route is not None:
+            decided = [(f, *route(f)) for f in cands]
+            notes += [note for _, _, note in decided if note]
+            cands = [f for f, keep, _ in decided if keep]
         if not cands:
             if required:
                 problems.append(("missing", f"no image for role '{role}' matching {json.dumps(filters)}"))
@@ -305,14 +359,16 @@ def _session_rows(pid, sid, pname, roles, sfiles):
                                           f"set {pname}.filters.{role} with one of: {_filter_hint(cands)}"))
             continue
         chosen[role] = cands
+    body_part = "; ".join(notes)
     if problems:
         status = "ambiguous" if any(p[0] == "ambiguous" for p in problems) else "missing"
-        return [{**base, "item": "", "status": status, "error": "; ".join(p[1] for p in problems), "inputs": "{}"}]
+        return [{**base, "item": "", "status": status, "error": "; ".join(p[1] for p in problems), "inputs": "{}",
+                 "body_part": body_part}]
     rows = []
     shared_inputs = {r: c[0].path for r, c in chosen.items() if r != primary}
     for f in chosen[primary]:
         rows.append({**base, "item": f.stem, "status": "ok", "error": "",
-                     "inputs": json.dumps({primary: f.path, **shared_inputs}, sort_keys=True)})
+                     "inputs": json.dumps({primary: f.path, **shared_inputs}, sort_keys=True), "body_part": body_part})
     return rows
 
 
@@ -612,20 +668,26 @@ class _InMemoryManifest(Manifest):
 
 # -- load or build -------------------------------------------------------------------------------------
 def load_or_build(bids_dir, manifest_path, pipelines: dict, participant_label=(), exclude=(),
-                  rebuild: bool = False, check: bool = True, datatypes=("anat",), sidecar_keys=()) -> Manifest:
+                  rebuild: bool = False, check: bool = True, datatypes=("anat",), sidecar_keys=(),
+                  routing: dict | None = None) -> Manifest:
     """The cached manifest, brought up to date one subject folder at a time (or rebuilt on request).
+    `routing`: body-part routing (:func:`routers_for`; the sidecars' ``BodyPartExamined`` is then
+    among the cached sidecar fields).
 
     With check=False (cluster jobs) the cached manifest is trusted as is, with no file system scan.
     `sidecar_keys`: fields of each image's JSON sidecar to keep (``BidsFile.sidecar``); read when a
     subject folder is listed, cached with it.
     """
     manifest_path = Path(manifest_path)
-    selection = [str(Path(bids_dir).resolve()), pipelines, sorted(participant_label), sorted(exclude)]
+    selection = [str(Path(bids_dir).resolve()), pipelines, sorted(participant_label), sorted(exclude), routing]
     key = hashlib.sha256(json.dumps(selection, sort_keys=True, default=list).encode()).hexdigest()
     meta = read_meta(manifest_path) if manifest_path.is_file() else {}
     if not check and meta.get("selection") == key and not rebuild:
         return open_manifest(manifest_path)
 
+    routers = routers_for(pipelines, routing)
+    if routing:
+        sidecar_keys = tuple(sorted(set(sidecar_keys) | {BODY_PART_KEY}))
     scan_key = hashlib.sha256(json.dumps([str(Path(bids_dir).resolve()), list(datatypes), sorted(sidecar_keys)]
                                          ).encode()).hexdigest()
     notes: list[str] = []
@@ -690,7 +752,7 @@ def load_or_build(bids_dir, manifest_path, pipelines: dict, participant_label=()
                 if name in old_ranges and name not in changed and "inputs" in rec:
                     continue  # its rows are kept as they are in the TSV
                 rebuilt.append(name)
-                built[name] = _build_subject(path, rec, label, pipelines, plist, root)
+                built[name] = _build_subject(path, rec, label, pipelines, plist, root, routers)
     with _COUNT_LOCK:
         SCAN_COUNTS["subjects_listed"] += len(listed)
     stats = {"subjects": len(subjects), "listed": listed, "changed": sorted(changed), "rows_rebuilt": 0,
@@ -738,12 +800,13 @@ def load_or_build(bids_dir, manifest_path, pipelines: dict, participant_label=()
     return m
 
 
-def _build_subject(path: str, rec: dict, label: str, pipelines: dict, plist: list, root: str) -> list:
+def _build_subject(path: str, rec: dict, label: str, pipelines: dict, plist: list, root: str,
+                   routers: dict | None = None) -> list:
     """The rows of one subject folder as [(session key, TSV chunk, ok mask)]; records its sessions'
     input files and row count in `rec`."""
     files = [f for f in subject_files(path, rec) if f.entities["sub"] == label]
     out, inputs, rec["n_rows"] = [], [], 0
-    for (pid, sid), srows in subject_rows(files, pipelines).items():
+    for (pid, sid), srows in subject_rows(files, pipelines, routers).items():
         k = session_key(pid, sid)
         out.append((k, _tsv_bytes(srows), _ok_mask(srows, plist)))
         inputs.append("\t".join([k, *(_rel(p, root) for p in _session_inputs(srows, files))]))

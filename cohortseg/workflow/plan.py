@@ -60,9 +60,12 @@ class Plan:
             p = get_pipeline(name)
             user = (config.get(name) or {}).get("filters", {})
             roles[name] = {r: (user.get(r, spec.filters), spec.required, spec.multiple) for r, spec in p.roles.items()}
+        routing = {**(config.get("body_part") or {}),
+                   "anatomy": {name: get_pipeline(name).anatomy for name in config["pipelines"]}}
         manifest = discovery.load_or_build(
             config["bids_dir"], out / "manifest.tsv", roles, config.get("participant_label", []),
-            config.get("exclude_participant_label", []), rebuild=config.get("rebuild_manifest", False), check=check)
+            config.get("exclude_participant_label", []), rebuild=config.get("rebuild_manifest", False), check=check,
+            routing=routing)
         plan = cls(config=config, manifest=manifest, out=out, messages=list(manifest.notes) if check else [])
         plan._index(announce=check)
         if check:  # main process only: a missing or corrupt model stops the run before any job
