@@ -19,6 +19,12 @@ class InputError(CohortsegError):
         super().__init__(f"{reason}" + (f" [{self.path}]" if self.path else ""))
 
 
+class AnatomyError(InputError):
+    """The image does not show the pipeline's anatomy (a brain scan given to a cord pipeline, a cord
+    scan given to a brain pipeline, a field of view that misses the structure): recorded as
+    ``refused``, not ``failed``. `reason` names the criterion that failed and its measured value."""
+
+
 class ConfigError(CohortsegError):
     """Invalid configuration; raised before any job runs."""
 

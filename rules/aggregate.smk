@@ -12,7 +12,7 @@ rule aggregate:
         provenance=PLAN.group("summary.json"),
         tables=PLAN.group_tables(),
     params:
-        expected=PLAN.expected_sessions(),
+        expected=lambda wc: PLAN.expected_sessions(),  # evaluated for this job only, not in every cluster job's parse
     log:
         PLAN.log("aggregate", "group"),
     conda:

@@ -10,6 +10,11 @@ try:
 except CohortsegError as e:
     raise WorkflowError(f"cohortseg: {e}") from None
 
+from snakemake.logging import logger as _logger
+
+for _msg in PLAN.messages:  # main process only: discovery reuse, automatic shard size
+    _logger.info(f"cohortseg: {_msg}")
+
 wildcard_constraints:
     pipeline="|".join(PLAN.pipelines),
     shard=r"\d+",

@@ -3,7 +3,7 @@ rule prepare:
     one shard of sessions (a process per thread). Bad data is recorded per session, never raised;
     sessions already prepared with the same inputs and settings are reused."""
     input:
-        PLAN.shard_bids_inputs_wc,
+        PLAN.shard_inputs_record("{shard}"),  # its BIDS files with size and mtime (one file, not every image)
     output:
         PLAN.shard_record("prepare", "{shard}"),
     params:

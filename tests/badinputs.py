@@ -139,7 +139,7 @@ CASES = {
 }
 REPAIRABLE = {"nan_voxels": (nan_voxels, "NaN/Inf voxels set to 0")}
 # valid files that fail later, in the pipeline (e.g. an empty segmentation)
-PIPELINE_FAILURES = {"fov_misses_anatomy": (fov_misses_anatomy, "no gray matter found")}
+PIPELINE_FAILURES = {"fov_misses_anatomy": (fov_misses_anatomy, "no spinal cord in the field of view")}
 
 
 def make_bad(case: str, src, out) -> Path:

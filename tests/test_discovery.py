@@ -3,6 +3,7 @@ import json
 import os
 import time
 
+import pytest
 
 from cohortseg.workflow import discovery
 from cohortseg.fakebids import make_fake_bids
@@ -88,3 +89,196 @@ def test_scan_never_writes_into_bids(tmp_path):
     before = sorted(os.walk(bids))
     discovery.load_or_build(bids, tmp_path / "out" / "manifest.tsv", ROLES)
     assert sorted(os.walk(bids)) == before
+
+
+# -- the per-subject-folder cache and the compact index ------------------------------------------
+ROLES2 = {"sc_gm": {"image": ({"suffix": "T2starw"}, True, False)},
+          "brain_tissue": {"image": ({"suffix": "T1w"}, True, False)}}
+
+
+def _aged(root, seconds=3600):
+    """Set every folder's mtime an hour back (a fresh folder is 'racy': listed again next time)."""
+    t = time.time() - seconds
+    for d, _, _ in os.walk(root):
+        os.utime(d, (t, t))
+
+
+def _cohort(tmp_path, n=5):
+    bids = make_fake_bids(tmp_path / "bids", n, contrasts=("T2starw", "T1w"), session_every=2)
+    _aged(bids)
+    return bids, tmp_path / "out" / "manifest.tsv"
+
+
+def test_cached_manifest_equals_uncached_rows(tmp_path):
+    bids, man = _cohort(tmp_path)
+    (bids / "sub-00002" / "anat" / "sub-00002_T1w.nii.gz").unlink()  # a 'missing' row too
+    m = discovery.load_or_build(bids, man, ROLES2)
+    rows, _ = discovery.build_manifest(bids, ROLES2)
+    assert list(m) == rows == discovery.read_manifest(man)
+    assert len(m) == len(rows) and m.stats["written"]
+    assert [r["status"] for r in rows if r["participant_id"] == "sub-00002"] == ["ok", "missing"]
+
+
+def test_unchanged_subject_folders_are_not_listed_again(tmp_path):
+    bids, man = _cohort(tmp_path)
+    discovery.load_or_build(bids, man, ROLES2)
+    tsv = man.read_bytes()
+    before = discovery.SCAN_COUNTS["subjects_listed"]
+    m = discovery.load_or_build(bids, man, ROLES2)
+    assert discovery.SCAN_COUNTS["subjects_listed"] == before  # stats only, no listing
+    assert m.stats["listed"] == [] and not m.stats["written"] and man.read_bytes() == tsv
+    assert any("manifest current" in n for n in m.notes)
+    # a new image in one subject's session folder: only that subject folder is listed and rebuilt
+    (bids / "sub-00003" / "ses-01" / "anat" / "sub-00003_ses-01_acq-b_T2starw.nii.gz").touch()
+    m = discovery.load_or_build(bids, man, ROLES2)
+    assert m.stats["listed"] == ["sub-00003"] and m.stats["changed"] == ["sub-00003"] and m.stats["rows_rebuilt"] == 1
+    assert discovery.SCAN_COUNTS["subjects_listed"] == before + 1
+    by = m.rows(m.keys)
+    assert by["sub-00003_ses-01"][0]["status"] == "ambiguous"
+    assert by["sub-00003_ses-02"][0]["status"] == "ok"
+    # the other subjects' rows are the same bytes as before
+    assert discovery.build_manifest(bids, ROLES2)[0] == list(m)
+    old = tsv.decode().splitlines()
+    assert [ln for ln in old if "sub-00003" not in ln] == [ln for ln in man.read_text().splitlines() if "sub-00003" not in ln]
+    # a new subject and a removed one
+    import shutil
+
+    shutil.rmtree(bids / "sub-00001")
+    (bids / "sub-00009" / "anat").mkdir(parents=True)
+    (bids / "sub-00009" / "anat" / "sub-00009_T2starw.nii.gz").touch()
+    m = discovery.load_or_build(bids, man, ROLES2)
+    assert m.stats["listed"] == ["sub-00003", "sub-00009"]  # sub-00003's folder was modified a moment ago
+    assert m.stats["changed"] == ["sub-00009"] and m.stats["rows_rebuilt"] == 1
+    assert [k for k in m.keys if k.startswith(("sub-00001", "sub-00009"))] == ["sub-00009"]
+    assert list(m) == discovery.build_manifest(bids, ROLES2)[0]
+
+
+def test_selection_change_rebuilds_rows_without_listing(tmp_path):
+    bids, man = _cohort(tmp_path)
+    discovery.load_or_build(bids, man, ROLES2)
+    m = discovery.load_or_build(bids, man, ROLES)  # another pipeline set
+    assert m.stats["listed"] == [] and m.stats["rows_rebuilt"] == 5
+    assert list(m) == discovery.build_manifest(bids, ROLES)[0]
+    m = discovery.load_or_build(bids, man, ROLES, participant_label=["00002"])
+    assert {r["participant_id"] for r in m} == {"sub-00002"} and m.stats["listed"] == []
+
+
+def test_sidecars_read_only_for_listed_folders(tmp_path):
+    bids, man = _cohort(tmp_path, n=3)
+    for anat in bids.glob("sub-*/**/anat"):
+        for img in anat.glob("*.nii.gz"):
+            (anat / img.name.replace(".nii.gz", ".json")).write_text('{"BodyPartExamined": "BRAIN", "X": 1}')
+    _aged(bids)
+    keys = ("BodyPartExamined",)
+    start = discovery.SCAN_COUNTS["sidecars_read"]
+    discovery.load_or_build(bids, man, ROLES2, sidecar_keys=keys)
+    n_images = len(list(bids.glob("sub-*/**/*.nii.gz")))
+    assert discovery.SCAN_COUNTS["sidecars_read"] - start == n_images
+    discovery.load_or_build(bids, man, ROLES2, sidecar_keys=keys)
+    assert discovery.SCAN_COUNTS["sidecars_read"] - start == n_images  # cached with the folder
+    (bids / "sub-00002" / "anat" / "sub-00002_T2starw.json").write_text('{"BodyPartExamined": "CSPINE"}')
+    os.utime(bids / "sub-00002" / "anat")  # an editor's rename: the folder changes
+    discovery.load_or_build(bids, man, ROLES2, sidecar_keys=keys)
+    assert discovery.SCAN_COUNTS["sidecars_read"] - start == n_images + 2  # that folder's two images only
+    cache = json.loads(man.with_suffix(".scan.json").read_text())
+    assert cache["subjects"]["sub-00002"]["sidecars"]["anat/sub-00002_T2starw.nii.gz"] == {"BodyPartExamined": "CSPINE"}
+    files = discovery.subject_files(str(bids / "sub-00002"), cache["subjects"]["sub-00002"])
+    assert {f.suffix: f.sidecar for f in files}["T1w"] == {"BodyPartExamined": "BRAIN"}
+
+
+def test_index_agrees_with_tsv(tmp_path):
+    bids, man = _cohort(tmp_path)
+    m = discovery.load_or_build(bids, man, ROLES2)
+    idx = json.loads(man.with_suffix(".idx.json").read_text())
+    rebuilt = discovery.index_from_tsv(man)
+    assert {k: idx[k] for k in rebuilt} == rebuilt
+    rows = discovery.read_manifest(man)
+    grouped = {}
+    for r in rows:
+        grouped.setdefault(discovery.session_key(r["participant_id"], r["session_id"]), []).append(r)
+    assert m.rows(list(grouped)) == grouped and m.keys == list(grouped)
+    assert m.rows(["sub-00002", "nope"]) == {"sub-00002": grouped["sub-00002"], "nope": []}
+    oks = {k: m.ok_pipelines(o) for k, o in zip(m.keys, m.ok)}
+    for k, rs in grouped.items():
+        assert sorted(oks[k]) == sorted({r["pipeline"] for r in rs if r["status"] == "ok"})
+
+
+def test_corrupt_or_stale_index_falls_back_to_the_tsv(tmp_path, caplog):
+    bids, man = _cohort(tmp_path)
+    discovery.load_or_build(bids, man, ROLES2)
+    rows = discovery.read_manifest(man)
+    idx_path = man.with_suffix(".idx.json")
+    idx_path.write_text('{"version": 1, "keys": [')  # corrupt
+    with caplog.at_level("WARNING", logger="cohortseg.plan"):
+        m = discovery.open_manifest(man)
+    assert "manifest index corrupt: rebuilt from manifest.tsv" in caplog.text
+    assert [r for rs in m.rows(m.keys).values() for r in rs] == rows
+    discovery.open_manifest(man, write_index=True)  # the main process writes the rebuilt index back
+    assert json.loads(idx_path.read_text())["keys"] == m.keys
+    # stale: the TSV edited by hand (an error message with a tab and a newline: quoted)
+    rows[1]["error"] = 'edited\tby "hand"\nsecond line'
+    rows[1]["status"] = "missing"
+    discovery.write_manifest(rows, tmp_path / "other.tsv", {})
+    man.write_bytes((tmp_path / "other.tsv").read_bytes())
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cohortseg.plan"):
+        m = discovery.open_manifest(man)
+    assert "manifest index stale (the TSV changed): rebuilt from manifest.tsv" in caplog.text
+    got = m.rows(m.keys)
+    assert [r for rs in got.values() for r in rs] == rows
+    assert discovery.index_from_tsv(man) == json.loads((tmp_path / "other.idx.json").read_text()) | {
+        "tsv": discovery._stamp(man)}
+    # the main process notices the TSV changed and lists everything again (with a note)
+    m = discovery.load_or_build(bids, man, ROLES2)
+    assert m.stats["listed"] == sorted(p.name for p in bids.glob("sub-*"))
+    assert any("discovery cache stale or corrupt" in n for n in m.notes)
+    assert list(m) == discovery.build_manifest(bids, ROLES2)[0]
+
+
+def test_corrupt_scan_cache_lists_again(tmp_path):
+    bids, man = _cohort(tmp_path)
+    discovery.load_or_build(bids, man, ROLES2)
+    man.with_suffix(".scan.json").write_text("not json")
+    m = discovery.load_or_build(bids, man, ROLES2)
+    assert len(m.stats["listed"]) == 5 and any("discovery cache stale or corrupt" in n for n in m.notes)
+    assert list(m) == discovery.build_manifest(bids, ROLES2)[0]
+    assert discovery.load_or_build(bids, man, ROLES2).stats["listed"] == []
+
+@pytest.mark.shared
+def test_body_part_routes_images_and_the_manifest_says_why(tmp_path, shared_dir):
+    """A multi-protocol cohort: brain and cord T1w in one dataset. The sidecar's BodyPartExamined
+    (dcm2niix) or an acq entity naming the body part route each image to the pipelines of its
+    anatomy (default config, through the Snakefile's plan); an image without either goes to both."""
+    import csv
+
+    from helpers import snakemake, write_config
+
+    bids = tmp_path / "bids"
+    files = {"sub-01/anat/sub-01_T1w": "BRAIN", "sub-02/anat/sub-02_acq-cspine_T1w": None,
+             "sub-03/anat/sub-03_T1w": "CSPINE", "sub-04/anat/sub-04_T1w": None}
+    for stem, part in files.items():
+        (bids / stem).parent.mkdir(parents=True, exist_ok=True)
+        (bids / f"{stem}.nii.gz").touch()
+        if part:
+            (bids / f"{stem}.json").write_text(json.dumps({"BodyPartExamined": part, "Modality": "MR"}))
+    cfg = write_config(tmp_path / "cfg.yaml", bids_dir=str(bids), output_dir=str(tmp_path / "out"),
+                       model_dir=str(shared_dir / "models"), pipelines=["sc_csa", "brain_tissue"])
+    snakemake(tmp_path, "-n", "--cores", "1", configfile=cfg)
+    with open(tmp_path / "out" / "manifest.tsv", newline="") as fh:
+        rows = {(r["participant_id"], r["pipeline"]): r for r in csv.DictReader(fh, delimiter="\t")}
+    status = {k: r["status"] for k, r in rows.items()}
+    assert status == {("sub-01", "sc_csa"): "missing", ("sub-01", "brain_tissue"): "ok",
+                      ("sub-02", "sc_csa"): "ok", ("sub-02", "brain_tissue"): "missing",
+                      ("sub-03", "sc_csa"): "ok", ("sub-03", "brain_tissue"): "missing",
+                      ("sub-04", "sc_csa"): "ok", ("sub-04", "brain_tissue"): "ok"}
+    assert rows[("sub-01", "sc_csa")]["body_part"] == "sub-01_T1w.nii.gz: BodyPartExamined BRAIN -> excluded (spine)"
+    assert rows[("sub-01", "brain_tissue")]["body_part"] == "sub-01_T1w.nii.gz: BodyPartExamined BRAIN -> kept (brain)"
+    assert rows[("sub-02", "brain_tissue")]["body_part"] == "sub-02_acq-cspine_T1w.nii.gz: acq-cspine -> excluded (brain)"
+    assert rows[("sub-03", "brain_tissue")]["body_part"] == "sub-03_T1w.nii.gz: BodyPartExamined CSPINE -> excluded (brain)"
+    assert rows[("sub-04", "brain_tissue")]["body_part"] == ""  # nothing said: kept by both
+    # routing off: the filters alone choose
+    cfg = write_config(tmp_path / "cfg2.yaml", bids_dir=str(bids), output_dir=str(tmp_path / "out2"),
+                       model_dir=str(shared_dir / "models"), pipelines=["brain_tissue"], body_part={"route": False})
+    snakemake(tmp_path, "-n", "--cores", "1", configfile=cfg)
+    text = (tmp_path / "out2" / "manifest.tsv").read_text()
+    assert text.count("\tok\t") == 4

@@ -53,10 +53,10 @@ def _stand_in_models():
     return [[mask], [gw], [_linear_net(k, b)]]
 
 
-R_WM, R_GM, R_CSF = 30.0, 40.0, 45.0
+R_WM, R_GM, R_CSF = 45.0, 60.0, 67.5  # a head-sized ball (1.29 L): passes the anatomy checks
 
 
-def _ball_head(path, zoom=1.5, shape=(100, 110, 90)):
+def _ball_head(path, zoom=1.5, shape=(120, 130, 110)):
     aff = np.diag([zoom, zoom, zoom, 1.0])
     centre = np.array([4.0, -6.0, 3.0])
     aff[:3, 3] = -np.array(shape) * zoom / 2 + centre
@@ -98,7 +98,7 @@ def glue(tmp_path_factory, cards):
 # ----------------------------------------------------------------------------------------------
 def test_prepare_conforms_and_stores_a_compact_uint8_box(glue):
     prep = glue["prep"]
-    assert prep.x.dtype == np.uint8 and prep.x.ndim == 5 and prep.x.nbytes < 2_000_000
+    assert prep.x.dtype == np.uint8 and prep.x.ndim == 5 and prep.x.nbytes < 3_000_000  # the head's box
     info = prep.meta["conform"]
     assert info["conformed_shape"] == [256] * 3 and info["native_orientation"] == "RAS"
     assert "".join(nib.aff2axcodes(np.asarray(info["conformed_affine"]))) == "LIA"
@@ -113,8 +113,8 @@ def test_predict_returns_compact_arrays(glue):
     for k in ("prob_gm", "prob_wm"):
         assert a[k].dtype == np.float16 and float(a[k].max()) <= 1.0
     lo, hi = a["box"][:3], a["box"][3:]
-    assert tuple(hi - lo) == a["brain_mask"].shape and a["brain_mask"].shape[0] < 120  # the brain box, not 256^3
-    assert sum(v.nbytes for v in a.values()) < 10_000_000
+    assert tuple(hi - lo) == a["brain_mask"].shape and a["brain_mask"].shape[0] < 150  # the brain box, not 256^3
+    assert sum(v.nbytes for v in a.values()) < 7.1 * a["brain_mask"].size  # 3 uint8 + 2 float16 maps of the box
     assert json.loads(str(a["info"]))["models"]["aseg"] == "brainchop_subcortical"
 
 
@@ -126,7 +126,11 @@ def test_volumes_are_the_balls(glue):
     assert m["csf_ml"] == pytest.approx(m["brain_mask_ml"] - m["brain_ml"], abs=0.01)
     assert m["ventricles_ml"] == pytest.approx(m["aseg_lateral_ventricle_ml"]) == pytest.approx(m["brain_mask_ml"], rel=0.01)
     assert len([k for k in m if k.startswith("aseg_")]) == 17 and "etiv_ml" not in m
-    assert glue["out"].flags == ["brain_mask_volume_low"]  # 0.38 L is no adult brain
+    assert glue["out"].flags == []
+    # the anatomy checks, before the nets (field of view, head) and after the brain mask
+    head = glue["prep"].meta["checks"]["head"]
+    assert head["fov_mm"] == [180.0, 195.0, 165.0] and min(head["head_mm"][:2]) >= 120
+    assert glue["out"].checks["brain_mask"] == {"volume_ml": pytest.approx(_ball(R_CSF), rel=0.02), "sides_touched": ""}
 
 
 def test_outputs_on_the_native_grid(glue):
@@ -187,7 +191,7 @@ def test_intracranial_mask_gives_etiv_and_the_fast_crop(shared_dir, tmp_path):
     models = _stand_in_models() + load_models(cards[3:], ModelStore(shared_dir / "models"))
     p = get_pipeline("brain_tissue")
     item = Item("sub-01", "", "brain_tissue", "sub-01_T1w", {"image": str(shared_dir / "data/brain/t1_crop.nii.gz")})
-    cfg = {"wm_target": None, "etiv": False}
+    cfg = {"wm_target": None, "etiv": False, "anatomy": {"refuse": False}}  # the stand-in mask keeps the scalp
     prep = p.prepare(item, cards, cfg, Context())
     assert prep.arrays["head_box"].shape == (64, 64, 64)
     fast = p.predict(models, prep, cards, cfg, 1)
@@ -207,6 +211,26 @@ def test_intracranial_mask_gives_etiv_and_the_fast_crop(shared_dir, tmp_path):
     assert not (icv & ~inside).any()  # t1_crop is its own conformed grid
     side = json.loads(open(out.files["desc-tissue_volumes.json"]).read())
     assert side["etiv_icv"]["method"].startswith("deep-T1-WMH head net")
+
+
+def test_implausible_brain_mask_is_refused_after_the_nets(glue, cards, tmp_path):
+    """The check after the brain mask, in finalize: an intracranial volume outside anatomy.icv_range_ml
+    (here set above the 1.29 L head) refuses the image, naming the file and the criterion, with the
+    outputs kept for QC; with refuse: false it is a QC flag."""
+    from cohortseg.errors import AnatomyError
+
+    p, item = get_pipeline("brain_tissue"), glue["item"]
+    cfg = {"wm_target": None, "etiv": False, "anatomy": {"icv_range_ml": [1500, 2500]}}
+    out = OutputWriter(tmp_path / "out", item)
+    with pytest.raises(AnatomyError) as e:
+        p.finalize(item, glue["prep"], Predicted(glue["arrays"]), cards, cfg, Context(), out)
+    assert e.value.reason == ("not a brain image: brain mask 1289 mL outside the plausible intracranial 1500-2500 mL "
+                              "(anatomy.icv_range_ml)") and e.value.path.endswith("sub-01_T1w.nii.gz")
+    assert {"desc-brain_mask.nii.gz", "dseg.nii.gz", "desc-tissue_qc.png"} <= set(out.files)
+    cfg["anatomy"] = {"icv_range_ml": [1500, 2500], "refuse": False, "max_sides_touched": 0}
+    out = OutputWriter(tmp_path / "out2", item)
+    p.finalize(item, glue["prep"], Predicted(glue["arrays"]), cards, cfg, Context(), out)
+    assert "anatomy_icv" in out.flags and "anatomy_fov_sides" not in out.flags  # the ball touches no side
 
 
 def test_crop_to_native_matches_whole_grid_resampling():

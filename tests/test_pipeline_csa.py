@@ -2,7 +2,8 @@
 
 Cohort: sub-01 has the shared T1w and T2w of one session plus the vertebral labels drawn on the T2w
 (`t2/labels.nii.gz`: C3 and C5 body centres) as `sub-01_labels.nii.gz`, carried to the T1w through
-scanner coordinates; sub-02 has only the T2*w and no labels (VertLevel n/a, whole-cord row).
+scanner coordinates; sub-02 has only the T2*w and no labels (VertLevel n/a, whole-cord row); sub-03
+a brain T1w (refused: no cord).
 One module-scoped run (~1 min on 2 cores) is checked from several angles; the pure helpers
 (levels carried across grids, session_metrics) are tested without TensorFlow.
 """
@@ -26,7 +27,9 @@ IDS = ["participant_id", "session_id", "contrast"]
 
 # ------------------------------------------------------------------------------ pure helpers
 def _item(status, **metrics):
-    return {"status": status, "metrics": metrics}
+    from cohortseg.workflow.records import ItemRecord
+
+    return ItemRecord(status, metrics=metrics)
 
 
 def test_session_metrics_sd_and_cv_across_contrasts():
@@ -35,7 +38,7 @@ def test_session_metrics_sd_and_cv_across_contrasts():
     p = get_pipeline("sc_csa")
     items = {"sub-01_T1w": _item("ok", csa_mean_mm2=60.0, csa_C3_mm2=60.0, csa_C4_mm2=66.0, n_slices=70),
              "sub-01_T2w": _item("ok", csa_mean_mm2=70.0, csa_C3_mm2=70.0, csa_C5_mm2=75.0),
-             "sub-01_T2starw": {"status": "failed", "error": "x"}}
+             "sub-01_T2starw": _item("failed")}
     m = p.session_metrics(items)
     assert m["n_contrasts"] == 2
     assert m["csa_C3_sd_mm2"] == pytest.approx(np.std([60, 70], ddof=1), abs=1e-3)
@@ -43,7 +46,7 @@ def test_session_metrics_sd_and_cv_across_contrasts():
     assert "csa_mean_sd_mm2" in m and "csa_mean_cv_pct" in m
     assert "csa_C4_sd_mm2" not in m and "csa_C5_sd_mm2" not in m  # one contrast only
     assert p.session_metrics({"sub-02_T2w": _item("ok", csa_mean_mm2=70.0)}) == {"n_contrasts": 1}
-    assert p.session_metrics({"-": {"status": "failed"}}) == {"n_contrasts": 0}
+    assert p.session_metrics({"-": _item("failed")}) == {"n_contrasts": 0}
 
 
 @pytest.mark.shared
@@ -81,6 +84,8 @@ def run(tmp_path_factory, shared_dir):
     shutil.copy(spine / "t2/t2.nii.gz", bids / "sub-01/anat/sub-01_T2w.nii.gz")
     shutil.copy(spine / "t2/labels.nii.gz", bids / "sub-01/anat/sub-01_labels.nii.gz")
     shutil.copy(spine / "t2s/t2s.nii.gz", bids / "sub-02/anat/sub-02_T2starw.nii.gz")
+    (bids / "sub-03/anat").mkdir(parents=True)  # a brain T1w: the default filters take every T1w
+    shutil.copy(shared_dir / "data/brain/deep-T1-WMH/t1_image.nii.gz", bids / "sub-03/anat/sub-03_T1w.nii.gz")
     out = tmp / "out"
     cfg = write_config(tmp / "cfg.yaml", bids_dir=str(bids), output_dir=str(out),
                        model_dir=str(shared_dir / "models"), pipelines=["sc_csa"])
@@ -208,6 +213,26 @@ def test_summary_csa_columns_and_cross_contrast_variability(run):
     prov = json.loads((run["out"] / "group/summary.json").read_text())
     assert prov["models"]["sc_csa"]["source"].endswith("config/models/sc_csa/card.yaml")
     assert prov["thresholds"]["sc_csa"]["threshold"] == 0.5
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_a_brain_t1w_is_refused_not_measured(run):
+    """A brain T1w in a multi-protocol cohort reaches sc_csa: refused, with the reason, outputs
+    (mask, QC figure) kept, no CSA in the tables."""
+    df = pd.read_csv(run["out"] / "group/summary.csv", keep_default_na=False).set_index("participant_id")
+    r = df.loc["sub-03"]
+    assert r["status"] == "refused" and r["sc_csa_status"] == "refused" and r["sc_csa_n_contrasts"] == 0
+    assert r["error"].startswith("sc_csa/sub-03_T1w: finalize: no spinal cord in the field of view: ")
+    assert "anatomy.min_continuity" in r["error"] and "sub-03_T1w.nii.gz" in r["error"]
+    assert r["sc_csa_T1w_csa_mean_mm2"] == ""
+    assert (run["out"] / "sc_csa/sub-03/figures/sub-03_T1w_desc-SC_qc.png").is_file()
+    assert "sub-03" not in set(pd.read_csv(run["out"] / "group/csa_perlevel.csv").participant_id)
+    rec = json.loads((run["out"] / "work/records/sub-03.json").read_text())["pipelines"]["sc_csa"]["sub-03_T1w"]
+    assert rec["status"] == "refused" and rec["checks"]["cord"]["continuity"] < 0.5
+    assert "label-SC_mask.nii.gz" in rec["files"]
+    prov = json.loads((run["out"] / "group/summary.json").read_text())
+    assert prov["anatomy"]["sc_csa"]["min_continuity"] == 0.8 and prov["body_part"]["route"] is True
 
 
 @pytest.mark.shared

@@ -120,9 +120,9 @@ def _plant(vol, ball):
     vol[ball] = -float(vol[shell].mean())
 
 
-def make_cohort(root, t1_base, with_sub02=False):
-    """BIDS dataset: sub-01 SWI (5 CMBs) + T1w and FLAIR (2 WMHs); optionally sub-02 with a SWI only
-    and sub-03 with sub-01's T1w only (no FLAIR)."""
+def make_cohort(root, t1_base, with_sub02=False, spine_t1=None):
+    """BIDS dataset: sub-01 SWI (5 CMBs) + T1w and FLAIR (2 WMHs); optionally sub-02 with a SWI only,
+    sub-03 with sub-01's T1w only (no FLAIR) and sub-04 with the cervical-cord T1w `spine_t1`."""
     t1, aff = t1_base
     bids = root / "bids"
     anat = bids / "sub-01" / "anat"
@@ -165,6 +165,9 @@ def make_cohort(root, t1_base, with_sub02=False):
         a3 = bids / "sub-03" / "anat"  # a T1w without FLAIR: the T1-only WMH card takes it
         a3.mkdir(parents=True)
         shutil.copy(anat / "sub-01_T1w.nii.gz", a3 / "sub-03_T1w.nii.gz")
+        a4 = bids / "sub-04" / "anat"  # a multi-protocol study: this participant had a cord scan
+        a4.mkdir(parents=True)
+        shutil.copy(spine_t1, a4 / "sub-04_T1w.nii.gz")
     return bids, truth
 
 
@@ -178,9 +181,9 @@ def bundles(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, t1_base, bundles):
+def run(tmp_path_factory, t1_base, bundles, shared_dir):
     tmp = tmp_path_factory.mktemp("lesion_e2e")
-    bids, truth = make_cohort(tmp, t1_base, with_sub02=True)
+    bids, truth = make_cohort(tmp, t1_base, with_sub02=True, spine_t1=shared_dir / "data/spine/t1/t1w.nii.gz")
     root, cmb_desc, wmh_desc, t1_desc = bundles
     out = tmp / "out"
     cfg = write_config(tmp / "cfg.yaml", bids_dir=str(bids), output_dir=str(out), model_dir=str(root),
@@ -308,12 +311,17 @@ def test_summary_tables_and_provenance(run):
     assert float(row.wmh_volume_mm3) == pytest.approx(truth_wmh, rel=0.3)
     assert 900 < float(row.wmh_etiv_ml) < 2000 and float(row.cmb_etiv_ml) == float(row.wmh_etiv_ml)
     assert 900 < float(row.wmh_brain_mask_ml) < 2000
-    # sub-02: SWI only -> CMBs found with an SWI -> MNI registration; wmh has no T1 -> failed, explained
+    # sub-02: SWI only -> CMBs found with an SWI -> MNI registration; no T1 for wmh: no input, no error
     r2 = df.set_index("participant_id").loc["sub-02"]
-    assert r2.cmb_status == "ok" and float(r2.cmb_count) == 5 and r2.wmh_status == "failed"
-    assert "no image for role 'image'" in r2.error and r2.cmb_etiv_ml == ""
+    assert r2.cmb_status == "ok" and float(r2.cmb_count) == 5 and r2.wmh_status == "no_input"
+    assert r2.status == "ok" and r2.error == "" and r2.cmb_etiv_ml == ""
     r3 = df.set_index("participant_id").loc["sub-03"]  # T1w only: wmh through the T1-only card, no cmb
-    assert r3.wmh_status == "ok" and float(r3.wmh_count) == 2 and r3.cmb_status == "failed"
+    assert r3.wmh_status == "ok" and float(r3.wmh_count) == 2 and r3.cmb_status == "no_input" and r3.status == "ok"
+    # sub-04: a cervical-cord T1w -> wmh refused in prepare (no net ran), the criterion named
+    r4 = df.set_index("participant_id").loc["sub-04"]
+    assert (r4.status, r4.wmh_status, r4.cmb_status) == ("refused", "refused", "no_input")
+    assert r4.error.startswith("wmh/sub-04_T1w: prepare: not a brain image: field of view 42 x 76 x 77 mm")
+    assert "anatomy.min_fov_mm" in r4.error and "sub-04_T1w.nii.gz" in r4.error
     census = pd.read_csv(out / "group" / "cmb_census.csv")
     assert list(census.columns[:4]) == ["participant_id", "session_id", "contrast", "lesion_id"]
     assert (census.participant_id == "sub-01").sum() == 5 and (census.participant_id == "sub-02").sum() == 5
@@ -534,23 +542,22 @@ def test_two_prepare_runs_of_a_session_give_identical_transforms_and_tables(tmp_
     """Reproducibility for a given input and antspyx version: prepare the same CMB session (rigid
     SWI -> T1 and affine T1 -> MNI) twice from scratch, then predict and finalize each with the
     numpy stand-in folds: transforms bit-identical, census and region tables byte-identical."""
-    from cohortseg.pipelines import lesion
 
     bids, _ = make_cohort(tmp_path, t1_base)
     anat = bids / "sub-01" / "anat"
     item = Item("sub-01", "", "cmb", "sub-01_swi", {"image": str(anat / "sub-01_swi.nii.gz"),
                                                      "t1": str(anat / "sub-01_T1w.nii.gz")})
     card = _card("s", ["swi"])
-    cfg = {"interpolation": "linear", "_global": {"allow_4d": False, "max_voxels": 10**9, "output_dir": str(tmp_path)}}
+    cfg = {"interpolation": "linear"}
     pipe = get_pipeline("cmb")
     runs = []
     for k in range(2):
-        lesion._T1_CACHE.clear()  # the T1's MNI registration is recomputed too
-        prep = pipe.prepare(item, [card], cfg)
+        ctx = Context(output_dir=str(tmp_path), max_voxels=10**9)  # a new session memo: the T1's MNI
+        prep = pipe.prepare(item, [card], cfg, ctx)  # registration is recomputed too
         prob = pipe.predict([[_NumpyFold(0), _NumpyFold(1)]], prep, [card], {}, 1)
         out = OutputWriter(tmp_path / f"out{k}", item)
         metrics = pipe.finalize(item, prep, prob, [card], {"threshold": 0.5, "min_cluster_voxels": 1,
-                                                           "max_outside_fraction": 0.25, "_global": {}}, out)
+                                                           "max_outside_fraction": 0.25}, ctx, out)
         runs.append((prep.meta, metrics, out.files))
     (m0, met0, f0), (m1, met1, f1) = runs
     assert m0["mni"]["matrix"] is not None and m0["registration"]["swi_to_t1"]

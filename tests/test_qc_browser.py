@@ -198,3 +198,27 @@ def test_ratings_are_keyed_by_page(browser, qc_dir, tmp_path):
     assert page.evaluate("window.cohortsegQC.storageKey") != key_other
     assert page.locator("#list .row.r-pass").count() == 0
     ctx.close()
+
+
+def test_status_filter_documents_the_vocabulary(browser, tmp_path):
+    """The cohort page (workflow.report) lists the status vocabulary with its meaning in the status
+    filter; choosing no_input shows the participants never scanned for a pipeline, not the failures."""
+    from cohortseg.qc.page import write_qc_page
+    from cohortseg.workflow.records import STATUS_HELP
+
+    rows = [{"participant_id": f"sub-{i}", "session_id": "", "pipeline": "sc_gm", "status": st, "error": err}
+            for i, (st, err) in enumerate([("ok", ""), ("failed", "image is all zeros"),
+                                           ("refused", "no spinal cord in the field of view: ..."), ("no_input", "")])]
+    write_qc_page(rows, tmp_path / "qc", statuses=STATUS_HELP)
+    page = browser.new_page()
+    page.goto((tmp_path / "qc" / "index.html").as_uri())
+    page.wait_for_selector("body[data-ready='1']", timeout=15_000)
+    options = page.locator("#f-status option").all_inner_texts()
+    assert options[0] == "any status" and [o.split(":")[0] for o in options[1:]] == list(STATUS_HELP)
+    assert "no_input: nothing matching was acquired: not an error" in options
+    page.select_option("#f-status", "no_input")
+    assert page.locator("#list .row .pid").all_inner_texts() == ["sub-3"]
+    assert page.locator("#list .row .st").first.get_attribute("class") == "st none"
+    page.select_option("#f-status", "refused")
+    assert page.locator("#list .row .pid").all_inner_texts() == ["sub-2"]
+    page.close()

@@ -128,3 +128,74 @@ def test_registry_schema_and_plugins_agree():
     assert sections == set(REGISTRY)
     for name in REGISTRY:
         assert get_pipeline(name).name == name
+
+@pytest.mark.parametrize("n, size", [(0, 20), (1, 20), (10_000, 20), (10_001, 40), (13_334, 40), (20_000, 40),
+                                     (20_001, 80), (80_000, 160), (133_334, 320), (160_001, 640)])
+def test_auto_shard_size(n, size):
+    from cohortseg.workflow.plan import auto_shard_size
+
+    assert auto_shard_size(n) == size
+    assert -(-n // size) <= 500 and (size == 20 or -(-n // (size // 2)) > 500)
+
+
+def test_auto_shard_size_doubling_merges_neighbour_shards():
+    """When a growing cohort crosses a threshold the new shard k is exactly the old shards 2k, 2k+1."""
+    from cohortseg.workflow.plan import auto_shard_size
+
+    keys = [f"sub-{i:06d}" for i in range(10_001)]
+    old, new = auto_shard_size(10_000), auto_shard_size(10_001)
+    assert (old, new) == (20, 40)
+    old_shards = [keys[i:i + old] for i in range(0, 10_000, old)]
+    new_shards = [keys[i:i + new] for i in range(0, len(keys), new)]
+    for k, shard in enumerate(new_shards[:-1]):
+        assert shard == old_shards[2 * k] + old_shards[2 * k + 1]
+
+
+def _plan(tmp_path, shared_dir, n, **inference):
+    from cohortseg.workflow.plan import Plan
+
+    bids = make_fake_bids(tmp_path / "bids", n, contrasts=("T2starw",), session_every=3)
+    return Plan.from_config({"bids_dir": str(bids), "output_dir": str(tmp_path / "out"), "pipelines": ["sc_gm"],
+                             "model_dir": str(shared_dir / "models"), "inference": inference}), bids
+
+
+def test_auto_shard_size_in_plan_and_its_log(tmp_path, shared_dir):
+    plan, _ = _plan(tmp_path, shared_dir, 34, max_shards=1)  # 34 participants -> 46 sessions
+    assert len(plan.sessions) == 46 and plan.shard_size == 80 and len(plan.shards) == 1
+    msg = [m for m in plan.messages if "shard_size unset" in m]
+    assert msg == ["inference.shard_size unset: automatic shard size 80 (46 sessions -> 1 shards; 20 sessions per "
+                   "shard, doubled while there would be more than inference.max_shards = 1 shards)"]
+    explicit, _ = _plan(tmp_path / "x", shared_dir, 34, shard_size=7, max_shards=1)  # explicit: as given
+    assert explicit.shard_size == 7 and len(explicit.shards) == 7
+    assert not [m for m in explicit.messages if "shard_size" in m]
+
+
+def test_dryrun_says_which_shard_size_it_chose(tmp_path, shared_dir):
+    bids = make_fake_bids(tmp_path / "bids", 7, contrasts=("T2starw",), session_every=3)
+    cfg = write_config(tmp_path / "cfg.yaml", bids_dir=str(bids), output_dir=str(tmp_path / "out"),
+                       model_dir=str(shared_dir / "models"), pipelines=["sc_gm"])
+    res = snakemake(tmp_path, "-n", "--cores", "1", configfile=cfg)
+    assert "cohortseg: inference.shard_size unset: automatic shard size 20 (10 sessions -> 1 shards" in res.stdout + res.stderr
+    assert job_counts(res.stdout)["prepare"] == 1
+
+
+def test_shard_input_lists_rewritten_only_when_their_files_change(tmp_path, shared_dir):
+    import os
+    import time
+
+    from cohortseg.workflow.plan import Plan
+
+    plan, bids = _plan(tmp_path, shared_dir, 7, shard_size=3)  # 10 sessions -> 4 shards
+    lists = [plan.shard_inputs_record(i) for i in range(4)]
+    text = open(lists[1]).read().splitlines()
+    assert text[0] == "session\tpath\tsize\tmtime_ns" and len(text) == 1 + 3
+    assert text[1].startswith(f"{plan.shards[1][0]}\t{bids}/")
+    mtimes = [os.stat(p).st_mtime_ns for p in lists]
+    time.sleep(0.01)
+    again = Plan.from_config(plan.config)
+    assert again.write_shard_inputs() == 0 and [os.stat(p).st_mtime_ns for p in lists] == mtimes
+    # an input rewritten in place (same name: discovery does not see it) -> only its shard's list
+    img = text[2].split("\t")[1]
+    os.utime(img, ns=(time.time_ns(), time.time_ns() - 10**9))
+    assert again.write_shard_inputs() == 1
+    assert [os.stat(p).st_mtime_ns == m for p, m in zip(lists, mtimes)] == [True, False, True, True]

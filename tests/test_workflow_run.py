@@ -18,6 +18,7 @@ from badinputs import make_bad
 from cohortseg.demo import build_demo
 from cohortseg.science.metrics import dice
 from helpers import snakemake, write_config
+from test_anatomy import _brain_gre_slab
 
 pytestmark = [pytest.mark.shared, pytest.mark.slow]
 
@@ -37,6 +38,8 @@ def run(tmp_path_factory, shared_dir):
     make_bad("fov_misses_anatomy", t2s, bids / "sub-07/anat/sub-07_T2starw.nii.gz")
     (bids / "sub-05/anat").mkdir(parents=True)
     shutil.copy(shared_dir / "data/spine/t1/t1w.nii.gz", bids / "sub-05/anat/sub-05_T1w.nii.gz")
+    (bids / "sub-08/anat").mkdir(parents=True)  # a brain cohort's T2*w GRE: a brain, not a cord
+    nib.save(nib.Nifti1Image(*_brain_gre_slab(shared_dir)), str(bids / "sub-08/anat/sub-08_T2starw.nii.gz"))
     for p in bids.rglob("*"):
         if p.is_file():
             p.chmod(0o444)
@@ -84,15 +87,20 @@ def test_summary_one_row_per_session_with_failures_explained(run):
     df = pd.read_csv(run["out"] / "group/summary.csv", dtype=str, keep_default_na=False)
     keys = list(zip(df.participant_id, df.session_id))
     assert keys == [("sub-01", ""), ("sub-02", ""), ("sub-03", "ses-01"), ("sub-04", ""), ("sub-05", ""), ("sub-06", ""),
-                    ("sub-07", "")]
+                    ("sub-07", ""), ("sub-08", "")]
     st = dict(zip(df.participant_id, df.status))
-    assert st == {"sub-01": "ok", "sub-02": "ok", "sub-03": "ok", "sub-04": "failed", "sub-05": "failed", "sub-06": "failed",
-                  "sub-07": "failed"}
+    assert st == {"sub-01": "ok", "sub-02": "ok", "sub-03": "ok", "sub-04": "failed", "sub-05": "no_input",
+                  "sub-06": "failed", "sub-07": "refused", "sub-08": "refused"}
+    assert dict(zip(df.participant_id, df.sc_gm_status)) == st
     err = dict(zip(df.participant_id, df.error))
     assert "corrupt or truncated" in err["sub-04"] and "sub-04_T2starw.nii.gz" in err["sub-04"]
-    assert "no image for role 'image'" in err["sub-05"]
+    assert err["sub-05"] == ""  # a cord T1w only: no T2*w was acquired, which is no error
     assert "all zeros" in err["sub-06"]
-    assert "no gray matter found" in err["sub-07"]  # field of view misses the cord
+    # the field of view misses the cord; a brain T1 stored as T2starw: refused, the criterion named
+    assert "no spinal cord in the field of view: no gray matter segmented on any of the" in err["sub-07"]
+    assert err["sub-08"].startswith("sc_gm/sub-08_T2starw: finalize: no spinal cord in the field of view: ")
+    assert "anatomy.min_extent_fraction" in err["sub-08"] and "sub-08_T2starw.nii.gz" in err["sub-08"]
+    assert (run["out"] / "sc_gm/sub-08/figures/sub-08_T2starw_desc-GM_qc.png").is_file()
     assert (run["out"] / "sc_gm/sub-07/figures/sub-07_T2starw_desc-GM_qc.png").is_file()  # kept for QC
     vol = df.set_index("participant_id")["sc_gm_gm_volume_mm3"]
     assert 500 < float(vol["sub-01"]) < 2000 and vol["sub-04"] == ""

@@ -143,6 +143,7 @@ class OutputWriter:
         self.figures = Path(output_dir) / item.pipeline / item.participant_id / "figures"
         self.files: dict[str, str] = {}
         self.flags: list[str] = []  # sanity flags for QC (empty, edge, volume_low, ...)
+        self.checks: dict = {}  # anatomy criteria measured on the outputs (cohortseg.science.anatomy)
 
     def path(self, suffix: str, figure: bool = False) -> Path:
         folder = self.figures if figure else self.anat
@@ -187,6 +188,9 @@ class Pipeline:
     group_tables: dict[str, str] = {}
     #: BIDS-derivatives description of the pipeline's dataset
     description: str = ""
+    #: the anatomy the pipeline measures ('brain', 'spine'): discovery routes images by the body part
+    #: BIDS gives (config `body_part`); '' takes any image
+    anatomy: str = ""
 
     def prepare(self, item: Item, cards: list, cfg: dict, ctx: Context) -> Prepared:
         raise NotImplementedError
@@ -209,6 +213,6 @@ class Pipeline:
 
     def session_metrics(self, items: dict) -> dict:
         """Metrics across a session's items (e.g. CSA variability across contrasts), from the
-        finalized item records {item name: {"status", "metrics", "files", ...}}. Columns become
+        finalized item records {item name: :class:`cohortseg.workflow.records.ItemRecord`}. Columns become
         `<pipeline>_<key>` in summary.csv. Default: none."""
         return {}

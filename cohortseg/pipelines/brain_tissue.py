@@ -50,9 +50,10 @@ import time
 
 import numpy as np
 
-from cohortseg.errors import InputError, ModelError
+from cohortseg.errors import AnatomyError, InputError, ModelError
 from cohortseg.pipelines.base import Context, Item, OutputWriter, Pipeline, Predicted, Prepared, Role
 from cohortseg.science.metrics import bounding_box
+from cohortseg.science.anatomy import NOT_BRAIN, check_brain_mask, check_head, limits
 
 log = logging.getLogger("cohortseg")
 
@@ -178,6 +179,7 @@ def crop_to_native(crop: np.ndarray, lo, conformed_affine, native, kind: str = "
 # ----------------------------------------------------------------------------------------------
 class BrainTissue(Pipeline):
     name = "brain_tissue"
+    anatomy = "brain"
     description = ("Brain mask, GM/WM/CSF and 18 subcortical labels of a T1w with brainchop MeshNets "
                    "(mindgrab, model5_gw_ae, model30chan18cls) on a FreeSurfer-conformed grid; volumes and eTIV")
     roles = {"image": Role(filters={"suffix": "T1w"}, description="T1-weighted head (any grid; conformed to 256^3 1 mm)")}
@@ -205,6 +207,9 @@ class BrainTissue(Pipeline):
         path = item.inputs["image"]
         img, warnings = ctx.load_image(path)
         data = np.asarray(img.dataobj)
+        checks: dict = {}
+        # a cord scan is refused here in a second, before minutes of MeshNets
+        check_head(data, img.affine, limits(self.name, cfg), path, warnings, checks)
         stored = nib.load(str(path)).get_data_dtype()
         if stored == np.uint8 and data.min() >= 0 and data.max() <= 255 and np.array_equal(data, np.rint(data)):
             # FreeSurfer keeps the values of uint8 images (e.g. an already conformed T1): so do we
@@ -221,7 +226,7 @@ class BrainTissue(Pipeline):
             raise InputError("image is empty after conforming to the 1 mm grid", path)
         lo, hi = bounding_box(fg)
         x = np.ascontiguousarray(vol[_slices(lo, hi)])[None, ..., None]
-        meta = {"conform": info, "grid": grid, "x_box": [lo, hi], "warnings": warnings}
+        meta = {"conform": info, "grid": grid, "x_box": [lo, hi], "warnings": warnings, "checks": checks}
         arrays = {}
         if ICV_ROLE in card_roles(cards):  # the head net's input, from the native T1 as upstream makes it
             from cohortseg.science.deepwmh import head_box, zscore
@@ -271,7 +276,7 @@ class BrainTissue(Pipeline):
         del p
         mask = brain.largest_component(mask)
         if not mask.any():
-            raise InputError("brain mask is empty (is this a T1w of a head?)")
+            raise AnatomyError(f"{NOT_BRAIN}: the brain mask is empty")
         info["boxes"]["brain_mask"] = _box_list(box)
         info["seconds"]["brain_mask"], t0 = round(time.perf_counter() - t0, 2), time.perf_counter()
         lo, hi = bounding_box(mask)
@@ -423,6 +428,8 @@ class BrainTissue(Pipeline):
         # -- QC
         self._qc(item, data, naff, mask_n, tissue_n, aseg_n, out)
         out.flags += self._flags(mask_n, naff, vols, cfg, etiv)
+        # a plausible intracranial volume, not touching the field of view on most sides, or refused
+        check_brain_mask(mask_n, naff, limits(self.name, cfg), item.inputs["image"], out.flags, out.checks)
         return metrics
 
     # -- helpers ---------------------------------------------------------------------------------

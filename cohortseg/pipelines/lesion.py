@@ -82,9 +82,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cohortseg.errors import InputError, ModelError
+from cohortseg.errors import AnatomyError, InputError, ModelError
 from cohortseg.pipelines.base import Context, Item, OutputWriter, Pipeline, Predicted, Prepared, Role
 from cohortseg.science.metrics import bounding_box
+from cohortseg.science.anatomy import NOT_BRAIN, limits
 
 
 CONFORM_SHAPE = 256
@@ -288,14 +289,23 @@ def split_cards(cards: list) -> tuple[int | None, list[int]]:
 # ----------------------------------------------------------------------------------------------
 # registration (memoised in the session's Context: cmb and wmh of one session share the T1's work)
 # ----------------------------------------------------------------------------------------------
-def _conformed_with_mask(path, ctx: Context, order: int):
-    """(native image, warnings, conformed image, fallback mask on the conformed grid)."""
+def _conformed_with_mask(path, ctx: Context, order: int, anatomy: dict):
+    """(native image, warnings, conformed image, fallback mask on the conformed grid). Every image of
+    cmb and wmh passes here, so this is where they check it is a head (`anatomy`: the limits of
+    :mod:`cohortseg.science.anatomy`): before anything else from the image, then the fallback mask's
+    volume against the lower end of ``icv_range_ml`` only (the crude mask can leak into the scalp:
+    3.0 L on the deep-T1-WMH brain; and its sides are not checked: it lives on the conformed grid)."""
+    from cohortseg.science.anatomy import check_brain_mask, check_head
+
     img, warnings = ctx.load_image(path)
+    check_head(np.asarray(img.dataobj), img.affine, anatomy, path, warnings, {})
     conf = conform_ras(img, order=order)
     try:
         mask = fallback_brain_mask(np.asarray(conf.dataobj), conf.affine)
     except InputError as e:
         raise InputError(e.reason, path) from None
+    check_brain_mask(mask, conf.affine, {**anatomy, "icv_range_ml": [anatomy["icv_range_ml"][0], float("inf")],
+                                         "max_sides_touched": 6}, path, warnings, {})
     return img, warnings, conf, mask
 
 
@@ -318,12 +328,12 @@ def _mni(conf, mask, source: str) -> dict:
     return out
 
 
-def _t1_entry(path, ctx: Context, order: int, antspyx_mni: bool = True) -> dict:
+def _t1_entry(path, ctx: Context, order: int, anatomy: dict, antspyx_mni: bool = True) -> dict:
     """The session T1, conformed, its fallback mask and (unless the deep-T1-WMH nets give it in
     ``predict``) its antspyx affine to MNI152; memoised in the session's Context."""
-    key = ("lesion_t1", str(path), order, antspyx_mni)
+    key = ("lesion_t1", str(path), order, repr(sorted(anatomy.items())), antspyx_mni)
     if key not in ctx.session:
-        img, warnings, conf, mask = _conformed_with_mask(path, ctx, order)
+        img, warnings, conf, mask = _conformed_with_mask(path, ctx, order, anatomy)
         mni = _mni(conf, mask, "T1w") if antspyx_mni else {"matrix": None, "det": None, "from": "T1w", "error": "",
                                                            "tool": DEEP_MNI_TOOL}
         ctx.session[key] = {"img": img, "warnings": warnings, "conf": conf, "mask": mask, "mni": mni}
@@ -362,6 +372,7 @@ def _etiv_ml(mni: dict) -> float | None:
 # ----------------------------------------------------------------------------------------------
 class _Lesion(Pipeline):
     target = ""  # CMB / WMH
+    anatomy = "brain"
     #: SHIVA modality -> input role
     modality_roles: dict = {}
     region_names: tuple = ()
@@ -447,7 +458,7 @@ class _Lesion(Pipeline):
             mask = unpack_mask(prepared.arrays["brain_mask"], vol.shape[:3])
             source = "fallback"
         if not mask.any():
-            raise InputError("brain mask is empty")
+            raise AnatomyError(f"{NOT_BRAIN}: the brain mask is empty")
         box = shiva.crop_box(mask)
         mcrop = shiva.crop(mask, box)
         acc, n = None, 0
@@ -721,10 +732,11 @@ class Cmb(_Lesion):
 
         order = _INTERP_ORDER[cfg.get("interpolation", "cubic")]
         channels = self._channels(cards)
-        swi, warnings, conf, mask = _conformed_with_mask(item.inputs["image"], ctx, order)
+        anatomy = limits(self.name, cfg)
+        swi, warnings, conf, mask = _conformed_with_mask(item.inputs["image"], ctx, order, anatomy)
         meta: dict = {"warnings": list(warnings), "registration": {}}
         if item.inputs.get("t1"):
-            t1 = _t1_entry(item.inputs["t1"], ctx, order, antspyx_mni=not deep_mni(cards))
+            t1 = _t1_entry(item.inputs["t1"], ctx, order, anatomy, antspyx_mni=not deep_mni(cards))
             meta["warnings"] += [f"T1w: {w}" for w in t1["warnings"]]
             rig = registration.rigid(conf, t1["conf"])
             mni = dict(t1["mni"])
@@ -824,7 +836,7 @@ class Wmh(_Lesion):
                              f"filters {(cfg.get('filters') or {}).get('flair', self.roles['flair'].filters)}); add "
                              "the FLAIR, or list a T1-only WMH model card beside it in wmh.models")
         channels = self._channels(cards, only=chosen)
-        t1 = _t1_entry(item.inputs["image"], ctx, order, antspyx_mni=not deep_mni(cards))
+        t1 = _t1_entry(item.inputs["image"], ctx, order, limits(self.name, cfg), antspyx_mni=not deep_mni(cards))
         conf = t1["conf"]
         meta: dict = {"warnings": list(t1["warnings"]) + choice_warnings, "registration": {}, "mni": dict(t1["mni"]),
                       "etiv_ml": _etiv_ml(t1["mni"]), "models_used": [cards[i].name for i in chosen]}

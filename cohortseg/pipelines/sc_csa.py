@@ -37,6 +37,7 @@ import numpy as np
 
 from cohortseg.errors import InputError, ModelError
 from cohortseg.pipelines.base import Context, Item, OutputWriter, Pipeline, Predicted, Prepared, Role
+from cohortseg.science.anatomy import check_cord, limits
 
 PERSLICE = "desc-csa_perslice.tsv"
 PERLEVEL = "desc-csa_perlevel.tsv"
@@ -136,6 +137,7 @@ def find_levels_file(item: Item, cfg: dict) -> str | None:
 
 class ScCsa(Pipeline):
     name = "sc_csa"
+    anatomy = "spine"
     description = ("Spinal cord segmentation (cohortseg's own 2D U-Net, soft output) and cross-sectional "
                    "area per slice and vertebral level, per contrast")
     roles = {
@@ -222,9 +224,8 @@ class ScCsa(Pipeline):
         out.nifti("label-SC_mask.nii.gz", mask.astype(np.uint8), aff, dtype=np.uint8)
         data = np.asarray(native.dataobj, dtype=np.float32)
         _qc(data, mask, aff, out, item)
-        if not mask.any():
-            raise InputError("no spinal cord found: the field of view may miss the cord or the contrast is not "
-                             "one the model knows (outputs written for QC)", item.inputs["image"])
+        # one tube through the field of view, of a plausible CSA, or refused (outputs kept for QC)
+        check_cord(mask, aff, limits(self.name, cfg), item.contrast, item.inputs["image"], out.flags, out.checks)
 
         levels = prepared.arrays.get("levels")
         perslice = csa.csa_per_slice(soft, aff, angle_correction=bool(cfg.get("angle_correction", True)),
@@ -265,10 +266,10 @@ class ScCsa(Pipeline):
         values: dict[str, list[float]] = {}
         n_ok = 0
         for it in items.values():
-            if it.get("status") != "ok":
+            if not it.ok:
                 continue
             n_ok += 1
-            for k, v in (it.get("metrics") or {}).items():
+            for k, v in it.metrics.items():
                 m = _LEVEL_METRIC.match(k)
                 if m and v is not None and np.isfinite(float(v)):
                     values.setdefault(m.group(1), []).append(float(v))

@@ -5,10 +5,12 @@ import numpy as np
 
 from cohortseg.errors import InputError
 from cohortseg.pipelines.base import Context, Item, OutputWriter, Pipeline, Predicted, Prepared, Role
+from cohortseg.science.anatomy import check_cord, limits
 
 
 class ScGm(Pipeline):
     name = "sc_gm"
+    anatomy = "spine"
     description = "Spinal cord gray matter segmentation (Perone et al. 2017 dilated convolutions, fold ensemble)"
     roles = {"image": Role(filters={"suffix": "T2starw"}, description="axial T2*w of the cervical cord")}
     group_tables = {"sc_gm_perslice.csv": "desc-GM_perslice.tsv"}
@@ -82,9 +84,9 @@ class ScGm(Pipeline):
             "n_slices_with_gm": int((area > 0).sum()),
         }
         _qc(native, mask_native, out, item)
-        if not mask_native.any():
-            raise InputError("no gray matter found: the field of view may miss the cord or the image is not an "
-                             "axial T2*w (outputs written for QC)", item.inputs["image"])
+        # cord GM through the field of view, of a plausible area, or refused (outputs kept for QC)
+        check_cord(mask_native, aff, limits(self.name, cfg), item.contrast, item.inputs["image"], out.flags,
+                   out.checks, structure="gray matter")
         return metrics
 
 

@@ -48,7 +48,15 @@
   }
   function uniq(a) { var s = {}, out = []; a.forEach(function (v) { if (v !== "" && !s[v]) { s[v] = 1; out.push(v); } }); return out.sort(); }
   fillSelect($("f-pipeline"), uniq(rows.map(function (o) { return o.pl; })));
-  fillSelect($("f-status"), uniq(rows.map(function (o) { return o.st; })));
+  // the status vocabulary (DATA.statuses: status -> meaning) documents itself in the filter; other
+  // values found in the rows follow
+  var STATUSES = DATA.statuses || {};
+  var stSel = $("f-status");
+  Object.keys(STATUSES).concat(uniq(rows.map(function (o) { return o.st; })).filter(function (v) { return !(v in STATUSES); }))
+    .forEach(function (v) {
+      var op = document.createElement("option"); op.value = v;
+      op.textContent = STATUSES[v] ? v + ": " + STATUSES[v] : v; op.title = op.textContent; stSel.appendChild(op);
+    });
   var sortSel = $("sort");
   [["", "input order"], ["p", "participant"], ["pl", "pipeline"], ["st", "status"], ["nf", "number of flags"], ["r", "rating"]]
     .concat(METRICS.map(function (m, j) { return ["m" + j, m]; }))
@@ -125,8 +133,8 @@
     d.appendChild(el("div", "cell pid", o.p));
     d.appendChild(el("div", "cell", o.s));
     d.appendChild(el("div", "cell", o.pl));
-    var st = el("div", "st " + (o.st === "ok" ? "ok" : (o.st ? "bad" : "")), o.st || "-");
-    if (o.err) { st.title = o.err; }
+    var st = el("div", "st " + ({ ok: "ok", no_input: "none", refused: "refused" }[o.st] || (o.st ? "bad" : "")), o.st || "-");
+    st.title = o.err || STATUSES[o.st] || "";
     d.appendChild(st);
     var mc = el("div", "metrics");
     for (var t = 0, shown = 0; t < o.m.length && shown < MAXM; t += 2, shown++) {

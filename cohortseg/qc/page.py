@@ -193,7 +193,8 @@ def _json_for_html(obj) -> str:
 
 def write_qc_page(rows, out_dir, *, title: str = "cohortseg QC", page_id: str | None = None,
                   metrics: Iterable[str] | None = None, max_metrics: int = 6, base_dir=None,
-                  make_thumbnails: bool = False, thumb_width: int = 160) -> Path:
+                  make_thumbnails: bool = False, thumb_width: int = 160,
+                  statuses: Mapping[str, str] | None = None) -> Path:
     """Write ``out_dir/index.html`` and return its path.
 
     rows: list of dicts or a DataFrame, one per participant x pipeline, with keys
@@ -206,6 +207,8 @@ def write_qc_page(rows, out_dir, *, title: str = "cohortseg QC", page_id: str | 
         first); the table shows the first `max_metrics` of each row, the viewer shows them all.
     base_dir: directory that relative snapshot/thumbnail paths are relative to (default: cwd).
     make_thumbnails: create missing thumbnails under ``out_dir/thumbs/`` (``width`` px).
+    statuses: the status vocabulary, status -> meaning; the status filter lists it (with the
+        meanings) before any other status found in the rows.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -219,6 +222,7 @@ def write_qc_page(rows, out_dir, *, title: str = "cohortseg QC", page_id: str | 
         "fields": FIELDS,
         "metrics": names,
         "max_metrics": int(max_metrics),
+        "statuses": dict(statuses or {}),
         "rows": data,
     }
     parts = {

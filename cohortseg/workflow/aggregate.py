@@ -6,7 +6,6 @@ contrasts). Provenance (versions, model checksums, thresholds, config) goes to s
 """
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path
@@ -16,47 +15,37 @@ import pandas as pd
 from cohortseg import __version__
 from cohortseg.io import write_json_atomic, write_text_atomic
 from cohortseg.pipelines import get_pipeline
+from cohortseg.workflow.records import FAILED, NO_INPUT, ItemRecord, SessionRecord
 
 ID_COLUMNS = ["participant_id", "session_id", "status", "error", "warnings"]
 QC_COLUMNS = ["qc_flags", "qc_rating"]
 RATING_ORDER = ["fail", "artifact", "pass"]  # the worst rating of a session's pipelines wins
 
 
-def _read(path) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def summary_rows(records: list[dict], pipelines: list[str]) -> list[dict]:
+def summary_rows(records: list[SessionRecord], pipelines: list[str]) -> list[dict]:
+    """One row per session: overall and per-pipeline status (cohortseg.workflow.records vocabulary),
+    the errors of failed/refused items, flags, warnings and metrics."""
     rows = []
     for rec in records:
-        row = {"participant_id": rec["participant_id"], "session_id": rec.get("session_id", "")}
-        errors, flags, warns, n_ok, n_all = [], [], [], 0, 0
+        row = {"participant_id": rec.participant_id, "session_id": rec.session_id}
+        errors, flags, warns = [], [], []
         for pname in pipelines:
-            items = rec.get("pipelines", {}).get(pname)
+            items = rec.pipelines.get(pname)
             if items is None:
                 continue
             multiple = any(r.multiple for r in get_pipeline(pname).roles.values())
-            p_status = []
             for name, it in items.items():
-                n_all += 1
-                p_status.append(it["status"])
-                if it["status"] == "ok":
-                    n_ok += 1
-                else:
-                    errors.append(f"{pname}/{name}: {it.get('stage', '')}: {it.get('error', '')}")
-                prefix = f"{pname}_{name.rsplit('_', 1)[-1]}_" if multiple else f"{pname}_"
-                flags += [f"{prefix}{f}" for f in it.get("sanity_flags") or []]
-                warns += [f"{pname}/{name}: {w}" for w in it.get("warnings") or []]
-                for k, v in (it.get("metrics") or {}).items():
+                if it.error and it.status != NO_INPUT:
+                    errors.append(f"{pname}/{name}: {it.stage}: {it.error}")
+                prefix = f"{pname}_{it.contrast}_" if multiple and it.contrast else f"{pname}_"
+                flags += [f"{prefix}{f}" for f in it.sanity_flags]
+                warns += [f"{pname}/{name}: {w}" for w in it.warnings]
+                for k, v in it.metrics.items():
                     row[prefix + k] = v
             for k, v in get_pipeline(pname).session_metrics(items).items():
                 row[f"{pname}_{k}"] = v
-            row[f"{pname}_status"] = "ok" if p_status and all(s == "ok" for s in p_status) else (
-                "partial" if "ok" in p_status else "failed")
-        row["status"] = "ok" if n_all and n_ok == n_all else ("partial" if n_ok else "failed")
+            row[f"{pname}_status"] = rec.pipeline_status(pname)
+        row["status"] = rec.status(pipelines)
         row["error"] = " | ".join(errors)
         row["qc_flags"] = ";".join(flags)
         row["warnings"] = " | ".join(warns)
@@ -70,17 +59,17 @@ def aggregate(record_paths: list, out_dir, config: dict, expected: list[tuple[st
     out_dir = Path(out_dir)
     records, seen = [], set()
     for p in record_paths:
-        rec = _read(p)
+        rec = SessionRecord.read(p)
         if rec is None:
             continue
         records.append(rec)
-        seen.add((rec["participant_id"], rec.get("session_id", "")))
+        seen.add((rec.participant_id, rec.session_id))
     for pid, sid in expected or []:  # never lose a row, even if its record is missing
         if (pid, sid) not in seen:
-            records.append({"participant_id": pid, "session_id": sid, "pipelines": {
-                p: {"-": {"status": "failed", "stage": "workflow", "error": "no record (job did not run or failed)"}}
-                for p in config["pipelines"]}})
-    records.sort(key=lambda r: (r["participant_id"], r.get("session_id", "")))
+            records.append(SessionRecord(pid, sid, pipelines={
+                p: {"-": ItemRecord(FAILED, "workflow", "no record (job did not run or failed)")}
+                for p in config["pipelines"]}))
+    records.sort(key=lambda r: (r.participant_id, r.session_id))
     pipelines = config["pipelines"]
     df = pd.DataFrame(summary_rows(records, pipelines))
     status_cols = [f"{p}_status" for p in pipelines if f"{p}_status" in df.columns]
@@ -124,15 +113,15 @@ def _group_tables(records, pipelines, out_dir: Path) -> None:
         for table_name, key in p.group_tables.items():
             frames = []
             for rec in records:
-                for name, it in rec.get("pipelines", {}).get(pname, {}).items():
-                    f = (it.get("files") or {}).get(key)
-                    if it.get("status") != "ok" or not f or not Path(f).is_file():
+                for it in rec.pipelines.get(pname, {}).values():
+                    f = it.files.get(key)
+                    if not it.ok or not f or not Path(f).is_file():
                         continue
                     sep = "\t" if f.endswith(".tsv") else ","
                     t = pd.read_csv(f, sep=sep)
-                    t.insert(0, "contrast", name.rsplit("_", 1)[-1])
-                    t.insert(0, "session_id", rec.get("session_id", ""))
-                    t.insert(0, "participant_id", rec["participant_id"])
+                    t.insert(0, "contrast", it.contrast)
+                    t.insert(0, "session_id", rec.session_id)
+                    t.insert(0, "participant_id", rec.participant_id)
                     frames.append(t)
             table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
                 columns=["participant_id", "session_id", "contrast"])
@@ -144,6 +133,7 @@ def provenance(config: dict, records: list[dict]) -> dict:
 
     from cohortseg.models.cards import pipeline_cards
     from cohortseg.pipelines import code_version
+    from cohortseg.science.anatomy import limits as anatomy_limits
 
     versions = {}
     for pkg in ("snakemake", "tensorflow", "tensorflow-cpu", "keras", "nibabel", "antspyx", "numpy", "pandas",
@@ -172,5 +162,8 @@ def provenance(config: dict, records: list[dict]) -> dict:
         "thresholds": {p: {k: v for k, v in (config.get(p) or {}).items()
                            if any(w in k for w in ("threshold", "min_cluster", "max_outside"))}
                        for p in config["pipelines"]},
+        # what an image must show to be measured rather than refused (cohortseg.science.anatomy)
+        "anatomy": {p: anatomy_limits(p, config.get(p) or {}) for p in config["pipelines"]},
+        "body_part": config.get("body_part"),
         "n_sessions": len(records),
     }

@@ -5,24 +5,47 @@ no dataset scan in cluster jobs (check=False reads the cached manifest).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cohortseg.errors import ConfigError
+from cohortseg.workflow.discovery import replace_atomic, session_key  # noqa: F401  (session_key: re-exported)
 
-def session_key(participant_id: str, session_id: str) -> str:
-    return f"{participant_id}_{session_id}" if session_id else participant_id
+#: the automatic shard size (inference.shard_size unset) starts here and doubles while the cohort
+#: would need more than inference.max_shards shards
+BASE_SHARD_SIZE = 20
+MAX_SHARDS = 500
+
+log = logging.getLogger("cohortseg.plan")
+
+
+def auto_shard_size(n_sessions: int, max_shards: int = MAX_SHARDS, base: int = BASE_SHARD_SIZE) -> int:
+    """The smallest base * 2**k sessions per shard that gives at most `max_shards` shards.
+
+    A function of the session count alone (deterministic); it changes only when the cohort crosses
+    base * 2**k * max_shards sessions (20,000, 40,000, 80,000, 160,000 ... by default), and then
+    doubles, so shard k of the new size holds exactly the sessions of the old shards 2k and 2k + 1."""
+    size = max(1, int(base))
+    while -(-n_sessions // size) > max_shards:
+        size *= 2
+    return size
 
 
 @dataclass
 class Plan:
     config: dict
-    rows: list[dict]
+    manifest: object  # discovery.Manifest (None: no sessions)
     out: Path
     sessions: dict = field(default_factory=dict)  # session_key -> (participant_id, session_id)
     shards: list = field(default_factory=list)  # [[session_key, ...], ...] in sorted order
     infer_shards: dict = field(default_factory=dict)  # pipeline -> {shard indices with an item to infer}
+    shard_size: int = 0
+    messages: list = field(default_factory=list)  # what the main process tells the user (Snakefile logs them)
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -37,19 +60,30 @@ class Plan:
             p = get_pipeline(name)
             user = (config.get(name) or {}).get("filters", {})
             roles[name] = {r: (user.get(r, spec.filters), spec.required, spec.multiple) for r, spec in p.roles.items()}
-        rows = discovery.load_or_build(
+        routing = {**(config.get("body_part") or {}),
+                   "anatomy": {name: get_pipeline(name).anatomy for name in config["pipelines"]}}
+        manifest = discovery.load_or_build(
             config["bids_dir"], out / "manifest.tsv", roles, config.get("participant_label", []),
-            config.get("exclude_participant_label", []), rebuild=config.get("rebuild_manifest", False), check=check)
-        plan = cls(config=config, rows=rows, out=out)
-        plan._index()
+            config.get("exclude_participant_label", []), rebuild=config.get("rebuild_manifest", False), check=check,
+            routing=routing)
+        plan = cls(config=config, manifest=manifest, out=out, messages=list(manifest.notes) if check else [])
+        plan._index(announce=check)
         if check:  # main process only: a missing or corrupt model stops the run before any job
             plan.verify_models()
+            plan.write_shard_inputs()
         return plan
 
     @classmethod
     def training_only(cls, config: dict) -> Plan:
         """The plan of a run whose only target is `train`: paths, but no sessions (bids_dir unused)."""
-        return cls(config=config, rows=[], out=Path(config["output_dir"]))
+        return cls(config=config, manifest=None, out=Path(config["output_dir"]))
+
+    @property
+    def rows(self) -> list[dict]:
+        """Every manifest row (reads the whole TSV; the plan itself needs only the index)."""
+        if not hasattr(self, "_rows"):
+            self._rows = list(self.manifest) if self.manifest is not None else []
+        return self._rows
 
     def verify_models(self) -> dict:
         from cohortseg.models.cards import pipeline_cards
@@ -58,20 +92,81 @@ class Plan:
         store = ModelStore.from_config(self.config)
         return {p: store.verify(pipeline_cards(self.config, p)) for p in self.pipelines if p in self.infer_shards}
 
-    def _index(self) -> None:
+    def _index(self, announce: bool = False) -> None:
         """Shards are consecutive chunks of the sorted session keys, the same for every step, so a
-        cohort that grows by new participant IDs only touches its last shards."""
-        size = int(self.config.get("inference", {}).get("shard_size", 20))
-        for r in self.rows:
-            self.sessions.setdefault(session_key(r["participant_id"], r["session_id"]), (r["participant_id"], r["session_id"]))
-        keys = sorted(self.sessions)
+        cohort that grows by new participant IDs only touches its last shards. Only the manifest's
+        index is read (session keys, pipelines with an item per session), never its rows."""
+        m = self.manifest
+        keys = sorted(m.keys) if m is not None else []
+        self.sessions = {k: m.session(k) for k in keys}
+        inf = self.config.get("inference") or {}
+        if inf.get("shard_size"):
+            size = int(inf["shard_size"])
+        else:
+            max_shards = int(inf.get("max_shards") or MAX_SHARDS)
+            size = auto_shard_size(len(keys), max_shards)
+            if announce:
+                self._say(f"inference.shard_size unset: automatic shard size {size} ({len(keys):,} sessions -> "
+                          f"{-(-len(keys) // size):,} shards; {BASE_SHARD_SIZE} sessions per shard, doubled while "
+                          f"there would be more than inference.max_shards = {max_shards:,} shards)")
+        self.shard_size = size
         self.shards = [keys[i:i + size] for i in range(0, len(keys), size)]
-        shard_of = {k: i // size for i, k in enumerate(keys)}
         todo: dict[str, set] = {}
-        for r in self.rows:
-            if r["status"] == "ok":
-                todo.setdefault(r["pipeline"], set()).add(shard_of[session_key(r["participant_id"], r["session_id"])])
+        if m is not None:
+            ok_of = dict(zip(m.keys, m.ok))
+            for i, shard in enumerate(self.shards):
+                mask = 0
+                for k in shard:
+                    mask |= ok_of[k]
+                for p in m.ok_pipelines(mask):
+                    todo.setdefault(p, set()).add(i)
         self.infer_shards = {p: todo[p] for p in self.pipelines if p in todo}
+
+    def _say(self, msg: str) -> None:
+        log.info(msg)
+        self.messages.append(msg)
+
+    def write_shard_inputs(self) -> int:
+        """Per shard, the list of BIDS files its prepare job reads with their size and mtime
+        (`work/shards/inputs/shard-<k>.tsv`, the job's declared input). Rewritten only when it
+        changes, so Snakemake reruns a shard's prepare job when one of its input files changed, was
+        added or removed -- one input per job instead of every image (Snakemake costs ~50 us per
+        input file per plan). Returns how many lists were (re)written."""
+        folder = self.work / "shards" / "inputs"
+        digests_path = folder / "digests.json"
+        try:
+            old = json.loads(digests_path.read_text())
+        except (OSError, ValueError):
+            old = {}
+        new, written = {}, 0
+
+        def listing(i):  # in threads: the stat calls overlap (they release the GIL)
+            stat, lines = os.stat, []
+            for k in self.shards[i]:
+                paths = self.manifest.inputs(k)
+                if not paths:
+                    lines.append(f"{k}\t\t\t\n")
+                for p in paths:
+                    try:
+                        st = stat(p)
+                        lines.append(f"{k}\t{p}\t{st.st_size}\t{st.st_mtime_ns}\n")
+                    except OSError:
+                        lines.append(f"{k}\t{p}\tmissing\t\n")
+            text = "session\tpath\tsize\tmtime_ns\n" + "".join(lines)
+            return i, text, hashlib.sha1(text.encode()).hexdigest()
+
+        self.manifest.inputs("")  # loads the inputs once, before the threads
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            for i, text, digest in pool.map(listing, range(len(self.shards))):
+                label = self.label(i)
+                new[label] = digest
+                path = folder / f"shard-{label}.tsv"
+                if old.get(label) != digest or not path.exists():
+                    replace_atomic(path, text.encode())
+                    written += 1
+        if new != old:
+            replace_atomic(digests_path, json.dumps(new, indent=0).encode())
+        return written
 
     # -- paths (one place) --------------------------------------------------------------------
     @property
@@ -81,6 +176,10 @@ class Plan:
     @staticmethod
     def label(shard) -> str:
         return f"{shard:05d}" if isinstance(shard, int) else shard  # "{shard}" in rule outputs
+
+    def shard_inputs_record(self, shard) -> str:
+        """The declared input of a prepare job: its BIDS files with size and mtime (write_shard_inputs)."""
+        return str(self.work / "shards" / "inputs" / f"shard-{self.label(shard)}.tsv")
 
     def shard_record(self, step: str, shard) -> str:
         """The declared output of a prepare/finalize job: which sessions it covered, where their
@@ -127,26 +226,9 @@ class Plan:
     def all_finalize_records(self) -> list[str]:
         return [self.shard_record("finalize", i) for i in range(len(self.shards))]
 
-    def shard_bids_inputs_wc(self, wc) -> list[str]:
-        """BIDS files a shard's prepare job reads (so Snakemake reruns it when one changes)."""
-        by_key = self._rows_by_key()
-        paths = set()
-        for key in self.shards[int(wc.shard)]:
-            for r in by_key.get(key, []):
-                paths.update(json.loads(r["inputs"]).values())
-        return sorted(paths)
-
     def shard_infer_inputs_wc(self, wc) -> list[str]:
         shard = int(wc.shard)
         return [self.infer_record(p, shard) for p, shards in self.infer_shards.items() if shard in shards]
-
-    def _rows_by_key(self) -> dict:
-        if not hasattr(self, "_by_key"):
-            by: dict = {}
-            for r in self.rows:
-                by.setdefault(session_key(r["participant_id"], r["session_id"]), []).append(r)
-            self._by_key = by
-        return self._by_key
 
     def step_params(self, pipelines=None) -> str:
         """The config and code that change results, as one string param (changes rerun the jobs)."""

@@ -1,11 +1,12 @@
 """Glue between the per-session records and the QC page (cohortseg.qc)."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pandas as pd
+
+from cohortseg.workflow.records import STATUS_HELP, SessionRecord
 
 
 def qc_rows(summary_csv, record_paths, page_dir) -> list[dict]:
@@ -14,23 +15,21 @@ def qc_rows(summary_csv, record_paths, page_dir) -> list[dict]:
     flags = {(r.participant_id, r.session_id): getattr(r, "qc_flags", "") for r in summary.itertuples()}
     rows = []
     for p in record_paths:
-        try:
-            rec = json.loads(Path(p).read_text())
-        except (OSError, ValueError):
+        rec = SessionRecord.read(p)
+        if rec is None:
             continue
-        pid, sid = rec["participant_id"], rec.get("session_id", "")
-        for pipeline, items in rec.get("pipelines", {}).items():
+        pid, sid = rec.participant_id, rec.session_id
+        for pipeline, items in rec.pipelines.items():
             for name, it in items.items():
-                files = it.get("files") or {}
-                png = next((f for k, f in sorted(files.items()) if k.endswith("_qc.png")), "")
+                png = next((f for k, f in sorted(it.files.items()) if k.endswith("_qc.png")), "")
                 thumb = png[: -len(".png")] + "_thumb.png" if png else ""
                 thumb = thumb if thumb and os.path.isfile(thumb) else ""
                 rows.append({
                     "participant_id": pid, "session_id": sid, "pipeline": pipeline, "item": name,
-                    "status": it.get("status", ""), "error": it.get("error", ""),
+                    "status": it.status, "error": it.error,
                     "snapshot": os.path.abspath(png) if png else "", "thumbnail": os.path.abspath(thumb) if thumb else "",
-                    "metrics": it.get("metrics") or {},
-                    "qc_flags": ";".join(it.get("sanity_flags") or []) or flags.get((pid, sid), ""),
+                    "metrics": it.metrics,
+                    "qc_flags": ";".join(it.sanity_flags) or flags.get((pid, sid), ""),
                 })
     return rows
 
@@ -39,4 +38,4 @@ def write_cohort_qc_page(summary_csv, record_paths, page_dir) -> Path:
     from cohortseg.qc.page import write_qc_page
 
     page_dir = Path(page_dir)
-    return write_qc_page(qc_rows(summary_csv, record_paths, page_dir), page_dir)
+    return write_qc_page(qc_rows(summary_csv, record_paths, page_dir), page_dir, statuses=STATUS_HELP)

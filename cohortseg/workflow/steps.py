@@ -10,12 +10,12 @@ Data errors are recorded per item and never raised: one broken scan must not blo
 cohort tables."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import time
-import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -27,6 +27,7 @@ from cohortseg.errors import InputError
 from cohortseg.io import write_json_atomic
 from cohortseg.pipelines import code_version, get_pipeline
 from cohortseg.pipelines.base import Context, Item, OutputWriter, Predicted, Prepared
+from cohortseg.workflow.records import FAILED, OK, ItemRecord, SessionRecord
 
 log = logging.getLogger("cohortseg")
 
@@ -34,16 +35,9 @@ log = logging.getLogger("cohortseg")
 def rows_by_session(config: dict, keys) -> dict[str, list[dict]]:
     """The manifest rows of some sessions, read in the job from the cached manifest (keeping them out
     of rule params saves planning time per job)."""
-    from cohortseg.workflow.discovery import read_manifest
-    from cohortseg.workflow.plan import session_key
+    from cohortseg.workflow.discovery import open_manifest
 
-    want = set(keys)
-    by: dict[str, list[dict]] = {k: [] for k in keys}
-    for r in read_manifest(Path(config["output_dir"]) / "manifest.tsv"):
-        k = session_key(r["participant_id"], r["session_id"])
-        if k in want:
-            by[k].append(r)
-    return by
+    return open_manifest(Path(config["output_dir"]) / "manifest.tsv").rows(keys)  # their byte ranges only
 
 
 def session_records(finalize_shard_records) -> list[str]:
@@ -71,15 +65,9 @@ def _item(row: dict) -> Item:
                 name=row["item"], inputs=json.loads(row["inputs"]))
 
 
-def _failure(stage: str, exc: BaseException, item: Item | None = None) -> dict:
+def _failure(stage: str, exc: BaseException, item: Item | None = None) -> ItemRecord:
     who = f"{item.session_key} {item.pipeline}" if item else ""
-    if isinstance(exc, InputError):
-        msg = exc.reason + (f" (file: {exc.path})" if exc.path else "")
-        log.error("%s: %s failed: %s", who, stage, msg)
-    else:
-        msg = f"{type(exc).__name__}: {exc}"
-        log.error("%s: %s failed unexpectedly: %s\n%s", who, stage, msg, traceback.format_exc())
-    return {"status": "failed", "stage": stage, "error": msg}
+    return ItemRecord.from_error(stage, exc, who, contrast=item.contrast if item else "")
 
 
 def _prep_path(work: Path, item: Item) -> Path:
@@ -88,13 +76,6 @@ def _prep_path(work: Path, item: Item) -> Path:
 
 def _prob_path(work: Path, item: Item) -> Path:
     return work / "infer" / item.pipeline / item.session_key / f"{item.name}.npz"
-
-
-def _read_json(path) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _stamp(row: dict, config: dict, cards: list) -> str:
@@ -117,10 +98,10 @@ def _reuse(config: dict) -> bool:
     return bool(config.get("reuse", True))
 
 
-def _reusable(entry: dict | None, stamp: str, *files) -> bool:
+def _reusable(entry: ItemRecord | None, stamp: str, *files) -> bool:
     """A stored result stands in for recomputing it: it succeeded, under the same stamp, and its
     files are all still there."""
-    return (bool(entry) and entry.get("status") == "ok" and entry.get("stamp") == stamp
+    return (entry is not None and entry.ok and entry.stamp == stamp
             and all(Path(f).is_file() for f in files))
 
 
@@ -180,27 +161,27 @@ def _session_worker(session_fn, *args) -> bool:
 
 
 def _write_crash_record(rows: list[dict], path, stage: str, exc: BaseException) -> None:
-    rec = {"participant_id": rows[0]["participant_id"], "session_id": rows[0]["session_id"], "pipelines": {},
-           "cohortseg_version": __version__}
+    rec = SessionRecord(rows[0]["participant_id"], rows[0]["session_id"], cohortseg_version=__version__)
     for r in rows:
-        rec["pipelines"].setdefault(r["pipeline"], {})[r["item"] or "-"] = {
-            "status": "failed", "stage": stage, "error": f"{type(exc).__name__}: {exc}"}
-    write_json_atomic(path, rec)
+        rec.items(r["pipeline"])[r["item"] or "-"] = (
+            ItemRecord(FAILED, stage, f"{type(exc).__name__}: {exc}", contrast=_item(r).contrast if r["item"] else "")
+            if r["status"] == "ok" else ItemRecord.from_discovery(r))
+    rec.write(path)
 
 
-def prepare_session(rows: list[dict], config: dict, record_path) -> dict:
+def prepare_session(rows: list[dict], config: dict, record_path) -> SessionRecord:
     """Prepare every item of one session for every pipeline; write the session's prep record."""
     work = _work(config)
-    old = _read_json(record_path) if _reuse(config) else None
-    record = {"participant_id": rows[0]["participant_id"] if rows else "", "session_id": rows[0]["session_id"] if rows else "",
-              "pipelines": {}, "cohortseg_version": __version__}
+    old = SessionRecord.read(record_path) if _reuse(config) else None
+    record = SessionRecord(rows[0]["participant_id"] if rows else "", rows[0]["session_id"] if rows else "",
+                           cohortseg_version=__version__)
     cards_cache: dict = {}
     ctx = Context.from_config(config)  # one per session: its memo is shared by this session's items only
     for row in rows:
         pname = row["pipeline"]
-        items = record["pipelines"].setdefault(pname, {})
-        if row["status"] != "ok":
-            items[row["item"] or "-"] = {"status": "failed", "stage": "discovery", "error": row["error"]}
+        items = record.items(pname)
+        if row["status"] != "ok":  # nothing acquired (no_input), or ambiguous (failed)
+            items[row["item"] or "-"] = ItemRecord.from_discovery(row)
             continue
         item = _item(row)
         t0 = time.perf_counter()
@@ -208,20 +189,21 @@ def prepare_session(rows: list[dict], config: dict, record_path) -> dict:
             if pname not in cards_cache:
                 cards_cache[pname] = pipeline_cards(config, pname)
             stamp = _stamp(row, config, cards_cache[pname])
-            prev = (old or {}).get("pipelines", {}).get(pname, {}).get(item.name)
-            if _reusable(prev, stamp, (prev or {}).get("prep", "")):
-                items[item.name] = prev
+            prev = old.pipelines.get(pname, {}).get(item.name) if old else None
+            if _reusable(prev, stamp, prev.prep if prev else ""):
+                items[item.name] = dataclasses.replace(prev, contrast=item.contrast)  # (records of older versions)
                 continue
             prepared = get_pipeline(pname).prepare(item, cards_cache[pname], _cfg(config, pname), ctx)
             path = _prep_path(work, item)
             prepared.save(path)
-            items[item.name] = {"status": "ok", "prep": str(path), "stamp": stamp,
-                                "warnings": prepared.meta.get("warnings", []),
-                                "seconds": round(time.perf_counter() - t0, 2)}
+            items[item.name] = ItemRecord(OK, contrast=item.contrast, prep=str(path), stamp=stamp,
+                                          warnings=prepared.meta.get("warnings", []),
+                                          checks=prepared.meta.get("checks", {}),
+                                          seconds=round(time.perf_counter() - t0, 2))
         except Exception as e:  # noqa: BLE001 - recorded, never fatal
             items[item.name] = _failure("prepare", e, item)
     if record != old:  # everything reused: the record (and its mtime) stays as it was
-        write_json_atomic(record_path, record)
+        record.write(record_path)
     return record
 
 
@@ -239,17 +221,17 @@ def infer_shard(pipeline: str, prep_shard_record, record_path, config: dict) -> 
     report = {"step": "infer", "pipeline": pipeline, "items": {}, "model_load_seconds": 0.0}
     todo = []
     for key, rec_path in json.loads(Path(prep_shard_record).read_text())["sessions"].items():
-        rec = _read_json(rec_path) or {"pipelines": {}}
-        for name, it in rec["pipelines"].get(pipeline, {}).items():
-            if it["status"] != "ok":
-                report["items"][f"{key}/{name}"] = {"status": "skipped", "error": it.get("error", "")}
+        rec = SessionRecord.read(rec_path)
+        for name, it in (rec.pipelines.get(pipeline, {}) if rec else {}).items():
+            if not it.ok:
+                report["items"][f"{key}/{name}"] = {"status": "skipped", "error": it.error}
                 continue
             out = work / "infer" / pipeline / key / f"{name}.npz"
-            side = _read_json(out.with_suffix(".json")) if _reuse(config) else None
-            if _reusable(side, it["stamp"], out):
+            side = ItemRecord.read(out.with_suffix(".json")) if _reuse(config) else None
+            if _reusable(side, it.stamp, out):
                 report["items"][f"{key}/{name}"] = {"status": "ok", "reused": True}
                 continue
-            todo.append((key, name, it["prep"], it["stamp"], out))
+            todo.append((key, name, it.prep, it.stamp, out))
     if todo:
         configure_tensorflow(threads=int(inf.get("threads", 0) or 0))
         cards = pipeline_cards(config, pipeline)
@@ -268,13 +250,14 @@ def infer_shard(pipeline: str, prep_shard_record, record_path, config: dict) -> 
                 if not isinstance(predicted, Predicted):
                     raise TypeError(f"{pipeline}.predict must return Predicted, not {type(predicted).__name__}")
                 predicted.save(out)
-                entry = {"status": "ok", "seconds": round(time.perf_counter() - t0, 3)}
+                entry = ItemRecord(OK, seconds=round(time.perf_counter() - t0, 3))
             except Exception as e:  # noqa: BLE001
                 entry = _failure("inference", e)
                 if _is_fatal(e):
                     raise
-            write_json_atomic(out.with_suffix(".json"), {**entry, "stamp": stamp})
-            report["items"][f"{key}/{name}"] = entry
+            entry.stamp = stamp
+            entry.write(out.with_suffix(".json"))
+            report["items"][f"{key}/{name}"] = {"status": entry.status, "seconds": entry.seconds, "error": entry.error}
     report["seconds"] = timer()
     write_json_atomic(record_path, report)
     return report
@@ -294,46 +277,51 @@ def finalize_shard(prep_shard_record, config: dict, record_path, workers: int = 
     return _run_shard("finalize", finalize_session, jobs, workers, record_path)
 
 
-def finalize_session(rows: list[dict], prep_record, config: dict, record_path) -> dict:
+def finalize_session(rows: list[dict], prep_record, config: dict, record_path) -> SessionRecord:
     """Back to native space, outputs, metrics and QC for every item of one session."""
-    rec = json.loads(Path(prep_record).read_text())
+    rec = SessionRecord.read(prep_record)
+    if rec is None:
+        raise OSError(f"prep record {prep_record} is missing or unreadable")
     out_dir = Path(config["output_dir"])
     work = _work(config)
-    old = _read_json(record_path) if _reuse(config) else None
+    old = SessionRecord.read(record_path) if _reuse(config) else None
     row_of = {(r["pipeline"], r["item"]): r for r in rows}
     cards_cache: dict = {}
     ctx = Context.from_config(config)
-    for pname, items in rec["pipelines"].items():
+    for pname, items in rec.pipelines.items():
         _dataset_description(out_dir, pname)
         for name, it in items.items():
-            if it["status"] != "ok":
+            if not it.ok:
                 continue
-            prev = (old or {}).get("pipelines", {}).get(pname, {}).get(name)
-            if _reusable(prev, it["stamp"], *((prev or {}).get("files") or {}).values()):
-                items[name] = prev
+            prev = old.pipelines.get(pname, {}).get(name) if old else None
+            if _reusable(prev, it.stamp, *(prev.files.values() if prev else ())):
+                items[name] = dataclasses.replace(prev, contrast=it.contrast)
                 continue
             item = _item(row_of[(pname, name)])
             writer = OutputWriter(out_dir, item)
             t0 = time.perf_counter()
             try:
                 prob_file = _prob_path(work, item)
-                side = _read_json(prob_file.with_suffix(".json")) or {}
-                if side.get("stamp") != it["stamp"] or side.get("status") != "ok" or not prob_file.is_file():
-                    why = side.get("error", "") if side.get("stamp") == it["stamp"] else ""
+                side = ItemRecord.read(prob_file.with_suffix(".json"))
+                if side is None or side.stamp != it.stamp or not side.ok or not prob_file.is_file():
+                    why = side.error if side is not None and side.stamp == it.stamp else ""
                     raise InputError(f"inference produced no output{': ' + why if why else ''}")
                 if pname not in cards_cache:
                     cards_cache[pname] = pipeline_cards(config, pname)
-                metrics = get_pipeline(pname).finalize(item, Prepared.load(it["prep"]), Predicted.load(prob_file),
+                metrics = get_pipeline(pname).finalize(item, Prepared.load(it.prep), Predicted.load(prob_file),
                                                        cards_cache[pname], _cfg(config, pname), ctx, writer)
-                it.update({"status": "ok", "metrics": metrics, "files": writer.files, "sanity_flags": writer.flags,
-                           "finalize_seconds": round(time.perf_counter() - t0, 2)})
+                it.status, it.metrics = OK, metrics
             except Exception as e:  # noqa: BLE001
-                it.update(_failure("finalize", e, item))
-                it.update({"files": writer.files, "sanity_flags": writer.flags})  # kept for QC
-    if old is not None and rec == {k: v for k, v in old.items() if k != "finished"}:
+                fail = _failure("finalize", e, item)
+                it.status, it.stage, it.error = fail.status, fail.stage, fail.error
+            # outputs, flags and anatomy checks are kept for QC whatever the outcome
+            it.files, it.sanity_flags = writer.files, writer.flags
+            it.checks = {**it.checks, **writer.checks}
+            it.finalize_seconds = round(time.perf_counter() - t0, 2)
+    if old is not None and rec == dataclasses.replace(old, finished=""):
         return old  # everything reused: the record (and its mtime) stays as it was
-    rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    write_json_atomic(record_path, rec)
+    rec.finished = time.strftime("%Y-%m-%dT%H:%M:%S")
+    rec.write(record_path)
     return rec
 
 
