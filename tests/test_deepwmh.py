@@ -547,3 +547,41 @@ def test_align_corners_sampling_convention():
     lab = resample(np.arange(4, dtype=np.float32)[:, None, None] * np.ones((4, 5, 6), np.float32), (4, 5, 6),
                    np.eye(4), order=0)
     np.testing.assert_array_equal(lab[:, 0, 0], [0, 1, 2, 3])
+
+
+@pytest.mark.shared
+def test_workflow_run_gives_the_upstream_table(shared_dir, tmp_path):
+    """The real Snakefile on one session (the example T1), stand-in WMH net: group/wmh_regions.csv has the
+    upstream columns with the upstream values, summary.csv the wmh_* columns, summary.json the methods."""
+    import yaml
+
+    from helpers import snakemake, write_config
+
+    bids = tmp_path / "bids"
+    (bids / "sub-01/anat").mkdir(parents=True)
+    (bids / "dataset_description.json").write_text('{"Name": "deepwmh", "BIDSVersion": "1.9.0"}')
+    src = shared_dir / "data/brain/deep-T1-WMH"
+    (bids / "sub-01/anat/sub-01_T1w.nii.gz").write_bytes((src / "t1_image.nii.gz").read_bytes())
+    models = tmp_path / "models"
+    (models / "deep-T1-WMH/torchparams").mkdir(parents=True)
+    for f in PARAMS.values():
+        (models / "deep-T1-WMH/torchparams" / f).symlink_to(shared_dir / "models/deep-T1-WMH/torchparams" / f)
+    standin = _standin_card(models)
+    card_file = tmp_path / "standin_wmh.yaml"
+    card_file.write_text(yaml.safe_dump(dict(standin.data, folds=[{"file": "standin_wmh.keras"}])))
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", bids_dir=str(bids), output_dir=str(out), model_dir=str(models),
+                       pipelines=["wmh"], wmh={"models": ["deepwmh_head", "deepwmh_affine", "deepwmh_rois", str(card_file)]})
+    snakemake(tmp_path, "--cores", "2", configfile=cfg)
+    ref = pd.read_csv(src / "reference/t1_image_wmh_in_lrois.csv").iloc[0]
+    table = pd.read_csv(out / "group/wmh_regions.csv")
+    assert list(table.columns) == ["participant_id", "session_id", "contrast", "filename", *ref.index]
+    row = table.iloc[0]
+    assert row["participant_id"] == "sub-01" and abs(row["eTIV"] - ref["eTIV"]) / ref["eTIV"] < 0.01
+    for r in ("periventricular", "deepwhite", "infracortical", "innergray"):
+        assert abs(row[f"roisize_{r}"] - ref[f"roisize_{r}"]) / ref[f"roisize_{r}"] < 0.03
+    summary = pd.read_csv(out / "group/summary.csv").iloc[0]
+    assert summary["wmh_status"] == "ok" and summary["wmh_vol_total"] == 0
+    assert abs(summary["wmh_eTIV"] - ref["eTIV"]) / ref["eTIV"] < 0.01
+    prov = json.loads((out / "group/summary.json").read_text())
+    assert prov["methods"]["wmh"]["etiv"].startswith("deep-T1-WMH head net")
