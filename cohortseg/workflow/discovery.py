@@ -283,10 +283,24 @@ def subject_rows(files: list[BidsFile], pipelines: dict) -> dict[tuple[str, str]
     for f in files:
         sessions.setdefault((f"sub-{f.entities['sub']}", f"ses-{f.entities['ses']}" if "ses" in f.entities else ""),
                             []).append(f)
+    suffixes = {p: _suffixes(roles) for p, roles in pipelines.items()}
     out = {}
     for (pid, sid), sfiles in sorted(sessions.items()):
-        out[(pid, sid)] = [r for pname, roles in pipelines.items() for r in _session_rows(pid, sid, pname, roles, sfiles)]
+        out[(pid, sid)] = [r for pname, roles in pipelines.items() for r in _session_rows(
+            pid, sid, pname, roles, sfiles if suffixes[pname] is None else [f for f in sfiles if f.suffix in suffixes[pname]])]
     return out
+
+
+def _suffixes(roles: dict) -> frozenset | None:
+    """The suffixes any role of a pipeline can match (None: some role has no suffix filter), so the
+    role filters only see the images that can match (the same candidates, fewer tests)."""
+    out = set()
+    for filters, *_ in roles.values():
+        want = filters.get("suffix", ...)
+        if want is ... or want is None:
+            return None
+        out.update(str(w) for w in want) if isinstance(want, (list, tuple)) else out.add(str(want))
+    return frozenset(out)
 
 
 def _session_rows(pid, sid, pname, roles, sfiles):
