@@ -286,8 +286,11 @@ def subject_rows(files: list[BidsFile], pipelines: dict) -> dict[tuple[str, str]
     suffixes = {p: _suffixes(roles) for p, roles in pipelines.items()}
     out = {}
     for (pid, sid), sfiles in sorted(sessions.items()):
-        out[(pid, sid)] = [r for pname, roles in pipelines.items() for r in _session_rows(
-            pid, sid, pname, roles, sfiles if suffixes[pname] is None else [f for f in sfiles if f.suffix in suffixes[pname]])]
+        rows = []
+        for pname, roles in pipelines.items():
+            sx = suffixes[pname]
+            rows += _session_rows(pid, sid, pname, roles, sfiles if sx is None else [f for f in sfiles if f.suffix in sx])
+        out[(pid, sid)] = rows
     return out
 
 
@@ -643,7 +646,7 @@ def load_or_build(bids_dir, manifest_path, pipelines: dict, participant_label=()
     scan_key = hashlib.sha256(json.dumps([str(Path(bids_dir).resolve()), list(datatypes), sorted(sidecar_keys)]
                                          ).encode()).hexdigest()
     notes: list[str] = []
-    old, old_tsv, cache = None, None, None
+    old, cache = None, None
     if meta and not rebuild and meta.get("version") == MANIFEST_VERSION:
         try:
             old = open_manifest(manifest_path, write_index=True)
