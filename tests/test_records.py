@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-import pandas as pd
 import pytest
 
 from cohortseg.errors import AnatomyError
