@@ -238,7 +238,9 @@ def markdown(result: dict) -> str:
              f"Measured {result['date']} on {result['machine']['cpus']} CPU cores, load average "
              f"{result['machine']['load_avg_before']} before / {result['machine']['load_avg_after']} after "
              f"(1-minute; every figure also records the load when it ran). Python + snakemake import alone: "
-             f"{result['python_snakemake_import']['wall_s']} s.", "", *rows, ""]
+             f"{result['python_snakemake_import']['wall_s']} s ({result['python_snakemake_import']['cpu_s']} s CPU). "
+             f"Wall times include waiting for the CPU on a loaded machine; CPU time (user + sys) is the less "
+             f"load-sensitive figure.", "", *rows, ""]
     for n, checks in result["targets"].items():
         lines.append(f"Targets at {int(n):,} participants: " + ", ".join(
             f"{k} {v['measured']} (<= {v['target']}: {'met' if v['met'] else 'NOT met'})" for k, v in checks.items()))

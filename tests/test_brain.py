@@ -193,8 +193,10 @@ def _head_mask_model():
 
 
 def _brain_tissue(tmp, image, gw_model, shared_dir):
-    """The brain_tissue plugin with the GM/WM card, the stand-in head mask in mindgrab's place."""
-    return run_item("brain_tissue", {"image": image}, tmp, {"models": ["brainchop_mindgrab", "brainchop_gw"], "etiv": False},
+    """The brain_tissue plugin with the GM/WM card, the stand-in head mask in mindgrab's place (a whole
+    head, skull included: its 'intracranial volume' would be refused, so the anatomy check only flags)."""
+    return run_item("brain_tissue", {"image": image}, tmp, {"models": ["brainchop_mindgrab", "brainchop_gw"], "etiv": False,
+                                                           "anatomy": {"refuse": False}},
                     model_dir=shared_dir / "models", name="sub-01_T1w", models=[[_head_mask_model()], [gw_model]])
 
 

@@ -401,3 +401,15 @@ def test_e2e_cohort_tables(run):
     assert side["etiv"]["det"] > 0 and side["inference"]["crop"] == "brain_mask"
     assert (run["out"] / "brain_tissue/sub-01/figures/sub-01_T1w_desc-MNI_regcheck.png").is_file()
     assert (run["out"] / "qc/index.html").is_file()
+    # the anatomy checks on these real heads, with their margins to the thresholds
+    from cohortseg.science.anatomy import limits
+
+    lim = limits("brain_tissue", {})
+    for sub in ("sub-01", "sub-02"):
+        rec = json.loads((run["out"] / "work/records" / f"{sub}.json").read_text())["pipelines"]["brain_tissue"]
+        checks = rec[f"{sub}_T1w"]["checks"]
+        print(sub, checks, {k: lim[k] for k in ("min_fov_mm", "min_head_mm", "icv_range_ml", "max_sides_touched")})
+        assert min(checks["head"]["fov_mm"][:2]) >= 1.5 * lim["min_fov_mm"]
+        assert min(checks["head"]["head_mm"][:2]) >= 1.3 * lim["min_head_mm"]
+        assert 1300 < checks["brain_mask"]["volume_ml"] < 2000
+        assert len(checks["brain_mask"]["sides_touched"]) <= 1

@@ -331,12 +331,29 @@ def subject_rows(files: list[BidsFile], pipelines: dict, routers: dict | None = 
     for f in files:
         sessions.setdefault((f"sub-{f.entities['sub']}", f"ses-{f.entities['ses']}" if "ses" in f.entities else ""),
                             []).append(f)
+    suffixes = {p: _suffixes(roles) for p, roles in pipelines.items()}
     routers = routers or {}
     out = {}
     for (pid, sid), sfiles in sorted(sessions.items()):
-        out[(pid, sid)] = [r for pname, roles in pipelines.items()
-                           for r in _session_rows(pid, sid, pname, roles, sfiles, routers.get(pname))]
+        rows = []
+        for pname, roles in pipelines.items():
+            sx = suffixes[pname]
+            rows += _session_rows(pid, sid, pname, roles, sfiles if sx is None else [f for f in sfiles if f.suffix in sx],
+                                  routers.get(pname))
+        out[(pid, sid)] = rows
     return out
+
+
+def _suffixes(roles: dict) -> frozenset | None:
+    """The suffixes any role of a pipeline can match (None: some role has no suffix filter), so the
+    role filters only see the images that can match (the same candidates, fewer tests)."""
+    out = set()
+    for filters, *_ in roles.values():
+        want = filters.get("suffix", ...)
+        if want is ... or want is None:
+            return None
+        out.update(str(w) for w in want) if isinstance(want, (list, tuple)) else out.add(str(want))
+    return frozenset(out)
 
 
 def _session_rows(pid, sid, pname, roles, sfiles, route=None):
@@ -691,7 +708,7 @@ def load_or_build(bids_dir, manifest_path, pipelines: dict, participant_label=()
     scan_key = hashlib.sha256(json.dumps([str(Path(bids_dir).resolve()), list(datatypes), sorted(sidecar_keys)]
                                          ).encode()).hexdigest()
     notes: list[str] = []
-    old, old_tsv, cache = None, None, None
+    old, cache = None, None
     if meta and not rebuild and meta.get("version") == MANIFEST_VERSION:
         try:
             old = open_manifest(manifest_path, write_index=True)

@@ -98,7 +98,7 @@ class Plan:
         index is read (session keys, pipelines with an item per session), never its rows."""
         m = self.manifest
         keys = sorted(m.keys) if m is not None else []
-        self.sessions = {k: m.session(k) for k in keys}
+        self.sessions = {k: (pid, sid) for k in keys for pid, _, sid in (k.partition("_"),)}
         inf = self.config.get("inference") or {}
         if inf.get("shard_size"):
             size = int(inf["shard_size"])
@@ -113,11 +113,15 @@ class Plan:
         self.shards = [keys[i:i + size] for i in range(0, len(keys), size)]
         todo: dict[str, set] = {}
         if m is not None:
-            ok_of = dict(zip(m.keys, m.ok))
-            for i, shard in enumerate(self.shards):
+            if keys == m.keys:
+                ok = m.ok
+            else:  # the file's order is not the sorted one: masks in shard order
+                ok_of = dict(zip(m.keys, m.ok))
+                ok = [ok_of[k] for k in keys]
+            for i in range(len(self.shards)):
                 mask = 0
-                for k in shard:
-                    mask |= ok_of[k]
+                for o in set(ok[i * size:(i + 1) * size]):
+                    mask |= o
                 for p in m.ok_pipelines(mask):
                     todo.setdefault(p, set()).add(i)
         self.infer_shards = {p: todo[p] for p in self.pipelines if p in todo}
