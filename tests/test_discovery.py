@@ -1,5 +1,6 @@
 """Discovery: BIDS parsing, filters, ambiguity/missing reports, the cached manifest."""
 import json
+from pathlib import Path
 import os
 import time
 
@@ -9,6 +10,14 @@ from cohortseg.workflow import discovery
 from cohortseg.fakebids import make_fake_bids
 
 ROLES = {"sc_gm": {"image": ({"suffix": "T2starw"}, True, False)}}
+
+def _rows(bids, roles, **kw):
+    """The rows of a discovery from scratch (every folder listed), as a list."""
+    import uuid
+
+    return list(discovery.load_or_build(bids, Path(str(bids) + "-out") / f"manifest-{uuid.uuid4().hex}.tsv", roles,
+                                        rebuild=True, **kw))
+
 
 
 def test_parse_name():
@@ -20,19 +29,18 @@ def test_parse_name():
 
 def test_sessions_and_rows(tmp_path):
     make_fake_bids(tmp_path, 4, contrasts=("T2starw",), session_every=2)
-    rows, fp = discovery.build_manifest(tmp_path, ROLES)
+    rows = _rows(tmp_path, ROLES)
     keys = [(r["participant_id"], r["session_id"]) for r in rows]
     assert keys == [("sub-00001", "ses-01"), ("sub-00001", "ses-02"), ("sub-00002", ""),
                     ("sub-00003", "ses-01"), ("sub-00003", "ses-02"), ("sub-00004", "")]
     assert all(r["status"] == "ok" for r in rows)
     assert rows[0]["item"] == "sub-00001_ses-01_T2starw"
     assert json.loads(rows[0]["inputs"])["image"].endswith("sub-00001/ses-01/anat/sub-00001_ses-01_T2starw.nii.gz")
-    assert len(fp) == 64
 
 
 def test_missing_contrast_is_reported_not_dropped(tmp_path):
     make_fake_bids(tmp_path, 2, contrasts=("T1w",), session_every=0)
-    rows, _ = discovery.build_manifest(tmp_path, ROLES)
+    rows = _rows(tmp_path, ROLES)
     assert [r["status"] for r in rows] == ["missing", "missing"]
     assert "no image for role 'image'" in rows[0]["error"] and "T2starw" in rows[0]["error"]
 
@@ -42,25 +50,25 @@ def test_ambiguity_lists_candidates_and_filter(tmp_path):
     anat.mkdir(parents=True)
     for n in ("sub-01_acq-a_T2starw.nii.gz", "sub-01_acq-b_T2starw.nii.gz"):
         (anat / n).touch()
-    rows, _ = discovery.build_manifest(tmp_path, ROLES)
+    rows = _rows(tmp_path, ROLES)
     assert rows[0]["status"] == "ambiguous"
     err = rows[0]["error"]
     assert "sub-01_acq-a_T2starw.nii.gz" in err and "sub-01_acq-b_T2starw.nii.gz" in err
     assert "sc_gm.filters.image" in err and "acq" in err
     # the filter resolves it
-    rows, _ = discovery.build_manifest(tmp_path, {"sc_gm": {"image": ({"suffix": "T2starw", "acq": "b"}, True, False)}})
+    rows = _rows(tmp_path, {"sc_gm": {"image": ({"suffix": "T2starw", "acq": "b"}, True, False)}})
     assert rows[0]["status"] == "ok" and rows[0]["item"] == "sub-01_acq-b_T2starw"
 
 
 def test_multiple_role_gives_one_item_per_image(tmp_path):
     make_fake_bids(tmp_path, 1, contrasts=("T1w", "T2w", "T2starw"), session_every=0)
-    rows, _ = discovery.build_manifest(tmp_path, {"sc_csa": {"image": ({"suffix": ["T1w", "T2w"]}, True, True)}})
+    rows = _rows(tmp_path, {"sc_csa": {"image": ({"suffix": ["T1w", "T2w"]}, True, True)}})
     assert sorted(r["item"] for r in rows) == ["sub-00001_T1w", "sub-00001_T2w"]
 
 
 def test_participant_selection(tmp_path):
     make_fake_bids(tmp_path, 5, contrasts=("T2starw",), session_every=0)
-    rows, _ = discovery.build_manifest(tmp_path, ROLES, participant_label=["00002", "sub-00003"], exclude=["00003"])
+    rows = _rows(tmp_path, ROLES, participant_label=["00002", "sub-00003"], exclude=["00003"])
     assert [r["participant_id"] for r in rows] == ["sub-00002"]
 
 
@@ -113,7 +121,7 @@ def test_cached_manifest_equals_uncached_rows(tmp_path):
     bids, man = _cohort(tmp_path)
     (bids / "sub-00002" / "anat" / "sub-00002_T1w.nii.gz").unlink()  # a 'missing' row too
     m = discovery.load_or_build(bids, man, ROLES2)
-    rows, _ = discovery.build_manifest(bids, ROLES2)
+    rows = _rows(bids, ROLES2)
     assert list(m) == rows == discovery.read_manifest(man)
     assert len(m) == len(rows) and m.stats["written"]
     assert [r["status"] for r in rows if r["participant_id"] == "sub-00002"] == ["ok", "missing"]
@@ -137,7 +145,7 @@ def test_unchanged_subject_folders_are_not_listed_again(tmp_path):
     assert by["sub-00003_ses-01"][0]["status"] == "ambiguous"
     assert by["sub-00003_ses-02"][0]["status"] == "ok"
     # the other subjects' rows are the same bytes as before
-    assert discovery.build_manifest(bids, ROLES2)[0] == list(m)
+    assert _rows(bids, ROLES2) == list(m)
     old = tsv.decode().splitlines()
     assert [ln for ln in old if "sub-00003" not in ln] == [ln for ln in man.read_text().splitlines() if "sub-00003" not in ln]
     # a new subject and a removed one
@@ -150,7 +158,7 @@ def test_unchanged_subject_folders_are_not_listed_again(tmp_path):
     assert m.stats["listed"] == ["sub-00003", "sub-00009"]  # sub-00003's folder was modified a moment ago
     assert m.stats["changed"] == ["sub-00009"] and m.stats["rows_rebuilt"] == 1
     assert [k for k in m.keys if k.startswith(("sub-00001", "sub-00009"))] == ["sub-00009"]
-    assert list(m) == discovery.build_manifest(bids, ROLES2)[0]
+    assert list(m) == _rows(bids, ROLES2)
 
 
 def test_selection_change_rebuilds_rows_without_listing(tmp_path):
@@ -158,7 +166,7 @@ def test_selection_change_rebuilds_rows_without_listing(tmp_path):
     discovery.load_or_build(bids, man, ROLES2)
     m = discovery.load_or_build(bids, man, ROLES)  # another pipeline set
     assert m.stats["listed"] == [] and m.stats["rows_rebuilt"] == 5
-    assert list(m) == discovery.build_manifest(bids, ROLES)[0]
+    assert list(m) == _rows(bids, ROLES)
     m = discovery.load_or_build(bids, man, ROLES, participant_label=["00002"])
     assert {r["participant_id"] for r in m} == {"sub-00002"} and m.stats["listed"] == []
 
@@ -232,7 +240,7 @@ def test_corrupt_or_stale_index_falls_back_to_the_tsv(tmp_path, caplog):
     m = discovery.load_or_build(bids, man, ROLES2)
     assert m.stats["listed"] == sorted(p.name for p in bids.glob("sub-*"))
     assert any("discovery cache stale or corrupt" in n for n in m.notes)
-    assert list(m) == discovery.build_manifest(bids, ROLES2)[0]
+    assert list(m) == _rows(bids, ROLES2)
 
 
 def test_corrupt_scan_cache_lists_again(tmp_path):
@@ -241,7 +249,7 @@ def test_corrupt_scan_cache_lists_again(tmp_path):
     man.with_suffix(".scan.json").write_text("not json")
     m = discovery.load_or_build(bids, man, ROLES2)
     assert len(m.stats["listed"]) == 5 and any("discovery cache stale or corrupt" in n for n in m.notes)
-    assert list(m) == discovery.build_manifest(bids, ROLES2)[0]
+    assert list(m) == _rows(bids, ROLES2)
     assert discovery.load_or_build(bids, man, ROLES2).stats["listed"] == []
 
 @pytest.mark.shared

@@ -5,7 +5,6 @@
   :class:`LinearTransform` whose ``matrix`` maps **moving world RAS mm -> fixed world RAS mm**.
   A matrix serialises into a job's ``meta`` (``to_dict``) - no ANTs transform files to carry around.
 * :func:`apply` resamples an image onto a reference grid (scipy, nearest/linear/cubic);
-  :func:`transform_points` / :func:`points_to_mni` map world points.
 * Determinism: ITK runs single-threaded (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1`` is set before
   ants is first imported, unless the caller set it) and the metric sampling uses a fixed
   ``random_seed`` (passed both ways antspyx versions read it, see :func:`_seeded`), so the same
@@ -327,14 +326,6 @@ def apply(transform, img, reference=None, interpolation: str = "linear", inverse
     return nib.Nifti1Image(out, ref_aff)
 
 
-def transform_points(points_mm: np.ndarray, transform, inverse: bool = False) -> np.ndarray:
-    """Map (N,3) world RAS mm points from moving to fixed space (``inverse``: fixed -> moving)."""
-    tr = LinearTransform.from_dict(transform)
-    m = np.linalg.inv(tr.matrix) if inverse else np.asarray(tr.matrix, dtype=float)
-    p = np.asarray(points_mm, dtype=float).reshape(-1, 3)
-    return p @ m[:3, :3].T + m[:3, 3]
-
-
 def voxels_to_world(ijk: Sequence, affine: np.ndarray) -> np.ndarray:
     a = np.asarray(affine, dtype=float)
     p = np.asarray(ijk, dtype=float).reshape(-1, 3)
@@ -342,5 +333,5 @@ def voxels_to_world(ijk: Sequence, affine: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["LinearTransform", "register", "rigid", "affine", "affine_to_mni", "mni_template", "apply",
-           "transform_points", "to_ants", "from_ants", "voxels_to_world",
+           "to_ants", "from_ants", "voxels_to_world",
            "FAST_SCHEDULE", "DEFAULT_SEED"]

@@ -196,23 +196,6 @@ def subject_folders(bids_dir) -> list[tuple[str, str]]:
     return [(e.name, e.path) for e in _scandir(str(Path(bids_dir))) if e.name.startswith("sub-") and e.is_dir()]
 
 
-def scan(bids_dir, datatypes=("anat",), sidecar_keys=()) -> tuple[list[BidsFile], str]:
-    """All NIfTI files of `datatypes` under sub-*/[ses-*/]; returns (files, fingerprint).
-
-    The fingerprint hashes the mtimes of every folder visited: adding, removing or renaming a file
-    changes its folder's mtime, so a changed dataset is noticed without reading any file.
-    """
-    h = hashlib.sha256(str(Path(bids_dir).resolve()).encode())
-    files: list[BidsFile] = []
-    for name, path in subject_folders(bids_dir):
-        rec = scan_subject(path, datatypes, sidecar_keys)
-        SCAN_COUNTS["subjects_listed"] += 1
-        h.update(f"{name}\t{rec['dirs']}\n".encode())
-        files.extend(subject_files(path, rec))
-    return files, h.hexdigest()
-
-
-# -- rows --------------------------------------------------------------------------------------------
 def matches(f: BidsFile, filters: dict) -> bool:
     """BIDS filters: {'suffix': 'T1w' | [..], 'acq': 'x' | [..] | None (entity must be absent)}."""
     for key, want in _compiled(filters):
@@ -302,27 +285,6 @@ def routers_for(pipelines: dict, routing: dict | None) -> dict:
     ``anatomy``: {pipeline: 'brain' | 'spine' | ''} (see :func:`body_part_router`); None routes nothing."""
     return {p: body_part_router((routing.get("anatomy") or {}).get(p, ""), routing) if routing else None
             for p in pipelines}
-
-
-def build_manifest(bids_dir, pipelines: dict, participant_label=(), exclude=(),
-                   routing: dict | None = None) -> tuple[list[dict], str]:
-    """Rows for every session x pipeline: one per item, or a 'missing'/'ambiguous' row saying why.
-
-    `pipelines`: name -> {role: (filters, required, multiple)}; `routing`: see :func:`routers_for`.
-    (The uncached path; `load_or_build` builds the same rows one subject folder at a time.)
-    """
-    files, fingerprint = scan(bids_dir, sidecar_keys=(BODY_PART_KEY,) if routing else ())
-    routers = routers_for(pipelines, routing)
-    include, excl = _labels(participant_label, exclude)
-    by_sub: dict[str, list[BidsFile]] = {}
-    for f in files:
-        by_sub.setdefault(f.entities["sub"], []).append(f)
-    rows = []
-    for sub in sorted(by_sub, key=lambda s: f"sub-{s}"):
-        if _selected(sub, include, excl):
-            for srows in subject_rows(by_sub[sub], pipelines, routers).values():
-                rows.extend(srows)
-    return rows, fingerprint
 
 
 def subject_rows(files: list[BidsFile], pipelines: dict, routers: dict | None = None) -> dict[tuple[str, str], list[dict]]:
