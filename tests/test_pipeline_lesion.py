@@ -1,4 +1,4 @@
-"""The `cmb` and `wmh` pipelines (cohortseg.pipelines.lesion).
+"""The `cmb` and `wmh` pipelines (cohortseg.pipelines.cmb / .wmh, shared steps in cohortseg.pipelines.lesion).
 
 Stand-in SHIVA fold bundles (tests/standins.py: real tensor shapes, a 1x1x1 "dark detector" per fold)
 are written to tmp_path with a model_info json whose md5s are computed like SHIVA's; synthetic lesions

@@ -15,8 +15,8 @@ REGISTRY = {
     "sc_gm": "cohortseg.pipelines.sc_gm:ScGm",
     "sc_csa": "cohortseg.pipelines.sc_csa:ScCsa",
     "brain_tissue": "cohortseg.pipelines.brain_tissue:BrainTissue",
-    "cmb": "cohortseg.pipelines.lesion:Cmb",
-    "wmh": "cohortseg.pipelines.lesion:Wmh",
+    "cmb": "cohortseg.pipelines.cmb:Cmb",
+    "wmh": "cohortseg.pipelines.wmh:Wmh",
 }
 _cache: dict = {}
 _PACKAGE = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """``wmh`` with deep-T1-WMH (Thyreau et al. 2022, the JPSC-AD method): WM hypointensities on the T1 alone,
 the upstream quantities per session, and the head net's learned intracranial mask and eTIV.
 
-The :class:`cohortseg.pipelines.lesion.Wmh` plugin runs this path when its cards are the deep-T1-WMH
+The :class:`cohortseg.pipelines.wmh.Wmh` plugin runs this path when its cards are the deep-T1-WMH
 ones (``architecture.loader: deepwmh_torch``, or cards naming ``architecture.params.net`` head /
 affine / rois / wmh, e.g. a stand-in) - precisely, when one of them is the ``wmh`` net. The science is :mod:`cohortseg.science.deepwmh`:
 
