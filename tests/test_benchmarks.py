@@ -50,8 +50,11 @@ def test_plan_cohort_scaling_curve(tmp_path):
 def test_plan_cohort_pinned_shard_size(tmp_path):
     out = tmp_path / "plan.json"
     subprocess.run([sys.executable, str(REPO / "benchmarks/plan_cohort.py"), "--n", "12", "--pipelines", "sc_gm",
-                    "--shard-size", "5", "--out", str(out)], check=True, capture_output=True, timeout=600)
-    p = json.loads(out.read_text())["points"][0]
+                    "--shard-size", "5", "--stub-scontrol", "--out", str(out)], check=True, capture_output=True,
+                   timeout=600)
+    r = json.loads(out.read_text())
+    assert r["scontrol_stubbed"] is True
+    p = r["points"][0]
     # 12 participants, every third with 2 sessions -> 16 sessions in 4 shards of 5 sessions (and 1)
     assert (p["n_sessions"], p["shard_size"], p["n_shards"], p["shard_size_automatic"]) == (16, 5, 4, False)
     assert p["cached_replan"]["jobs"] == 4 * 3 + 3
