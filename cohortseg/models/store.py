@@ -11,6 +11,16 @@ from cohortseg.errors import ModelError
 from cohortseg.io import atomic_path, git_blob_sha1, md5sum, sha256sum, tree_md5, write_json_atomic
 
 
+#: the checksums a card's file entry may carry, in order of preference: (function, name, what a mismatch
+#: means); git_blob_sha1 is a file known by its upstream git blob id (git hash-object)
+FILE_CHECKSUMS = {
+    "sha256": (sha256sum, "sha256", "the file is corrupt or not the model the card describes"),
+    "git_blob_sha1": (git_blob_sha1, "git blob", "the file is truncated, corrupt (e.g. a git-lfs pointer) or not the "
+                                                 "model the card describes"),
+    "md5": (md5sum, "md5", "the file is corrupt or not the model the card describes"),
+}
+
+
 class ModelStore:
     """Files live under `model_dir` at each card's relative `file` path (bundles: beside their card).
 
@@ -59,31 +69,15 @@ class ModelStore:
                     raise ModelError(f"model '{card.name}': checksum mismatch for folder {path} "
                                      f"(md5 {got}, card says {entry['md5']})")
             digest = _dir_digest(path)
-        elif "sha256" in entry:
-            digest = sha256sum(path)
-            if digest.lower() != entry["sha256"].lower():
-                raise ModelError(
-                    f"model '{card.name}': checksum mismatch for {path} (sha256 {digest}, card says "
-                    f"{entry['sha256']}); the file is corrupt or not the model the card describes"
-                )
-        elif "git_blob_sha1" in entry:  # a file known by its upstream git blob id (git hash-object)
-            got = git_blob_sha1(path)
-            if got.lower() != entry["git_blob_sha1"].lower():
-                raise ModelError(
-                    f"model '{card.name}': checksum mismatch for {path} (git blob {got}, card says "
-                    f"{entry['git_blob_sha1']}); the file is truncated, corrupt (e.g. a git-lfs pointer) or "
-                    "not the model the card describes"
-                )
-            digest = sha256sum(path)
-        elif "md5" in entry:
-            digest = md5sum(path)
-            if digest.lower() != entry["md5"].lower():
-                raise ModelError(
-                    f"model '{card.name}': checksum mismatch for {path} (md5 {digest}, card says {entry['md5']})"
-                )
-            digest = sha256sum(path)
         else:
-            digest = sha256sum(path)
+            kind = next((k for k in FILE_CHECKSUMS if k in entry), None)
+            if kind is not None:
+                fn, name, meaning = FILE_CHECKSUMS[kind]
+                got = fn(path)
+                if got.lower() != entry[kind].lower():
+                    raise ModelError(f"model '{card.name}': checksum mismatch for {path} ({name} {got}, card says "
+                                     f"{entry[kind]}); {meaning}")
+            digest = got if kind == "sha256" else sha256sum(path)
         self._verified[key] = digest
         return digest
 
