@@ -151,6 +151,11 @@ def fake_tree(trees: Path | None, tmp: Path, n: int) -> tuple[Path, float]:
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()
     make_fake_bids(root, n, contrasts=("T1w", "T2starw", "swi"), session_every=3)
+    # a real cohort's folders are old: age the fresh ones, or a plan right after would find them
+    # modified within discovery.RACY_NS of its scan and (rightly) list them again on the re-plan
+    old = time.time() - 3600
+    for d, _, _ in os.walk(root):
+        os.utime(d, (old, old))
     done.touch()
     return root, round(time.perf_counter() - t0, 1)
 
