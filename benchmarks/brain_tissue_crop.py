@@ -12,17 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
-
-from _common import emit  # noqa: E402
-
-SHARED = REPO.parent / "shared"
+from _common import SHARED, emit  # noqa: E402  (puts the repository on sys.path)
 
 
 def main() -> None:

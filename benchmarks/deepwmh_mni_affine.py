@@ -13,16 +13,9 @@ with the MNI152 brain mask, and the distance of its centroid from the template m
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
-
-from _common import emit  # noqa: E402
-
-SHARED = REPO.parent / "shared"
+from _common import SHARED, emit  # noqa: E402  (puts the repository on sys.path)
 T1S = {"deepwmh_example": SHARED / "data/brain/deep-T1-WMH/t1_image.nii.gz",
        "brainchop_t1_crop": SHARED / "data/brain/t1_crop.nii.gz"}
 

@@ -22,10 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
-
-from _common import emit  # noqa: E402
+from _common import REPO, emit  # noqa: E402  (puts the repository on sys.path)
 from plan_cohort import ALL, fake_tree, standin_cards  # noqa: E402
 
 STAGES = [  # (label, file suffix, function name)

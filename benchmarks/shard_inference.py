@@ -21,10 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
-
-from _common import emit  # noqa: E402
+from _common import REPO, emit  # noqa: E402  (puts the repository on sys.path)
 
 JOB = """
 import json, sys

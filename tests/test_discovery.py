@@ -226,16 +226,20 @@ def test_corrupt_or_stale_index_falls_back_to_the_tsv(tmp_path, caplog):
     # stale: the TSV edited by hand (an error message with a tab and a newline: quoted)
     rows[1]["error"] = 'edited\tby "hand"\nsecond line'
     rows[1]["status"] = "missing"
-    discovery.write_manifest(rows, tmp_path / "other.tsv", {})
-    man.write_bytes((tmp_path / "other.tsv").read_bytes())
+    import csv
+
+    with open(man, "w", newline="") as fh:  # as a spreadsheet saves it
+        w = csv.writer(fh, delimiter="\t", lineterminator="\n")
+        w.writerow(discovery.MANIFEST_COLUMNS)
+        w.writerows([r[c] for c in discovery.MANIFEST_COLUMNS] for r in rows)
     caplog.clear()
     with caplog.at_level("WARNING", logger="cohortseg.plan"):
         m = discovery.open_manifest(man)
     assert "manifest index stale (the TSV changed): rebuilt from manifest.tsv" in caplog.text
     got = m.rows(m.keys)
     assert [r for rs in got.values() for r in rs] == rows
-    assert discovery.index_from_tsv(man) == json.loads((tmp_path / "other.idx.json").read_text()) | {
-        "tsv": discovery._stamp(man)}
+    idx = discovery.index_from_tsv(man)
+    assert idx["keys"] == list(got) and idx["tsv"] == discovery._stamp(man) and idx["rows"] == len(rows)
     # the main process notices the TSV changed and lists everything again (with a note)
     m = discovery.load_or_build(bids, man, ROLES2)
     assert m.stats["listed"] == sorted(p.name for p in bids.glob("sub-*"))

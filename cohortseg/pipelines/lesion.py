@@ -152,14 +152,6 @@ def _reindex(data: np.ndarray, vox: np.ndarray, shape: int):
     return out
 
 
-def _resample(data: np.ndarray, src_affine, shape, dst_affine, order: int) -> np.ndarray:
-    from scipy import ndimage
-
-    vox = np.linalg.inv(np.asarray(src_affine, float)) @ np.asarray(dst_affine, float)
-    return ndimage.affine_transform(data, vox[:3, :3], offset=vox[:3, 3], output_shape=tuple(int(s) for s in shape),
-                                    order=order, mode="constant", cval=0, prefilter=order > 1)
-
-
 def fallback_brain_mask(data: np.ndarray, affine) -> np.ndarray:
     """Crude morphological intracranial mask (see the module docstring), on a ~2 mm copy of the image:
     Otsu threshold of the positive voxels, erosion by a 4 mm ball (cuts the brain off the scalp), largest

@@ -138,11 +138,6 @@ class Centerline:
         pts[:, ia], pts[:, ib], pts[:, self.axis] = self.fit[:, 0], self.fit[:, 1], self.slices
         return pts
 
-    def world_points(self, affine) -> np.ndarray:
-        """(n, 3) world (mm) coordinates of the fitted centreline."""
-        a = np.asarray(affine, dtype=float)
-        return self.voxel_points() @ a[:3, :3].T + a[:3, 3]
-
     def tangents(self, affine) -> np.ndarray:
         """(n, 3) world tangent, mm per slice step (not normalised), pointing to increasing slice."""
         d = np.zeros((len(self.slices), 3))

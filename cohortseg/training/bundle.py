@@ -181,12 +181,3 @@ def verify_bundle(bundle_dir) -> dict:
         if f.get("sha256") and sha256sum(p) != f["sha256"]:
             raise ModelError(f"bundle {bundle}: checksum mismatch for {f['file']}")
     return card
-
-
-def load_bundle_models(bundle_dir, folds: Sequence[int] | None = None) -> list:
-    """Verify the bundle and load its fold models (keras, uncompiled)."""
-    import keras
-
-    card = verify_bundle(bundle_dir)
-    entries = card["folds"] if folds is None else [card["folds"][i] for i in folds]
-    return [keras.models.load_model(str(Path(bundle_dir) / f["file"]), compile=False) for f in entries]

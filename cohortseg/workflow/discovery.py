@@ -389,31 +389,6 @@ def _tsv_bytes(rows: list[dict], header: bool = False) -> bytes:
 _ROW = operator.itemgetter(*MANIFEST_COLUMNS)
 
 
-def write_manifest(rows: list[dict], path, meta: dict) -> None:
-    """The TSV of `rows` (as they come), its meta and its index."""
-    path = Path(path)
-    chunks, entries = [], []
-    for key, srows in _group_by_session(rows):
-        chunks.append(_tsv_bytes(srows))
-        entries.append((key, len(chunks[-1]), _ok_mask(srows, _pipelines_of(rows))))
-    _write_all(path, chunks, entries, _pipelines_of(rows), len(rows), meta, scan=None)
-
-
-def _pipelines_of(rows) -> list[str]:
-    return list(dict.fromkeys(r["pipeline"] for r in rows))
-
-
-def _group_by_session(rows):
-    out: list = []
-    for r in rows:
-        k = session_key(r["participant_id"], r["session_id"])
-        if out and out[-1][0] == k:
-            out[-1][1].append(r)
-        else:
-            out.append((k, [r]))
-    return out
-
-
 def session_key(participant_id: str, session_id: str) -> str:
     return f"{participant_id}_{session_id}" if session_id else participant_id
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cohortseg.errors import ConfigError
-from cohortseg.workflow.discovery import replace_atomic, session_key  # noqa: F401  (session_key: re-exported)
+from cohortseg.workflow.discovery import replace_atomic
 
 #: the automatic shard size (inference.shard_size unset) starts here and doubles while the cohort
 #: would need more than inference.max_shards shards
@@ -55,13 +55,13 @@ class Plan:
 
         validate_semantics(config)
         out = Path(config["output_dir"])
-        roles = {}
+        roles, anatomy = {}, {}
         for name in config["pipelines"]:
             p = get_pipeline(name)
             user = (config.get(name) or {}).get("filters", {})
             roles[name] = {r: (user.get(r, spec.filters), spec.required, spec.multiple) for r, spec in p.roles.items()}
-        routing = {**(config.get("body_part") or {}),
-                   "anatomy": {name: get_pipeline(name).anatomy for name in config["pipelines"]}}
+            anatomy[name] = p.anatomy
+        routing = {**(config.get("body_part") or {}), "anatomy": anatomy}
         manifest = discovery.load_or_build(
             config["bids_dir"], out / "manifest.tsv", roles, config.get("participant_label", []),
             config.get("exclude_participant_label", []), rebuild=config.get("rebuild_manifest", False), check=check,
@@ -77,13 +77,6 @@ class Plan:
     def training_only(cls, config: dict) -> Plan:
         """The plan of a run whose only target is `train`: paths, but no sessions (bids_dir unused)."""
         return cls(config=config, manifest=None, out=Path(config["output_dir"]))
-
-    @property
-    def rows(self) -> list[dict]:
-        """Every manifest row (reads the whole TSV; the plan itself needs only the index)."""
-        if not hasattr(self, "_rows"):
-            self._rows = list(self.manifest) if self.manifest is not None else []
-        return self._rows
 
     def verify_models(self) -> dict:
         from cohortseg.models.cards import pipeline_cards
