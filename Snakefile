@@ -4,7 +4,7 @@ import os
 import sys
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 sys.path.insert(0, workflow.basedir)  # the package, also when not pip-installed
@@ -13,14 +13,15 @@ sys.path.insert(0, workflow.basedir)  # the package, also when not pip-installed
 configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
-from cohortseg.workflow.overrides import coerce_config, load_schema, override_hint
+from cohortseg.errors import CohortsegError
+from cohortseg.workflow.overrides import validate_config
 
-# nested --config values arrive as strings: '3' -> 3 where the schema wants a number
-coerce_config(config, load_schema(os.path.join(workflow.basedir, "config", "schemas", "config.schema.yaml")))
+# nested --config values arrive as strings: '3' -> 3 where the schema wants a number; then the
+# schema's checks (main process) and defaults (every process)
 try:
-    validate(config, "config/schemas/config.schema.yaml")
-except WorkflowError as e:
-    raise WorkflowError(override_hint(str(e))) from None
+    validate_config(config, check=not workflow.remote_exec)
+except CohortsegError as e:
+    raise WorkflowError(f"cohortseg: {e}") from None
 
 
 include: "rules/common.smk"

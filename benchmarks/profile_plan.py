@@ -5,7 +5,7 @@
     python benchmarks/profile_plan.py --n 10000 --replan        # the cached re-plan instead of the first plan
 
 Stages (cumulative time of their entry points; they nest, so they do not add up to the total):
-our code -- discovery (`load_or_build`), listing folders (`scan_subject`), rows (`subject_rows`),
+our code -- discovery (`load_or_build`), listing folders (`scan_subject`), rows (`SessionRows.rows`),
 the shard input lists (`write_shard_inputs`), the whole Plan (`Plan.from_config`), input functions;
 snakemake -- DAG building (`DAG.init`), per-input-file work (`collect_potential_dependencies`,
 `expand_input`), the mtime inventory, dry-run printing (`log_info`), the scheduler. cProfile slows
@@ -30,7 +30,8 @@ STAGES = [  # (label, file suffix, function name)
     ("cohortseg: discovery load_or_build", "workflow/discovery.py", "load_or_build"),
     ("cohortseg: listing subject folders (scandir)", "workflow/discovery.py", "scan_subject"),
     ("cohortseg: stat of cached folders", "workflow/discovery.py", "subject_unchanged"),
-    ("cohortseg: manifest rows", "workflow/discovery.py", "subject_rows"),
+    ("cohortseg: manifest rows", "workflow/discovery.py", "rows"),
+    ("cohortseg: listing process (list_subjects)", "workflow/discovery.py", "list_subjects"),
     ("cohortseg: writing manifest + caches", "workflow/discovery.py", "_write_all"),
     ("cohortseg: shard input lists (stat per image)", "workflow/plan.py", "write_shard_inputs"),
     ("cohortseg: model checksums", "workflow/plan.py", "verify_models"),

@@ -8,7 +8,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from cohortseg.errors import InputError
@@ -62,6 +61,8 @@ def _json_default(o):
 def save_nifti_atomic(data: np.ndarray, affine: np.ndarray, path, header=None, dtype=None) -> Path:
     """Save `data` with `affine` (sform and qform set, code 1 = scanner) atomically."""
     data = np.asarray(data if dtype is None else data.astype(dtype))
+    import nibabel as nib  # here, not at import: the workflow's parse imports this module
+
     img = nib.Nifti1Image(data, affine, header=header)
     img.set_data_dtype(data.dtype)
     img.set_sform(affine, code=1)
@@ -123,6 +124,8 @@ def load_image(path, allow_4d: bool = False, max_voxels: int = 200_000_000, need
     extreme anisotropy, all-zero/constant images, and mostly non-finite voxels (a few NaN/Inf are
     set to 0 with a warning).
     """
+    import nibabel as nib
+
     path = Path(path)
     warnings: list[str] = []
     if not path.is_file():

@@ -49,20 +49,19 @@ def run_item(pipeline: str, inputs: dict, out_dir, settings: dict | None = None,
     defaults, as the Snakefile validates it), cards and models from the config, prepare ->
     Prepared file -> predict -> Predicted file -> finalize. `models` replaces the loaded fold models
     (stand-ins). Returns {'prepared', 'predicted', 'metrics', 'files', 'flags', 'cards', 'models'}."""
-    from snakemake.utils import validate
-
     from cohortseg.models.cards import pipeline_cards
     from cohortseg.models.ensemble import load_models
     from cohortseg.models.store import ModelStore
     from cohortseg.pipelines import get_pipeline
     from cohortseg.pipelines.base import Context, Item, OutputWriter, Predicted, Prepared
+    from cohortseg.workflow.overrides import validate_config
 
     out_dir = Path(out_dir)
     config = {"bids_dir": str(out_dir), "output_dir": str(out_dir), "pipelines": [pipeline],
               pipeline: dict(settings or {})}
     if model_dir is not None:
         config["model_dir"] = str(model_dir)
-    validate(config, str(REPO / "config" / "schemas" / "config.schema.yaml"))
+    validate_config(config)
     cards = pipeline_cards(config, pipeline)
     if models is None:
         models = load_models(cards, ModelStore.from_config(config))

@@ -294,3 +294,107 @@ def test_body_part_routes_images_and_the_manifest_says_why(tmp_path, shared_dir)
     snakemake(tmp_path, "-n", "--cores", "1", configfile=cfg)
     text = (tmp_path / "out2" / "manifest.tsv").read_text()
     assert text.count("\tok\t") == 4
+
+
+def _varied_tree(root, seed, n=30):
+    """Sessions of every kind: with and without ses, missing and duplicate contrasts (ambiguous),
+    acq entities naming body parts, BodyPartExamined sidecars (odd values too), .nii and .nii.gz,
+    a bids_dir whose path needs JSON escaping."""
+    import random
+
+    rng = random.Random(seed)
+    for s in range(n):
+        sub = f"{rng.choice(['', 'x', 'P'])}{s:03d}"
+        for ses in [None] if rng.random() < .5 else [f"{k:02d}" for k in range(1, rng.randint(2, 4))]:
+            d = root / f"sub-{sub}" / (f"ses-{ses}" if ses else "") / "anat"
+            d.mkdir(parents=True, exist_ok=True)
+            for suf in rng.sample(["T1w", "T2w", "T2starw", "swi", "FLAIR", "labels", "T1w", "T2starw"], rng.randint(0, 6)):
+                ents = [f"sub-{sub}"] + ([f"ses-{ses}"] if ses else [])
+                if rng.random() < .2:
+                    ents.append(f"acq-{rng.choice(['cspine', 'brain', 'ax'])}")
+                if rng.random() < .1:
+                    ents.append(f"run-{rng.randint(1, 2)}")
+                name = "_".join(ents + [suf]) + rng.choice([".nii.gz", ".nii"])
+                (d / name).write_bytes(b"")
+                if rng.random() < .3:
+                    (d / (name.split(".")[0] + ".json")).write_text(json.dumps(
+                        {"BodyPartExamined": rng.choice(["BRAIN", "CSPINE", "knee", " Neck ", "", 3, ["a"]])}))
+    return root
+
+
+ALL_ROLES = {"sc_gm": {"image": ({"suffix": "T2starw"}, True, False)},
+             "sc_csa": {"image": ({"suffix": ["T1w", "T2w", "T2starw"]}, True, True),
+                        "levels": ({"suffix": "labels"}, False, False)},
+             "brain_tissue": {"image": ({"suffix": "T1w"}, True, False)},
+             "cmb": {"image": ({"suffix": "swi"}, True, False), "t1": ({"suffix": "T1w"}, False, False)},
+             "wmh": {"image": ({"suffix": "T1w"}, True, False), "flair": ({"suffix": "FLAIR"}, False, False)}}
+ROUTING = {"route": True, "entities": ["acq"], "terms": {"brain": ["BRAIN", "HEAD"], "spine": ["CSPINE", "NECK"]},
+           "anatomy": {"sc_gm": "spine", "sc_csa": "spine", "brain_tissue": "brain", "cmb": "brain", "wmh": "brain"}}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_session_shapes_decided_once_give_the_rows_of_each_session(tmp_path, seed):
+    """SessionRows decides once per session shape and fills in each session's labels and paths:
+    the rows equal those decided afresh for every session, for sessions of every kind; a filter
+    naming `ses` makes the session label part of the shape."""
+    bids = _varied_tree(tmp_path / ('my "data" ü' if seed % 2 else "bids"), seed)
+    make_fake_bids(bids, 8, contrasts=("T1w", "T2starw", "swi"), session_every=3)  # a cohort's usual shapes
+    roles = dict(ALL_ROLES)
+    if seed >= 4:
+        roles["sc_gm"] = {"image": ({"suffix": "T2starw", "ses": ["01"]}, True, False)}
+    routers = discovery.routers_for(roles, ROUTING)
+    shared = discovery.SessionRows(roles, routers, routing=ROUTING)
+    files = [f for name, path in discovery.subject_folders(bids)
+             for f in discovery.subject_files(path, discovery.scan_subject(path, sidecar_keys=("BodyPartExamined",)))]
+    sessions = discovery._sessions(files)
+    statuses = set()
+    for (pid, sid), sfiles in sessions:
+        fresh = discovery.SessionRows(roles, routers, routing=ROUTING).rows(pid, sid, sfiles)
+        assert shared.rows(pid, sid, sfiles) == fresh
+        statuses |= {r[4] for r in fresh[0]}
+        if seed >= 4 and sid not in ("", "ses-01") and any(f.suffix == "T2starw" for f in sfiles):
+            assert [r[4] for r in fresh[0] if r[2] == "sc_gm"] == ["missing"]
+    assert statuses == {"ok", "missing", "ambiguous"}
+    assert len(shared._memo) < len(sessions)
+    # and through the manifest: byte ranges, masks and inputs agree with the rows
+    m = discovery.load_or_build(bids, tmp_path / "out" / "manifest.tsv", roles, routing=ROUTING)
+    rows = m.rows(m.keys)
+    for k in m.keys:
+        assert m.inputs(k) == discovery._session_inputs(rows[k])
+
+
+def test_map_io_gives_the_same_results_serially_and_in_threads():
+    import threading
+
+    items = list(range(50))
+
+    def fn(i):
+        return i * i, threading.current_thread().name
+
+    serial = list(discovery.map_io(fn, items, slow_s=3600))
+    threaded = list(discovery.map_io(fn, items, slow_s=0))
+    assert [r for r, _ in serial] == [r for r, _ in threaded] == [i * i for i in items]
+    assert {t for _, t in serial} == {threading.current_thread().name}
+    assert len({t for _, t in threaded[1:]} - {threading.current_thread().name}) >= 1
+    assert list(discovery.map_io(fn, [], slow_s=0)) == []
+
+
+def test_listing_process_gives_the_records_of_an_in_process_listing(tmp_path, monkeypatch, caplog):
+    """At cohort scale a child process lists the subject folders while this one builds their rows:
+    the same records, sidecars counted; should the child fail, the rest is listed here."""
+    import sys
+
+    bids = _varied_tree(tmp_path / "bids", 3, n=40)
+    paths = [p for _, p in discovery.subject_folders(bids)]
+    now = time.time_ns()
+    before = discovery.SCAN_COUNTS["sidecars_read"]
+    here = list(discovery.list_subjects(paths, sidecar_keys=("BodyPartExamined",), now_ns=now, worker=False))
+    read_here = discovery.SCAN_COUNTS["sidecars_read"] - before
+    child = list(discovery.list_subjects(paths, sidecar_keys=("BodyPartExamined",), now_ns=now, worker=True))
+    assert child == here and len(here) == len(paths) and read_here > 0
+    assert discovery.SCAN_COUNTS["sidecars_read"] - before == 2 * read_here  # the child's reads counted too
+    assert any("sidecars" in r for r in here)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+    with caplog.at_level("WARNING", logger="cohortseg.plan"):
+        failed = list(discovery.list_subjects(paths, sidecar_keys=("BodyPartExamined",), now_ns=now, worker=True))
+    assert failed == here and "the listing process failed" in caplog.text

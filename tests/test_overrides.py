@@ -3,7 +3,8 @@ the schema (cohortseg.workflow.overrides), top-level and nested, through the rea
 import pytest
 
 from cohortseg.fakebids import make_fake_bids
-from cohortseg.workflow.overrides import coerce, coerce_config, load_schema, override_hint
+from cohortseg.errors import ConfigError
+from cohortseg.workflow.overrides import coerce, coerce_config, load_schema, override_hint, validate_config
 from helpers import job_counts, snakemake, write_config
 
 
@@ -27,6 +28,40 @@ def test_coerce_follows_the_schema():
         {"sc_gm": {"filters": {"image": {"run": "1"}}}, "nope": "1"}
     live = {"inference": {"shard_size": "2"}}
     assert coerce_config(live, schema) is live and live["inference"]["shard_size"] == 2
+
+
+def _walk(node):
+    yield node
+    for v in (node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()):
+        yield from _walk(v)
+
+
+@pytest.mark.parametrize("cfg", [
+    {"bids_dir": "b", "output_dir": "o"},
+    {"bids_dir": "b", "output_dir": "o", "pipelines": ["sc_gm", "wmh"], "inference": {"shard_size": 3},
+     "sc_gm": {"flip_tta": True}, "wmh": {"method": "shiva"}, "body_part": {"route": False}},
+])
+def test_cluster_jobs_get_the_same_defaults_without_validating(cfg):
+    """A cluster job (check=False) fills in the schema's defaults by walking the schema; the main
+    process validates with jsonschema. Both give what snakemake's own validate-with-defaults gives."""
+    import copy
+
+    from snakemake.utils import validate
+
+    schema = load_schema()
+    assert not any(k in ("$ref", "anyOf", "oneOf", "allOf", "if", "patternProperties") or
+                   (k == "additionalProperties" and isinstance(v, dict))
+                   for node in _walk(schema) if isinstance(node, dict) for k, v in node.items())
+    theirs = copy.deepcopy(cfg)
+    validate(theirs, str(load_schema.__globals__["SCHEMA"]))
+    main, remote = validate_config(copy.deepcopy(cfg)), validate_config(copy.deepcopy(cfg), check=False)
+    assert main == remote == theirs and main["inference"]["max_shards"] == 250
+    assert main != cfg  # defaults were added
+
+
+def test_validate_config_names_the_key():
+    with pytest.raises(ConfigError, match=r"inference/shard_size: 'x' is not of type 'integer'"):
+        validate_config({"bids_dir": "b", "output_dir": "o", "inference": {"shard_size": "x"}})
 
 
 def test_override_hint_shows_the_working_form():

@@ -129,23 +129,24 @@ def test_registry_schema_and_plugins_agree():
     for name in REGISTRY:
         assert get_pipeline(name).name == name
 
-@pytest.mark.parametrize("n, size", [(0, 20), (1, 20), (10_000, 20), (10_001, 40), (13_334, 40), (20_000, 40),
-                                     (20_001, 80), (80_000, 160), (133_334, 320), (160_001, 640)])
+@pytest.mark.parametrize("n, size", [(0, 20), (1, 20), (5_000, 20), (5_001, 40), (13_334, 80), (20_000, 80),
+                                     (20_001, 160), (80_000, 320), (133_334, 640), (160_001, 1280)])
 def test_auto_shard_size(n, size):
-    from cohortseg.workflow.plan import auto_shard_size
+    from cohortseg.workflow.plan import MAX_SHARDS, auto_shard_size
 
+    assert MAX_SHARDS == 250
     assert auto_shard_size(n) == size
-    assert -(-n // size) <= 500 and (size == 20 or -(-n // (size // 2)) > 500)
+    assert -(-n // size) <= 250 and (size == 20 or -(-n // (size // 2)) > 250)
 
 
 def test_auto_shard_size_doubling_merges_neighbour_shards():
     """When a growing cohort crosses a threshold the new shard k is exactly the old shards 2k, 2k+1."""
     from cohortseg.workflow.plan import auto_shard_size
 
-    keys = [f"sub-{i:06d}" for i in range(10_001)]
-    old, new = auto_shard_size(10_000), auto_shard_size(10_001)
+    keys = [f"sub-{i:06d}" for i in range(5_001)]
+    old, new = auto_shard_size(5_000), auto_shard_size(5_001)
     assert (old, new) == (20, 40)
-    old_shards = [keys[i:i + old] for i in range(0, 10_000, old)]
+    old_shards = [keys[i:i + old] for i in range(0, 5_000, old)]
     new_shards = [keys[i:i + new] for i in range(0, len(keys), new)]
     for k, shard in enumerate(new_shards[:-1]):
         assert shard == old_shards[2 * k] + old_shards[2 * k + 1]
@@ -161,7 +162,7 @@ def _plan(tmp_path, shared_dir, n, **inference):
 
 def test_auto_shard_size_in_plan_and_its_log(tmp_path, shared_dir):
     plan, _ = _plan(tmp_path, shared_dir, 34, max_shards=1)  # 34 participants -> 46 sessions
-    assert len(plan.sessions) == 46 and plan.shard_size == 80 and len(plan.shards) == 1
+    assert len(plan.session_keys()) == 46 and plan.shard_size == 80 and len(plan.shards) == 1
     msg = [m for m in plan.messages if "shard_size unset" in m]
     assert msg == ["inference.shard_size unset: automatic shard size 80 (46 sessions -> 1 shards; 20 sessions per "
                    "shard, doubled while there would be more than inference.max_shards = 1 shards)"]

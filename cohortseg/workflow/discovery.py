@@ -23,6 +23,11 @@ Four files under the output dir:
     a file rewritten in place does not (its content is noticed by the shard input lists of the plan
     and by the items' stamps, not by discovery). A changed selection rebuilds every row from the
     cached files without listing any folder.
+
+At cohort scale (100,000 subject folders) the first plan lists every folder in a child process
+(:func:`list_subjects`: system calls) while this one builds the rows (Python), and the rows of a
+session are filled in from decisions made once per session shape (:class:`SessionRows`). File
+system calls go to threads only when they are slow (:func:`map_io`: a network file system).
 """
 from __future__ import annotations
 
@@ -31,7 +36,6 @@ import hashlib
 import io
 import json
 import logging
-import operator
 import os
 import re
 import tempfile
@@ -53,17 +57,26 @@ RACY_NS = 2_000_000_000
 log = logging.getLogger("cohortseg.plan")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class BidsFile:
     path: str
     entities: dict  # 'sub', 'ses', 'acq', ... (values without prefix)
     suffix: str
     datatype: str
     sidecar: dict | None = field(default=None, compare=False)  # fields of its JSON sidecar (sidecar_keys)
+    #: what the manifest's decisions may depend on, the sub/ses labels left out (SessionRows)
+    shape: tuple = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        self.shape = (self.suffix, self.datatype, tuple(kv for kv in self.entities.items() if kv[0] not in _LABELS),
+                      _sidecar_key(self.sidecar))
 
     @property
     def stem(self) -> str:
         return _stem(os.path.basename(self.path))
+
+
+_LABELS = ("sub", "ses")
 
 
 def parse_name(name: str) -> tuple[dict, str] | None:
@@ -105,7 +118,28 @@ def _scandir(path):
 # -- the scan, one subject folder at a time ---------------------------------------------------------
 SCAN_COUNTS = {"subjects_listed": 0, "sidecars_read": 0}  # for tests: what the last scans did
 _COUNT_LOCK = threading.Lock()
-LIST_THREADS = 4  # subject folders stat'ed / listed concurrently (system calls release the GIL)
+IO_THREADS = 8  # threads for file system calls when they are slow (see map_io)
+#: a subject folder that takes longer than this to list (or stat) means a slow file system
+SLOW_SUBJECT_S = 0.0005
+
+
+def map_io(fn, items: list, slow_s: float, threads: int = IO_THREADS):
+    """fn(item) for every item, in order, serially while the calls are fast, else in threads.
+
+    The first item is run here and timed: under `slow_s`, a local file system with the metadata
+    cached, where threads only fight over the GIL (measured: 4 threads made the 100,000-subject
+    plan slower, 19 s more system time); over it, a network file system or a cold disk, where
+    the calls' latency overlaps in `threads` threads. The results are the same either way."""
+    if not items:
+        return
+    t0 = time.perf_counter()
+    yield fn(items[0])
+    rest = items[1:]
+    if time.perf_counter() - t0 < slow_s:
+        yield from map(fn, rest)
+    else:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            yield from pool.map(fn, rest)
 
 
 def _mtime(path) -> int:
@@ -158,6 +192,92 @@ def scan_subject(sub_path: str, datatypes=("anat",), sidecar_keys=(), now_ns: in
 
 
 _SAFE = re.compile(r"^[^\t\n/]+$").match  # folder names the tab-joined cache can hold
+
+
+#: at least this many subject folders to list: a second process lists them while this one builds
+#: their rows (the listing is system calls, the rows Python: on two cores they overlap; threads
+#: would fight over the GIL instead)
+WORKER_MIN_SUBJECTS = 2000
+_BATCH = 256
+
+
+def _scan_batch(paths, datatypes, sidecar_keys, now_ns) -> list[dict]:
+    return [scan_subject(p, datatypes, sidecar_keys, now_ns) for p in paths]
+
+
+def list_subjects(paths: list[str], datatypes=("anat",), sidecar_keys=(), now_ns: int | None = None,
+                  worker: bool | None = None):
+    """scan_subject(path) for each path, in order (a generator). With `worker` (default: at least
+    WORKER_MIN_SUBJECTS paths and more than one CPU) a child process lists them (``python -m
+    cohortseg.workflow.discovery``; its records arrive a batch at a time, so the caller builds
+    rows meanwhile); should it fail, the rest is listed here. The records are the same."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    if worker is None:
+        worker = len(paths) >= WORKER_MIN_SUBJECTS and (os.cpu_count() or 1) > 1
+    done = 0
+    if worker and paths:
+        try:
+            for rec in _worker_records(paths, list(datatypes), list(sidecar_keys), now_ns):
+                done += 1
+                yield rec
+        except (OSError, ValueError) as e:
+            log.warning(f"discovery: the listing process failed ({e}); listing the remaining "
+                        f"{len(paths) - done:,} subject folders here")
+    batches = [paths[i:i + _BATCH] for i in range(done, len(paths), _BATCH)]
+    for recs in map_io(lambda b: _scan_batch(b, datatypes, sidecar_keys, now_ns), batches, SLOW_SUBJECT_S * _BATCH):
+        yield from recs
+
+
+def _worker_records(paths, datatypes, sidecar_keys, now_ns):
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[2])  # the package's folder, also when not installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "cohortseg.workflow.discovery"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=env)
+    try:
+        try:  # room for a few batches, so the listing runs ahead of the rows (Linux)
+            import fcntl
+
+            fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+        except (ImportError, AttributeError, OSError):
+            pass
+        proc.stdin.write(_json_bytes({"paths": paths, "datatypes": datatypes, "sidecar_keys": sidecar_keys,
+                                      "now_ns": now_ns}))
+        proc.stdin.close()
+        n = 0
+        for line in proc.stdout:
+            msg = json.loads(line)
+            if "counts" in msg:
+                with _COUNT_LOCK:
+                    SCAN_COUNTS["sidecars_read"] += msg["counts"]["sidecars_read"]
+                continue
+            for rec in msg["records"]:
+                n += 1
+                yield rec
+        if proc.wait() != 0 or n != len(paths):
+            raise OSError(f"exit status {proc.returncode}, {n:,} of {len(paths):,} folders listed")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def _worker_main() -> None:
+    """The listing process: a task (JSON) on stdin, a line of records per batch on stdout."""
+    import sys
+
+    task = json.load(sys.stdin)
+    paths = task["paths"]
+    args = (tuple(task["datatypes"]), tuple(task["sidecar_keys"]), task["now_ns"])
+    batches = [paths[i:i + _BATCH] for i in range(0, len(paths), _BATCH)]
+    out = sys.stdout.buffer
+    for recs in map_io(lambda b: _scan_batch(b, *args), batches, SLOW_SUBJECT_S * _BATCH):
+        out.write(_json_bytes({"records": recs}))
+    out.write(_json_bytes({"counts": {"sidecars_read": SCAN_COUNTS["sidecars_read"]}}))
+    out.flush()
 
 
 def _read_sidecar(path, keys) -> dict:
@@ -241,7 +361,8 @@ def body_part_router(anatomy: str, routing: dict):
     an entity value naming one (``routing['entities']``, e.g. ``acq-cspine``). A value among
     ``routing['terms'][anatomy]`` keeps the image; any other sidecar value, or an entity naming
     another anatomy's term, excludes it; no body part: kept (most datasets say nothing). `note`
-    says what was found and decided (the manifest's body_part column)."""
+    says what was found and decided, after the file's name (the manifest's body_part column is
+    ``<name><note>``); '' when nothing was found."""
     terms = {a: [_normalised(t) for t in ts] for a, ts in (routing.get("terms") or {}).items()}
     entities = routing.get("entities") or []
 
@@ -249,16 +370,15 @@ def body_part_router(anatomy: str, routing: dict):
         if not anatomy or not routing.get("route", True):
             return True, ""
         value = str((f.sidecar or {}).get(BODY_PART_KEY) or "").strip()
-        name = os.path.basename(f.path)
         if value:
             keep = _normalised(value) in terms.get(anatomy, [])
-            return keep, f"{name}: BodyPartExamined {value} -> {'kept' if keep else 'excluded'} ({anatomy})"
+            return keep, f": BodyPartExamined {value} -> {'kept' if keep else 'excluded'} ({anatomy})"
         for ent in entities:
             v = _normalised(f.entities.get(ent, ""))
             named = {a for a, ts in terms.items() if v and any(t and t in v for t in ts)}
             if named:
                 keep = anatomy in named
-                return keep, f"{name}: {ent}-{f.entities[ent]} -> {'kept' if keep else 'excluded'} ({anatomy})"
+                return keep, f": {ent}-{f.entities[ent]} -> {'kept' if keep else 'excluded'} ({anatomy})"
         return True, ""
 
     return route
@@ -287,25 +407,6 @@ def routers_for(pipelines: dict, routing: dict | None) -> dict:
             for p in pipelines}
 
 
-def subject_rows(files: list[BidsFile], pipelines: dict, routers: dict | None = None) -> dict[tuple[str, str], list[dict]]:
-    """(participant_id, session_id) -> rows, sessions sorted, for the files of one subject."""
-    sessions: dict[tuple[str, str], list[BidsFile]] = {}
-    for f in files:
-        sessions.setdefault((f"sub-{f.entities['sub']}", f"ses-{f.entities['ses']}" if "ses" in f.entities else ""),
-                            []).append(f)
-    suffixes = {p: _suffixes(roles) for p, roles in pipelines.items()}
-    routers = routers or {}
-    out = {}
-    for (pid, sid), sfiles in sorted(sessions.items()):
-        rows = []
-        for pname, roles in pipelines.items():
-            sx = suffixes[pname]
-            rows += _session_rows(pid, sid, pname, roles, sfiles if sx is None else [f for f in sfiles if f.suffix in sx],
-                                  routers.get(pname))
-        out[(pid, sid)] = rows
-    return out
-
-
 def _suffixes(roles: dict) -> frozenset | None:
     """The suffixes any role of a pipeline can match (None: some role has no suffix filter), so the
     role filters only see the images that can match (the same candidates, fewer tests)."""
@@ -318,37 +419,132 @@ def _suffixes(roles: dict) -> frozenset | None:
     return frozenset(out)
 
 
-def _session_rows(pid, sid, pname, roles, sfiles, route=None):
-    base = {"participant_id": pid, "session_id": sid, "pipeline": pname}
-    chosen, problems, notes = {}, [], []
-    primary = next(iter(roles))
-    for role, (filters, required, multiple) in roles.items():
-        cands = [f for f in sfiles if matches(f, filters)]
-        if route is not None:
-            decided = [(f, *route(f)) for f in cands]
-            notes += [note for _, _, note in decided if note]
-            cands = [f for f, keep, _ in decided if keep]
-        if not cands:
-            if required:
-                problems.append(("missing", f"no image for role '{role}' matching {json.dumps(filters)}"))
-            continue
-        if len(cands) > 1 and not multiple:
-            names = ", ".join(os.path.basename(c.path) for c in cands)
-            problems.append(("ambiguous", f"{len(cands)} images match role '{role}' ({names}); "
-                                          f"set {pname}.filters.{role} with one of: {_filter_hint(cands)}"))
-            continue
-        chosen[role] = cands
-    body_part = "; ".join(notes)
-    if problems:
-        status = "ambiguous" if any(p[0] == "ambiguous" for p in problems) else "missing"
-        return [{**base, "item": "", "status": status, "error": "; ".join(p[1] for p in problems), "inputs": "{}",
-                 "body_part": body_part}]
-    rows = []
-    shared_inputs = {r: c[0].path for r, c in chosen.items() if r != primary}
-    for f in chosen[primary]:
-        rows.append({**base, "item": f.stem, "status": "ok", "error": "",
-                     "inputs": json.dumps({primary: f.path, **shared_inputs}, sort_keys=True), "body_part": body_part})
-    return rows
+_json_str = json.encoder.encode_basestring_ascii  # what json.dumps writes for a str (the C encoder)
+
+
+def _sidecar_key(sidecar) -> tuple | None:
+    if not sidecar:
+        return None
+    return tuple((k, v if isinstance(v, (str, int, float, bool)) else json.dumps(v, sort_keys=True))
+                 for k, v in sorted(sidecar.items()))
+
+
+class SessionRows:
+    """The manifest rows of sessions from their image files.
+
+    What the rows say (which image fills each role of each pipeline, or why none can, and what the
+    body-part routing decided) depends on each image's suffix, datatype, entities and sidecar
+    fields, not on the participant and session labels: a cohort has a few session *shapes*, and
+    each shape's decisions are made once (:meth:`recipe`) and then filled in with each session's
+    labels, paths and names (:meth:`rows`). The labels enter the shape only when a pipeline's
+    filters or the routing entities name ``sub`` or ``ses``. `plist`: the pipeline order of the
+    ok masks."""
+
+    MAX_SHAPES = 100_000  # a pathological dataset (a shape per session) only loses the cache
+
+    def __init__(self, pipelines: dict, routers: dict | None = None, plist=None, routing: dict | None = None):
+        self.pipelines = pipelines
+        self.routers = routers or {}
+        self.suffixes = {p: _suffixes(roles) for p, roles in pipelines.items()}
+        self.bits = {p: 1 << i for i, p in enumerate(plist if plist is not None else pipelines)}
+        named = {k for roles in pipelines.values() for filters, *_ in roles.values() for k in filters}
+        named |= set((routing or {}).get("entities") or ())
+        self.named_labels = tuple(k for k in _LABELS if k in named)  # then part of the shape
+        self._memo: dict = {}
+        self.tsv = _TsvWriter()
+
+    # -- decisions, once per shape ----------------------------------------------------------------
+    def recipe(self, files: list[BidsFile]) -> tuple:
+        """(rows, ok mask, indices of the files the ok rows use, whether a file name goes in), rows as (pipeline, item file index
+        or None, status, error parts, inputs parts or None, body_part parts); a part is a str, or
+        the index of a file whose name goes there."""
+        key = (tuple(f.shape for f in files), *(files[0].entities.get(k) for k in self.named_labels)) if files else ()
+        hit = self._memo.get(key)
+        if hit is None:
+            if len(self._memo) >= self.MAX_SHAPES:
+                self._memo.clear()
+            hit = self._memo[key] = self._decide(files)
+        return hit
+
+    def _decide(self, files: list[BidsFile]) -> tuple:
+        rows = []
+        for pname, roles in self.pipelines.items():
+            sx = self.suffixes[pname]
+            idx = [i for i, f in enumerate(files) if sx is None or f.suffix in sx]
+            rows += self._pipeline(pname, roles, files, idx, self.routers.get(pname))
+        mask, used = 0, set()
+        for r in rows:
+            if r[2] == "ok":
+                mask |= self.bits.get(r[0], 0)
+                used.update(i for _, i in r[4])
+        # the recipe as render() wants it: texts without a file's name in them as strings, the
+        # inputs as (JSON key + ': ', file index), the file indices whose stem / JSON path goes in
+        rows = tuple((p, item, status, _text(error), None if inputs is None else tuple((f"{k}: ", i) for k, i in inputs),
+                      _text(body_part)) for p, item, status, error, inputs, body_part in rows)
+        names = any(not isinstance(t, str) for r in rows for t in (r[3], r[5]))
+        return rows, mask, tuple(sorted(used)), names
+
+    @staticmethod
+    def _pipeline(pname, roles, files, idx, route) -> list[tuple]:
+        chosen, problems, notes = {}, [], []
+        primary = next(iter(roles))
+        for role, (filters, required, multiple) in roles.items():
+            cands = [i for i in idx if matches(files[i], filters)]
+            if route is not None:
+                decided = [(i, *route(files[i])) for i in cands]
+                notes += [(i, note) for i, _, note in decided if note]
+                cands = [i for i, keep, _ in decided if keep]
+            if not cands:
+                if required:
+                    problems.append(("missing", [f"no image for role '{role}' matching {json.dumps(filters)}"]))
+                continue
+            if len(cands) > 1 and not multiple:
+                names = [p for i in cands for p in (", ", i)][1:]
+                problems.append(("ambiguous", [f"{len(cands)} images match role '{role}' (", *names,
+                                               f"); set {pname}.filters.{role} with one of: "
+                                               f"{_filter_hint([files[i] for i in cands])}"]))
+                continue
+            chosen[role] = cands
+        body_part = tuple(p for i, note in notes for p in ("; ", i, note))[1:]
+        if problems:
+            status = "ambiguous" if any(p[0] == "ambiguous" for p in problems) else "missing"
+            error = tuple(p for _, parts in problems for p in ("; ", *parts))[1:]
+            return [(pname, None, status, error, None, body_part)]
+        shared = {r: c[0] for r, c in chosen.items() if r != primary}
+        return [(pname, i, "ok", (), tuple((_json_str(r), j) for r, j in sorted({primary: i, **shared}.items())),
+                 body_part) for i in chosen.get(primary, ())]
+
+    # -- rows of one session ----------------------------------------------------------------------
+    def rows(self, pid: str, sid: str, files: list[BidsFile]) -> tuple[list[list[str]], int, list[str]]:
+        """(rows as lists in MANIFEST_COLUMNS order, ok mask, the input files the ok rows name)."""
+        recipe, mask, used, named = self.recipe(files)
+        names = [os.path.basename(f.path) for f in files] if named else None
+        quoted = {i: _json_str(files[i].path) for i in used}
+        stems: dict[int, str] = {}
+        out = []
+        for pname, item, status, error, inputs, body_part in recipe:
+            if item is not None and item not in stems:
+                stems[item] = files[item].stem
+            out.append([pid, sid, pname, "" if item is None else stems[item], status,
+                        error if isinstance(error, str) else "".join(p if isinstance(p, str) else names[p] for p in error),
+                        "{}" if inputs is None else "{" + ", ".join([k + quoted[i] for k, i in inputs]) + "}",
+                        body_part if isinstance(body_part, str) else
+                        "".join(p if isinstance(p, str) else names[p] for p in body_part)])
+        return out, mask, sorted([files[i].path for i in used])
+
+
+def _text(parts: tuple):
+    """Text parts (str, or the index of a file whose name goes there) as one str when no name goes in."""
+    return "".join(parts) if all(isinstance(p, str) for p in parts) else parts
+
+
+def _sessions(files: list[BidsFile]) -> list[tuple[tuple[str, str], list[BidsFile]]]:
+    """[((participant_id, session_id), files)] sorted by session."""
+    sessions: dict[tuple[str, str], list[BidsFile]] = {}
+    for f in files:
+        ses = f.entities.get("ses")
+        sessions.setdefault((f"sub-{f.entities['sub']}", f"ses-{ses}" if ses is not None else ""), []).append(f)
+    return sorted(sessions.items())
 
 
 # -- files -------------------------------------------------------------------------------------------
@@ -373,20 +569,25 @@ def _json_bytes(obj, indent=None) -> bytes:
                        separators=None if indent else (",", ":")) + "\n").encode()
 
 
-def _tsv_bytes(rows: list[dict], header: bool = False) -> bytes:
+def _tsv_bytes(rows: list[list[str]]) -> bytes:
+    """Rows (lists in MANIFEST_COLUMNS order) as TSV, quoted as the csv module quotes."""
     buf = io.StringIO()
-    w = csv.writer(buf, delimiter="\t", lineterminator="\n")
-    if header:
-        w.writerow(MANIFEST_COLUMNS)
-    try:
-        values = list(map(_ROW, rows))
-    except KeyError:  # a row without some column: empty, as csv.DictWriter writes it
-        values = [[r.get(c, "") for c in MANIFEST_COLUMNS] for r in rows]
-    w.writerows(values)
+    csv.writer(buf, delimiter="\t", lineterminator="\n").writerows(rows)
     return buf.getvalue().encode()
 
 
-_ROW = operator.itemgetter(*MANIFEST_COLUMNS)
+class _TsvWriter:
+    """_tsv_bytes with one buffer and writer for many calls (one thread)."""
+
+    def __init__(self):
+        self.buf = io.StringIO()
+        self.writer = csv.writer(self.buf, delimiter="\t", lineterminator="\n")
+
+    def __call__(self, rows: list[list[str]]) -> bytes:
+        self.buf.seek(0)
+        self.buf.truncate()
+        self.writer.writerows(rows)
+        return self.buf.getvalue().encode()
 
 
 def session_key(participant_id: str, session_id: str) -> str:
@@ -405,7 +606,7 @@ def _ok_mask(rows, pipelines) -> int:
 def _write_all(path: Path, chunks, entries, pipelines, n_rows, meta, scan) -> Manifest:
     """manifest.tsv from per-session chunks, then manifest.json, the index (stamped with the TSV's
     stat) and the scan cache."""
-    header = _tsv_bytes([], header=True)
+    header = _tsv_bytes([MANIFEST_COLUMNS])
     replace_atomic(path, header + b"".join(chunks))
     st = path.stat()
     offsets, pos = [], len(header)
@@ -505,16 +706,12 @@ def _inputs_of(by_key: dict) -> dict:
     return {k: _session_inputs(rows) for k, rows in by_key.items()}
 
 
-def _session_inputs(rows, files=None) -> list[str]:
-    """The input files named by the rows' `inputs` (JSON). With the session's `files`, by a substring
-    test of each file's JSON-quoted path (no JSON parse per row), when every path is plain ASCII."""
-    texts = [r["inputs"] for r in rows if r["inputs"] and r["inputs"] != "{}"]
-    if files is not None and all(f.path.isascii() and '"' not in f.path and "\\" not in f.path for f in files):
-        quoted = [(f.path, f'"{f.path}"') for f in files]
-        return sorted({p for p, q in quoted if any(q in t for t in texts)})
+def _session_inputs(rows) -> list[str]:
+    """The input files named by the rows' `inputs` (JSON)."""
     paths = set()
-    for t in texts:
-        paths.update(json.loads(t).values())
+    for r in rows:
+        if r["inputs"] and r["inputs"] != "{}":
+            paths.update(json.loads(r["inputs"]).values())
     return sorted(paths)
 
 
@@ -669,44 +866,44 @@ def load_or_build(bids_dir, manifest_path, pipelines: dict, participant_label=()
     old_ranges = _subject_ranges(old) if rows_current else {}
     plist = old.pipelines if rows_current else list(pipelines)  # the ok masks of kept rows use its order
     root = str(Path(bids_dir))
+    maker = SessionRows(pipelines, routers, plist, routing)
     built: dict[str, list] = {}  # subject -> [(session key, TSV chunk, ok mask)] of rebuilt rows
 
-    def probe(batch):  # in threads: stat (and list) folders, the system calls overlap
+    def unchanged(batch):  # stats only; in threads on a slow file system (map_io)
         out = []
         for name, path in batch:
             rec = records.get(name)
             try:
-                if rec is not None and subject_unchanged(path, rec):
-                    out.append((name, path, rec, False))
-                    continue
+                out.append(rec is not None and subject_unchanged(path, rec))
             except (KeyError, TypeError, ValueError, AttributeError):  # a damaged record: list again
-                pass
-            out.append((name, path, scan_subject(path, datatypes, sidecar_keys, now), True))
+                out.append(False)
         return out
 
     batches = [subjects[i:i + 256] for i in range(0, len(subjects), 256)]
-    with ThreadPoolExecutor(max_workers=LIST_THREADS) as pool:
-        for batch in pool.map(probe, batches):  # in order; rows are built here while threads list ahead
-            for name, path, rec, was_listed in batch:
-                new_records[name] = rec
-                if was_listed:
-                    listed.append(name)
-                    old_rec = records.get(name)
-                    if (isinstance(old_rec, dict) and rec["files"] == old_rec.get("files")
-                            and rec.get("sidecars") == old_rec.get("sidecars")):
-                        for k in ("inputs", "n_rows"):  # same files (a folder touched, or 'racy'): same rows
-                            if k in old_rec:
-                                rec[k] = old_rec[k]
-                    else:
-                        changed.add(name)
-                label = name[4:]
-                if not _selected(label, include, excl):
-                    rec.pop("inputs", None)
-                    continue
-                if name in old_ranges and name not in changed and "inputs" in rec:
-                    continue  # its rows are kept as they are in the TSV
-                rebuilt.append(name)
-                built[name] = _build_subject(path, rec, label, pipelines, plist, root, routers)
+    kept = [k for ks in map_io(unchanged, batches, SLOW_SUBJECT_S * 256) for k in ks]
+    to_list = [path for (_, path), k in zip(subjects, kept) if not k]
+    fresh = list_subjects(to_list, datatypes, sidecar_keys, now)  # listed while the rows are built
+    for (name, path), was_kept in zip(subjects, kept):
+        rec = records[name] if was_kept else next(fresh)
+        new_records[name] = rec
+        if not was_kept:
+            listed.append(name)
+            old_rec = records.get(name)
+            if (isinstance(old_rec, dict) and rec["files"] == old_rec.get("files")
+                    and rec.get("sidecars") == old_rec.get("sidecars")):
+                for k in ("inputs", "n_rows"):  # same files (a folder touched, or 'racy'): same rows
+                    if k in old_rec:
+                        rec[k] = old_rec[k]
+            else:
+                changed.add(name)
+        label = name[4:]
+        if not _selected(label, include, excl):
+            rec.pop("inputs", None)
+            continue
+        if name in old_ranges and name not in changed and "inputs" in rec:
+            continue  # its rows are kept as they are in the TSV
+        rebuilt.append(name)
+        built[name] = _build_subject(path, rec, label, maker, root)
     with _COUNT_LOCK:
         SCAN_COUNTS["subjects_listed"] += len(listed)
     stats = {"subjects": len(subjects), "listed": listed, "changed": sorted(changed), "rows_rebuilt": 0,
@@ -754,17 +951,17 @@ def load_or_build(bids_dir, manifest_path, pipelines: dict, participant_label=()
     return m
 
 
-def _build_subject(path: str, rec: dict, label: str, pipelines: dict, plist: list, root: str,
-                   routers: dict | None = None) -> list:
+def _build_subject(path: str, rec: dict, label: str, maker: SessionRows, root: str) -> list:
     """The rows of one subject folder as [(session key, TSV chunk, ok mask)]; records its sessions'
     input files and row count in `rec`."""
     files = [f for f in subject_files(path, rec) if f.entities["sub"] == label]
     out, inputs, rec["n_rows"] = [], [], 0
-    for (pid, sid), srows in subject_rows(files, pipelines, routers).items():
+    for (pid, sid), sfiles in _sessions(files):
         k = session_key(pid, sid)
-        out.append((k, _tsv_bytes(srows), _ok_mask(srows, plist)))
-        inputs.append("\t".join([k, *(_rel(p, root) for p in _session_inputs(srows, files))]))
-        rec["n_rows"] += len(srows)
+        rows, mask, used = maker.rows(pid, sid, sfiles)
+        out.append((k, maker.tsv(rows), mask))
+        inputs.append("\t".join([k, *(_rel(p, root) for p in used)]))
+        rec["n_rows"] += len(rows)
     rec["inputs"] = "\n".join(inputs)
     return out
 
@@ -802,3 +999,7 @@ def _subject_ranges(m: Manifest | None) -> dict[str, tuple[int, int]]:
         else:
             out[sub] = (i, i + 1)
     return out
+
+
+if __name__ == "__main__":
+    _worker_main()

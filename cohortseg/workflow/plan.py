@@ -9,17 +9,18 @@ import hashlib
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cohortseg.errors import ConfigError
-from cohortseg.workflow.discovery import replace_atomic
+from cohortseg.workflow.discovery import map_io, replace_atomic
 
 #: the automatic shard size (inference.shard_size unset) starts here and doubles while the cohort
 #: would need more than inference.max_shards shards
 BASE_SHARD_SIZE = 20
-MAX_SHARDS = 500
+MAX_SHARDS = 250
+#: a stat of an input image slower than this means a slow file system (threads: map_io)
+SLOW_STAT_S = 0.00003
 
 log = logging.getLogger("cohortseg.plan")
 
@@ -41,7 +42,6 @@ class Plan:
     config: dict
     manifest: object  # discovery.Manifest (None: no sessions)
     out: Path
-    sessions: dict = field(default_factory=dict)  # session_key -> (participant_id, session_id)
     shards: list = field(default_factory=list)  # [[session_key, ...], ...] in sorted order
     infer_shards: dict = field(default_factory=dict)  # pipeline -> {shard indices with an item to infer}
     shard_size: int = 0
@@ -91,7 +91,6 @@ class Plan:
         index is read (session keys, pipelines with an item per session), never its rows."""
         m = self.manifest
         keys = sorted(m.keys) if m is not None else []
-        self.sessions = {k: (pid, sid) for k in keys for pid, _, sid in (k.partition("_"),)}
         inf = self.config.get("inference") or {}
         if inf.get("shard_size"):
             size = int(inf["shard_size"])
@@ -137,7 +136,7 @@ class Plan:
             old = {}
         new, written = {}, 0
 
-        def listing(i):  # in threads: the stat calls overlap (they release the GIL)
+        def listing(i):  # in threads on a slow file system (map_io)
             stat, lines = os.stat, []
             for k in self.shards[i]:
                 paths = self.manifest.inputs(k)
@@ -152,15 +151,14 @@ class Plan:
             text = "session\tpath\tsize\tmtime_ns\n" + "".join(lines)
             return i, text, hashlib.sha1(text.encode()).hexdigest()
 
-        self.manifest.inputs("")  # loads the inputs once, before the threads
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            for i, text, digest in pool.map(listing, range(len(self.shards))):
-                label = self.label(i)
-                new[label] = digest
-                path = folder / f"shard-{label}.tsv"
-                if old.get(label) != digest or not path.exists():
-                    replace_atomic(path, text.encode())
-                    written += 1
+        first = sum(len(self.manifest.inputs(k)) for k in (self.shards[0] if self.shards else ()))  # (loads them)
+        for i, text, digest in map_io(listing, range(len(self.shards)), SLOW_STAT_S * max(first, 1)):
+            label = self.label(i)
+            new[label] = digest
+            path = folder / f"shard-{label}.tsv"
+            if old.get(label) != digest or not path.exists():
+                replace_atomic(path, text.encode())
+                written += 1
         if new != old:
             replace_atomic(digests_path, json.dumps(new, indent=0).encode())
         return written
@@ -215,10 +213,11 @@ class Plan:
         return list(self.config["pipelines"])
 
     def session_keys(self) -> list[str]:
-        return sorted(self.sessions)
+        return [k for shard in self.shards for k in shard]  # sorted
 
     def expected_sessions(self) -> list[list[str]]:
-        return [list(self.sessions[k]) for k in self.session_keys()]
+        """[participant_id, session_id] of every session, sorted (the aggregate job's rows)."""
+        return [[pid, sid] for k in self.session_keys() for pid, _, sid in (k.partition("_"),)]
 
     def all_finalize_records(self) -> list[str]:
         return [self.shard_record("finalize", i) for i in range(len(self.shards))]
