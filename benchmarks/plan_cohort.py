@@ -240,6 +240,15 @@ def check_targets(points: list[dict]) -> dict:
     return out
 
 
+def one_rule_remote_job(folder: Path) -> dict:
+    """Snakemake's own floor for a cluster job: the remote job of a one-rule Snakefile."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "Snakefile").write_text('rule all:\n    input: "a.txt"\n\nrule a:\n    output: "a.txt"\n'
+                                      '    shell: "touch {output}"\n')
+    return run_timed([sys.executable, "-m", "snakemake", "-s", str(folder / "Snakefile"), "--cores", "1", "-n",
+                      "--mode", "remote", "--target-jobs", "a:", "--quiet", "all"], folder)
+
+
 def markdown(result: dict) -> str:
     rows = ["| participants | sessions | shard size | jobs | first plan | cached re-plan | remote job "
             "(prepare / finalize) |",
@@ -255,7 +264,9 @@ def markdown(result: dict) -> str:
              f"Measured {result['date']} on {result['machine']['cpus']} CPU cores, load average "
              f"{result['machine']['load_avg_before']} before / {result['machine']['load_avg_after']} after "
              f"(1-minute; every figure also records the load when it ran). Python + snakemake import alone: "
-             f"{result['python_snakemake_import']['wall_s']} s ({result['python_snakemake_import']['cpu_s']} s CPU). "
+             f"{result['python_snakemake_import']['wall_s']} s ({result['python_snakemake_import']['cpu_s']} s CPU); "
+             f"the remote job of a one-rule Snakefile (Snakemake's floor for any cluster job): "
+             f"{result['one_rule_remote_job']['wall_s']} s ({result['one_rule_remote_job']['cpu_s']} s CPU). "
              f"Wall times include waiting for the CPU on a loaded machine; CPU time (user + sys) is the less "
              f"load-sensitive figure."
              + (f" `scontrol show config` took {result['scontrol_show_config_s']} s on this machine (no controller "
@@ -306,6 +317,7 @@ def main(argv=None) -> dict:
         if a.stub_scontrol:
             stub_scontrol(tmp / "stub-bin")
         result["python_snakemake_import"] = run_timed([sys.executable, "-c", "import snakemake.cli"], tmp)
+        result["one_rule_remote_job"] = one_rule_remote_job(tmp / "one-rule")
         result["points"] = [measure(n, pipelines, tmp, trees, a.shard_size) for n in sizes]
         if a.naive:
             result["naive_comparison"] = naive_comparison(result["points"][0], tmp, pipelines)

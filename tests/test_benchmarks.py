@@ -42,6 +42,7 @@ def test_plan_cohort_scaling_curve(tmp_path):
         assert any("automatic shard size" in ln for ln in p["cached_replan"]["log"])
     assert r["naive_comparison"]["naive_one_job_per_step"]["jobs"] == 16 * 2 * 9 + 2
     assert isinstance(r["meets_targets"], bool) and r["targets"] == {}  # no 10k/100k point here
+    assert r["one_rule_remote_job"]["jobs"] == 1 and r["one_rule_remote_job"]["wall_s"] > 0  # snakemake's floor
     text = docs.read_text()
     assert "old table" not in text and text.startswith("# B\n\nbefore\n") and text.endswith("\n\nafter\n")
     assert "| 30 | 40 | 20 (auto) | 11 |" in text
