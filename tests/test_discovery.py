@@ -89,6 +89,16 @@ def test_manifest_cached_and_rebuilt_on_change(tmp_path):
     (bids / "sub-00010" / "anat").mkdir(parents=True)
     (bids / "sub-00010" / "anat" / "sub-00010_T2starw.nii.gz").touch()
     assert len(discovery.load_or_build(bids, man, ROLES, check=False)) == 4
+    # ... also when their selection differs (another mount path of bids_dir, other filters): no listing
+    listed, stamp = discovery.SCAN_COUNTS["subjects_listed"], man.stat().st_mtime_ns
+    other = {"sc_gm": {"image": ({"suffix": "T2starw", "acq": "x"}, True, False)}}
+    m = discovery.load_or_build(bids, man, other, check=False, rebuild=True)
+    assert len(m) == 4 and discovery.SCAN_COUNTS["subjects_listed"] == listed and man.stat().st_mtime_ns == stamp
+    assert any("another selection" in n for n in m.notes)
+    from cohortseg.errors import CohortsegError
+
+    with pytest.raises(CohortsegError, match="main snakemake process"):
+        discovery.load_or_build(bids, tmp_path / "elsewhere" / "manifest.tsv", ROLES, check=False)
     assert len(discovery.load_or_build(bids, man, ROLES, rebuild=True)) == 5
 
 

@@ -825,7 +825,10 @@ def load_or_build(bids_dir, manifest_path, pipelines: dict, participant_label=()
     `routing`: body-part routing (:func:`routers_for`; the sidecars' ``BodyPartExamined`` is then
     among the cached sidecar fields).
 
-    With check=False (cluster jobs) the cached manifest is trusted as is, with no file system scan.
+    With check=False (cluster jobs) the cached manifest is trusted as is, with no file system scan,
+    also when it was built for another selection (a warning: hundreds of jobs must never re-list
+    the dataset, e.g. where a compute node mounts bids_dir under another path); `rebuild` is then
+    ignored.
     `sidecar_keys`: fields of each image's JSON sidecar to keep (``BidsFile.sidecar``); read when a
     subject folder is listed, cached with it.
     """
@@ -833,8 +836,20 @@ def load_or_build(bids_dir, manifest_path, pipelines: dict, participant_label=()
     selection = [str(Path(bids_dir).resolve()), pipelines, sorted(participant_label), sorted(exclude), routing]
     key = hashlib.sha256(json.dumps(selection, sort_keys=True, default=list).encode()).hexdigest()
     meta = read_meta(manifest_path) if manifest_path.is_file() else {}
-    if not check and meta.get("selection") == key and not rebuild:
-        return open_manifest(manifest_path)
+    if not check:  # a cluster job: the main process has just written the manifest of this run
+        if not manifest_path.is_file():
+            from cohortseg.errors import CohortsegError
+
+            raise CohortsegError(f"no manifest at {manifest_path}: cluster jobs read the one the main "
+                                 f"snakemake process writes when it plans the run")
+        m = open_manifest(manifest_path)
+        if meta.get("selection") != key:  # e.g. bids_dir mounted under another path on this node
+            note = (f"{manifest_path.name} was built for another selection (bids_dir "
+                    f"{meta.get('bids_dir')!r}, here {str(Path(bids_dir).resolve())!r}, or other filters); "
+                    f"a cluster job uses it as it is and never lists the dataset")
+            log.warning(note)
+            m.notes.append(note)
+        return m
 
     routers = routers_for(pipelines, routing)
     if routing:
