@@ -4,7 +4,7 @@ import pytest
 
 from cohortseg.fakebids import make_fake_bids
 from cohortseg.errors import ConfigError
-from cohortseg.workflow.overrides import coerce, coerce_config, load_schema, override_hint, validate_config
+from cohortseg.workflow.overrides import SCHEMA, coerce, coerce_config, load_schema, override_hint, validate_config
 from helpers import job_counts, snakemake, write_config
 
 
@@ -53,7 +53,7 @@ def test_cluster_jobs_get_the_same_defaults_without_validating(cfg):
                    (k == "additionalProperties" and isinstance(v, dict))
                    for node in _walk(schema) if isinstance(node, dict) for k, v in node.items())
     theirs = copy.deepcopy(cfg)
-    validate(theirs, str(load_schema.__globals__["SCHEMA"]))
+    validate(theirs, str(SCHEMA))
     main, remote = validate_config(copy.deepcopy(cfg)), validate_config(copy.deepcopy(cfg), check=False)
     assert main == remote == theirs and main["inference"]["max_shards"] == 250
     assert main != cfg  # defaults were added

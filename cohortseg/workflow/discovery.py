@@ -201,8 +201,12 @@ WORKER_MIN_SUBJECTS = 2000
 _BATCH = 256
 
 
-def _scan_batch(paths, datatypes, sidecar_keys, now_ns) -> list[dict]:
-    return [scan_subject(p, datatypes, sidecar_keys, now_ns) for p in paths]
+def _scan_batches(paths, datatypes, sidecar_keys, now_ns):
+    """scan_subject of the paths, a list of records per batch of _BATCH (map_io: threads only on a
+    slow file system)."""
+    batches = [paths[i:i + _BATCH] for i in range(0, len(paths), _BATCH)]
+    return map_io(lambda b: [scan_subject(p, datatypes, sidecar_keys, now_ns) for p in b], batches,
+                  SLOW_SUBJECT_S * _BATCH)
 
 
 def list_subjects(paths: list[str], datatypes=("anat",), sidecar_keys=(), now_ns: int | None = None,
@@ -223,8 +227,7 @@ def list_subjects(paths: list[str], datatypes=("anat",), sidecar_keys=(), now_ns
         except (OSError, ValueError) as e:
             log.warning(f"discovery: the listing process failed ({e}); listing the remaining "
                         f"{len(paths) - done:,} subject folders here")
-    batches = [paths[i:i + _BATCH] for i in range(done, len(paths), _BATCH)]
-    for recs in map_io(lambda b: _scan_batch(b, datatypes, sidecar_keys, now_ns), batches, SLOW_SUBJECT_S * _BATCH):
+    for recs in _scan_batches(paths[done:], datatypes, sidecar_keys, now_ns):
         yield from recs
 
 
@@ -270,11 +273,8 @@ def _worker_main() -> None:
     import sys
 
     task = json.load(sys.stdin)
-    paths = task["paths"]
-    args = (tuple(task["datatypes"]), tuple(task["sidecar_keys"]), task["now_ns"])
-    batches = [paths[i:i + _BATCH] for i in range(0, len(paths), _BATCH)]
     out = sys.stdout.buffer
-    for recs in map_io(lambda b: _scan_batch(b, *args), batches, SLOW_SUBJECT_S * _BATCH):
+    for recs in _scan_batches(task["paths"], tuple(task["datatypes"]), tuple(task["sidecar_keys"]), task["now_ns"]):
         out.write(_json_bytes({"records": recs}))
     out.write(_json_bytes({"counts": {"sidecars_read": SCAN_COUNTS["sidecars_read"]}}))
     out.flush()
@@ -455,9 +455,10 @@ class SessionRows:
 
     # -- decisions, once per shape ----------------------------------------------------------------
     def recipe(self, files: list[BidsFile]) -> tuple:
-        """(rows, ok mask, indices of the files the ok rows use, whether a file name goes in), rows as (pipeline, item file index
-        or None, status, error parts, inputs parts or None, body_part parts); a part is a str, or
-        the index of a file whose name goes there."""
+        """(rows, ok mask, indices of the files the ok rows use, whether a file name goes in); a row
+        is (pipeline, item file index or None, status, error, inputs, body_part): error and
+        body_part are a str, or a tuple of parts when a file's name goes in (a part is a str or a
+        file index); inputs is None or ((JSON key + ': ', file index), ...)."""
         key = (tuple(f.shape for f in files), *(files[0].entities.get(k) for k in self.named_labels)) if files else ()
         hit = self._memo.get(key)
         if hit is None:
@@ -477,12 +478,8 @@ class SessionRows:
             if r[2] == "ok":
                 mask |= self.bits.get(r[0], 0)
                 used.update(i for _, i in r[4])
-        # the recipe as render() wants it: texts without a file's name in them as strings, the
-        # inputs as (JSON key + ': ', file index), the file indices whose stem / JSON path goes in
-        rows = tuple((p, item, status, _text(error), None if inputs is None else tuple((f"{k}: ", i) for k, i in inputs),
-                      _text(body_part)) for p, item, status, error, inputs, body_part in rows)
         names = any(not isinstance(t, str) for r in rows for t in (r[3], r[5]))
-        return rows, mask, tuple(sorted(used)), names
+        return tuple(rows), mask, tuple(sorted(used)), names
 
     @staticmethod
     def _pipeline(pname, roles, files, idx, route) -> list[tuple]:
@@ -505,13 +502,13 @@ class SessionRows:
                                                f"{_filter_hint([files[i] for i in cands])}"]))
                 continue
             chosen[role] = cands
-        body_part = tuple(p for i, note in notes for p in ("; ", i, note))[1:]
+        body_part = _text(tuple(p for i, note in notes for p in ("; ", i, note))[1:])
         if problems:
             status = "ambiguous" if any(p[0] == "ambiguous" for p in problems) else "missing"
-            error = tuple(p for _, parts in problems for p in ("; ", *parts))[1:]
+            error = _text(tuple(p for _, parts in problems for p in ("; ", *parts))[1:])
             return [(pname, None, status, error, None, body_part)]
         shared = {r: c[0] for r, c in chosen.items() if r != primary}
-        return [(pname, i, "ok", (), tuple((_json_str(r), j) for r, j in sorted({primary: i, **shared}.items())),
+        return [(pname, i, "ok", "", tuple((f"{_json_str(r)}: ", j) for r, j in sorted({primary: i, **shared}.items())),
                  body_part) for i in chosen.get(primary, ())]
 
     # -- rows of one session ----------------------------------------------------------------------
@@ -569,15 +566,9 @@ def _json_bytes(obj, indent=None) -> bytes:
                        separators=None if indent else (",", ":")) + "\n").encode()
 
 
-def _tsv_bytes(rows: list[list[str]]) -> bytes:
-    """Rows (lists in MANIFEST_COLUMNS order) as TSV, quoted as the csv module quotes."""
-    buf = io.StringIO()
-    csv.writer(buf, delimiter="\t", lineterminator="\n").writerows(rows)
-    return buf.getvalue().encode()
-
-
 class _TsvWriter:
-    """_tsv_bytes with one buffer and writer for many calls (one thread)."""
+    """Rows (lists in MANIFEST_COLUMNS order) as TSV bytes, quoted as the csv module quotes; one
+    buffer and writer for many calls (one thread)."""
 
     def __init__(self):
         self.buf = io.StringIO()
@@ -606,7 +597,7 @@ def _ok_mask(rows, pipelines) -> int:
 def _write_all(path: Path, chunks, entries, pipelines, n_rows, meta, scan) -> Manifest:
     """manifest.tsv from per-session chunks, then manifest.json, the index (stamped with the TSV's
     stat) and the scan cache."""
-    header = _tsv_bytes([MANIFEST_COLUMNS])
+    header = _TsvWriter()([MANIFEST_COLUMNS])
     replace_atomic(path, header + b"".join(chunks))
     st = path.stat()
     offsets, pos = [], len(header)
@@ -894,8 +885,8 @@ def load_or_build(bids_dir, manifest_path, pipelines: dict, participant_label=()
                 out.append(False)
         return out
 
-    batches = [subjects[i:i + 256] for i in range(0, len(subjects), 256)]
-    kept = [k for ks in map_io(unchanged, batches, SLOW_SUBJECT_S * 256) for k in ks]
+    batches = [subjects[i:i + _BATCH] for i in range(0, len(subjects), _BATCH)]
+    kept = [k for ks in map_io(unchanged, batches, SLOW_SUBJECT_S * _BATCH) for k in ks]
     to_list = [path for (_, path), k in zip(subjects, kept) if not k]
     fresh = list_subjects(to_list, datatypes, sidecar_keys, now)  # listed while the rows are built
     for (name, path), was_kept in zip(subjects, kept):
