@@ -27,7 +27,7 @@ JOB = """
 import json, sys
 from cohortseg.workflow.steps import infer_shard
 cfg = json.load(open(sys.argv[1]))
-infer_shard("sc_gm", sys.argv[2], sys.argv[3], cfg)
+infer_shard(["sc_gm"], sys.argv[2], sys.argv[3], cfg)
 """
 
 
@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
         for i, r in enumerate(records):
             job(f"single-{i}", [r])
         t_single = time.perf_counter() - t0
-        report = json.loads((out / "work" / "shards" / "infer" / "one_shard.json").read_text())
+        report = json.loads((out / "work" / "shards" / "infer" / "one_shard.json").read_text())["pipelines"]["sc_gm"]
         per_subject = [v["seconds"] for v in report["items"].values()]
         result = {
             "n_sessions": a.n, "models": list(report["models"]), "batch_size": a.batch_size,

@@ -16,5 +16,4 @@ for _msg in PLAN.messages:  # main process only: discovery reuse, automatic shar
     _logger.info(f"cohortseg: {_msg}")
 
 wildcard_constraints:
-    pipeline="|".join(PLAN.pipelines),
     shard=r"\d+",

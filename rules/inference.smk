@@ -1,14 +1,15 @@
 rule infer:
-    """One shard of sessions for one pipeline: load the fold models once, stream the prepared inputs,
-    average the folds. The SLURM profile gives this rule the GPU."""
+    """One shard of sessions, every pipeline in turn: load a pipeline's fold models once, stream the
+    prepared inputs, average the folds, free the models for the next pipeline. The SLURM profile
+    gives this rule the GPU."""
     input:
         PLAN.shard_record("prepare", "{shard}"),
     output:
-        PLAN.infer_record("{pipeline}", "{shard}"),
+        PLAN.infer_record("{shard}"),
     params:
-        settings=lambda wc: PLAN.step_params([wc.pipeline]),
+        settings=PLAN.step_params(),
     log:
-        PLAN.log("infer", "{pipeline}_shard-{shard}"),
+        PLAN.log("infer", "shard-{shard}"),
     threads: 2
     resources:
         mem_mb=16000,

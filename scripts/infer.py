@@ -7,4 +7,4 @@ from cohortseg.workflow.steps import infer_shard  # noqa: E402
 setup_logging(snakemake)  # noqa: F821
 cfg = dict(snakemake.config)  # noqa: F821
 cfg["inference"] = {**cfg.get("inference", {}), "threads": cfg.get("inference", {}).get("threads") or snakemake.threads}  # noqa: F821
-infer_shard(snakemake.wildcards.pipeline, snakemake.input[0], snakemake.output[0], cfg)  # noqa: F821
+infer_shard(cfg["pipelines"], snakemake.input[0], snakemake.output[0], cfg)  # noqa: F821

@@ -41,7 +41,7 @@ def test_new_participant_in_a_finished_shard_reuses_the_others(tmp_path, shared_
     assert {k: v for k, v in _mtimes(work / "prep", "*.npz").items() if k in preps} == preps
     assert {k: v for k, v in _mtimes(work / "infer", "*.npz").items() if k in probs} == probs
     assert {k: v for k, v in _mtimes(out / "sc_gm", "*_mask.nii.gz").items() if k in masks} == masks
-    infer = json.loads((work / "shards" / "infer" / "sc_gm" / "shard-00000.json").read_text())["items"]
+    infer = json.loads((work / "shards" / "infer" / "shard-00000.json").read_text())["pipelines"]["sc_gm"]["items"]
     assert {k for k, v in infer.items() if v.get("reused")} == {"sub-01/sub-01_T2starw", "sub-02/sub-02_T2starw"}
     assert {k for k, v in infer.items() if v["status"] == "ok" and not v.get("reused")} == {
         "sub-03_ses-01/sub-03_ses-01_T2starw", "sub-03_ses-02/sub-03_ses-02_T2starw", "sub-04/sub-04_T2starw"}
@@ -113,6 +113,8 @@ def test_new_code_of_one_pipeline_recomputes_its_items_only(tmp_path, shared_dir
     second = run()
     assert second["sc_gm"] == first["sc_gm"] and second["sc_csa"] != first["sc_csa"]
     assert stamps("sc_gm") == gm  # reused: not one file rewritten
+    infer = json.loads((out / "work" / "shards" / "infer" / "shard-00000.json").read_text())["pipelines"]
+    assert "models" not in infer["sc_gm"] and "models" in infer["sc_csa"]  # the one infer job loaded sc_csa's folds only
     after = stamps("sc_csa")
     assert set(after) == set(csa) and all(after[k] != csa[k] for k in csa)  # every sc_csa file recomputed
     summary = pd.read_csv(out / "group" / "summary.csv")

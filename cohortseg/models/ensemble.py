@@ -31,12 +31,17 @@ class FoldModel:
 
 
 def configure_tensorflow(threads: int = 0, deterministic: bool = True, seed: int = 0) -> None:
-    """Threads, GPU memory growth, determinism. Call before building models."""
+    """Threads, GPU memory growth, determinism. Call before building models; again before the
+    next pipeline's models in the same job (threads and memory growth are then kept as they were
+    set, the seed is set again, so each pipeline's results do not depend on the ones before it)."""
     import tensorflow as tf
 
-    if threads:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
+    try:
+        if threads:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
+    except RuntimeError:  # TensorFlow already initialised by an earlier pipeline of this job
+        pass
     for gpu in tf.config.list_physical_devices("GPU"):
         try:
             tf.config.experimental.set_memory_growth(gpu, True)
@@ -62,6 +67,20 @@ def load_models(cards: Sequence, store) -> list[list[FoldModel]]:
                                    params=rf["fold"].get("params", {})))
         out.append(folds)
     return out
+
+
+def release_models() -> None:
+    """Free the models of a pipeline whose items are done (the caller dropped its references), so
+    the next pipeline of the same job has the GPU memory."""
+    import gc
+    import sys
+
+    if "tensorflow" in sys.modules:
+        sys.modules["tensorflow"].keras.backend.clear_session()
+    gc.collect()
+    torch = sys.modules.get("torch")  # PyTorch-loaded cards (deepwmh_torch)
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -181,8 +181,8 @@ class Plan:
         per-session records are."""
         return str(self.work / "shards" / step / f"shard-{self.label(shard)}.json")
 
-    def infer_record(self, pipeline: str, shard) -> str:
-        return str(self.work / "shards" / "infer" / pipeline / f"shard-{self.label(shard)}.json")
+    def infer_record(self, shard) -> str:
+        return str(self.work / "shards" / "infer" / f"shard-{self.label(shard)}.json")
 
     def summary(self) -> str:
         return self.group("summary.csv")
@@ -223,8 +223,9 @@ class Plan:
         return [self.shard_record("finalize", i) for i in range(len(self.shards))]
 
     def shard_infer_inputs_wc(self, wc) -> list[str]:
+        """The shard's infer record, when one of its sessions has an item to infer."""
         shard = int(wc.shard)
-        return [self.infer_record(p, shard) for p, shards in self.infer_shards.items() if shard in shards]
+        return [self.infer_record(shard)] if any(shard in s for s in self.infer_shards.values()) else []
 
     def step_params(self, pipelines=None) -> str:
         """The config and code that change results, as one string param (changes rerun the jobs)."""

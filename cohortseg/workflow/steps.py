@@ -1,5 +1,5 @@
-"""The three steps the rules call, each on one shard of sessions: prepare (CPU), infer (one
-pipeline, GPU), finalize (CPU). A shard job fans its sessions out to `workers` processes.
+"""The three steps the rules call, each on one shard of sessions: prepare (CPU), infer (GPU, every
+pipeline in turn), finalize (CPU). A shard job fans its sessions out to `workers` processes.
 
 Every session and item keeps its own files outside the jobs' declared outputs
 (`work/prep/<session>.json`, `work/infer/<pipeline>/<session>/<item>.npz`, `work/records/<session>.json`)
@@ -208,20 +208,28 @@ def prepare_session(rows: list[dict], config: dict, record_path) -> SessionRecor
 
 
 # ---------------------------------------------------------------------------------------------
-def infer_shard(pipeline: str, prep_shard_record, record_path, config: dict) -> dict:
-    """Load the fold models once (only when something is left to predict), then stream every
-    prepared item of the shard through them."""
-    from cohortseg.models.ensemble import Timer, configure_tensorflow, load_models, prefetch
+def infer_shard(pipelines, prep_shard_record, record_path, config: dict) -> dict:
+    """One GPU job per shard: for each pipeline with something left to predict, load its fold models
+    once, stream the shard's prepared items through them, then free them for the next pipeline.
+    The shard record has one report per pipeline."""
+    recs = {key: SessionRecord.read(path)
+            for key, path in json.loads(Path(prep_shard_record).read_text())["sessions"].items()}
+    report = {"step": "infer", "pipelines": {p: _infer_pipeline(p, recs, config) for p in pipelines}}
+    write_json_atomic(record_path, report)
+    return report
+
+
+def _infer_pipeline(pipeline: str, recs: dict, config: dict) -> dict:
+    from cohortseg.models.ensemble import Timer, configure_tensorflow, load_models, prefetch, release_models
     from cohortseg.models.store import ModelStore
 
     timer = Timer()
     work = _work(config)
     inf = config.get("inference", {})
     p = get_pipeline(pipeline)
-    report = {"step": "infer", "pipeline": pipeline, "items": {}, "model_load_seconds": 0.0}
+    report = {"items": {}, "model_load_seconds": 0.0}
     todo = []
-    for key, rec_path in json.loads(Path(prep_shard_record).read_text())["sessions"].items():
-        rec = SessionRecord.read(rec_path)
+    for key, rec in recs.items():
         for name, it in (rec.pipelines.get(pipeline, {}) if rec else {}).items():
             if not it.ok:
                 report["items"][f"{key}/{name}"] = {"status": "skipped", "error": it.error}
@@ -233,7 +241,7 @@ def infer_shard(pipeline: str, prep_shard_record, record_path, config: dict) -> 
                 continue
             todo.append((key, name, it.prep, it.stamp, out))
     if todo:
-        configure_tensorflow(threads=int(inf.get("threads", 0) or 0))
+        configure_tensorflow(threads=int(inf.get("threads", 0) or 0))  # the same seed for every pipeline
         cards = pipeline_cards(config, pipeline)
         store = ModelStore.from_config(config)
         models = load_models(cards, store)
@@ -258,8 +266,9 @@ def infer_shard(pipeline: str, prep_shard_record, record_path, config: dict) -> 
             entry.stamp = stamp
             entry.write(out.with_suffix(".json"))
             report["items"][f"{key}/{name}"] = {"status": entry.status, "seconds": entry.seconds, "error": entry.error}
+        del models
+        release_models()
     report["seconds"] = timer()
-    write_json_atomic(record_path, report)
     return report
 
 
