@@ -33,19 +33,19 @@ def test_plan_cohort_scaling_curve(tmp_path):
             n_sessions, size, shards, True)
         for fig in ("first_plan", "cached_replan", "remote_job"):
             assert FIGURE <= set(p[fig]) and p[fig]["wall_s"] > 0 and p[fig]["peak_rss_mb"] > 0
-        # per shard a prepare, a finalize and an infer per pipeline, + aggregate, qc_page, all
-        assert p["first_plan"]["jobs"] == p["cached_replan"]["jobs"] == shards * (2 + 2) + 3
+        # per shard a prepare, an infer (both pipelines in turn) and a finalize, + aggregate, qc_page, all
+        assert p["first_plan"]["jobs"] == p["cached_replan"]["jobs"] == shards * 3 + 3
         assert p["first_plan_listed_subjects"] == p["n_participants"]
         assert p["cached_replan_listed_subjects"] == 0  # the re-plan stats folders, lists none
-        # a remote prepare job plans itself; a finalize job (dry-run: nothing exists) also its prepare and infers
-        assert {s: j["jobs"] for s, j in p["remote_jobs"].items()} == {"prepare": 1, "finalize": 1 + 1 + 2}
+        # a remote prepare job plans itself; a finalize job (dry-run: nothing exists) also its prepare and infer
+        assert {s: j["jobs"] for s, j in p["remote_jobs"].items()} == {"prepare": 1, "finalize": 1 + 1 + 1}
         assert any("automatic shard size" in ln for ln in p["cached_replan"]["log"])
     assert r["naive_comparison"]["naive_one_job_per_step"]["jobs"] == 16 * 2 * 9 + 2
     assert isinstance(r["meets_targets"], bool) and r["targets"] == {}  # no 10k/100k point here
     assert r["one_rule_remote_job"]["jobs"] == 1 and r["one_rule_remote_job"]["wall_s"] > 0  # snakemake's floor
     text = docs.read_text()
     assert "old table" not in text and text.startswith("# B\n\nbefore\n") and text.endswith("\n\nafter\n")
-    assert "| 30 | 40 | 20 (auto) | 11 |" in text
+    assert "| 30 | 40 | 20 (auto) | 9 |" in text
 
 
 def test_plan_cohort_pinned_shard_size(tmp_path):
