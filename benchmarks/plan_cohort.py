@@ -15,13 +15,14 @@ checksum), and measures, each in a fresh process:
   cached manifest index + DAG of its one target), for a prepare and a finalize job;
 
 each with wall time, CPU time (user + sys: the less load-sensitive figure on a shared machine),
-peak RSS and job count, plus the load average when it ran. Optionally (`--naive`) the same cohort
+peak RSS and job count, plus the load average when it ran. `--repeat K` runs each K times and
+reports the median run, with every run's wall time and the fastest beside it. Optionally (`--naive`) the same cohort
 planned by a naive one-job-per-step DAG, for the ratio.
 
 Targets (2 cores, all pipelines): N = 100,000: first plan <= 30 s and <= 1 GB, cached re-plan
 <= 15 s, remote job <= 1.5 s; N = 10,000: first plan <= 5 s.
 
-    python benchmarks/plan_cohort.py --out benchmarks/results/plan_cohort.json --docs docs/BENCHMARKS.md
+    python benchmarks/plan_cohort.py --repeat 3 --out benchmarks/results/plan_cohort.json --docs docs/BENCHMARKS.md
     python benchmarks/plan_cohort.py --sizes 10000 --shard-size 20      # a pinned shard size
 """
 from __future__ import annotations
@@ -122,6 +123,15 @@ def run_timed(cmd, cwd) -> dict:
             "log": [ln.split("cohortseg: ", 1)[1] for ln in out.splitlines() if "cohortseg: " in ln]}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run of median wall time (the lower middle one of an even count), with every run's wall
+    time and the fastest beside it: on a shared machine whose speed drifts, one run can be far off."""
+    if len(runs) == 1:
+        return runs[0]
+    mid = sorted(runs, key=lambda r: r["wall_s"])[(len(runs) - 1) // 2]
+    return {**mid, "wall_runs_s": [r["wall_s"] for r in runs], "wall_min_s": min(r["wall_s"] for r in runs)}
+
+
 def _listed(log: list[str]) -> int | None:
     """Subject folders the plan listed (from its log line), None when it does not say."""
     for ln in log:
@@ -162,7 +172,7 @@ def snakemake_cmd(cfg: Path, *extra) -> list[str]:
             "--cores", "1", "-n", *extra]
 
 
-def measure(n: int, pipelines, tmp: Path, trees: Path | None, shard_size: int | None) -> dict:
+def measure(n: int, pipelines, tmp: Path, trees: Path | None, shard_size: int | None, repeat: int = 1) -> dict:
     bids, t_tree = fake_tree(trees, tmp, n)
     work = tmp / f"n{n}"
     shutil.rmtree(work, ignore_errors=True)
@@ -173,10 +183,15 @@ def measure(n: int, pipelines, tmp: Path, trees: Path | None, shard_size: int | 
            "inference": {"shard_size": shard_size} if shard_size else {}, **pcfg}
     (work / "cfg.yaml").write_text(json.dumps(cfg))
     dry = snakemake_cmd(work / "cfg.yaml", "--quiet", "rules", "reason", "host")
-    first = run_timed(dry, work)  # discovery builds the manifest
-    cached = run_timed(dry, work)  # manifest and discovery cache current: what a re-plan costs
-    remote = {step: run_timed(snakemake_cmd(work / "cfg.yaml", "--mode", "remote", "--target-jobs",
-                                            f"{step}:shard=00000", "--quiet", "all"), work)
+    firsts, cacheds = [], []
+    for _ in range(repeat):
+        shutil.rmtree(work / "out", ignore_errors=True)
+        firsts.append(run_timed(dry, work))  # discovery builds the manifest
+        cacheds.append(run_timed(dry, work))  # manifest and discovery cache current: what a re-plan costs
+    first, cached = median_run(firsts), median_run(cacheds)
+    remote = {step: median_run([run_timed(snakemake_cmd(work / "cfg.yaml", "--mode", "remote", "--target-jobs",
+                                                        f"{step}:shard=00000", "--quiet", "all"), work)
+                                for _ in range(repeat)])
               for step in ("prepare", "finalize")}
     n_sessions = len(json.loads((work / "out" / "manifest.idx.json").read_text())["keys"])
     size, n_shards = _shards(cached["log"])
@@ -240,13 +255,19 @@ def check_targets(points: list[dict]) -> dict:
     return out
 
 
-def one_rule_remote_job(folder: Path) -> dict:
+def one_rule_remote_job(folder: Path, repeat: int = 1) -> dict:
     """Snakemake's own floor for a cluster job: the remote job of a one-rule Snakefile."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "Snakefile").write_text('rule all:\n    input: "a.txt"\n\nrule a:\n    output: "a.txt"\n'
                                       '    shell: "touch {output}"\n')
-    return run_timed([sys.executable, "-m", "snakemake", "-s", str(folder / "Snakefile"), "--cores", "1", "-n",
-                      "--mode", "remote", "--target-jobs", "a:", "--quiet", "all"], folder)
+    return median_run([run_timed([sys.executable, "-m", "snakemake", "-s", str(folder / "Snakefile"), "--cores", "1",
+                                  "-n", "--mode", "remote", "--target-jobs", "a:", "--quiet", "all"], folder)
+                       for _ in range(repeat)])
+
+
+def _wall(fig: dict) -> str:
+    runs = fig.get("wall_runs_s")
+    return f"{fig['wall_s']} s" + (f" [{min(runs)}-{max(runs)}]" if runs else "")
 
 
 def markdown(result: dict) -> str:
@@ -257,16 +278,19 @@ def markdown(result: dict) -> str:
         f, c, r = p["first_plan"], p["cached_replan"], p["remote_jobs"]
         rows.append(
             f"| {p['n_participants']:,} | {p['n_sessions']:,} | {p['shard_size']}{' (auto)' if p['shard_size_automatic'] else ''}"
-            f" | {c['jobs']:,} | {f['wall_s']} s ({f['cpu_s']} s CPU), {f['peak_rss_mb']:.0f} MB"
-            f" | {c['wall_s']} s ({c['cpu_s']} s CPU), {c['peak_rss_mb']:.0f} MB, {p['cached_replan_listed_subjects']} folders listed"
-            f" | {r['prepare']['wall_s']} / {r['finalize']['wall_s']} s ({r['prepare']['cpu_s']} / {r['finalize']['cpu_s']} s CPU) |")
+            f" | {c['jobs']:,} | {_wall(f)} ({f['cpu_s']} s CPU), {f['peak_rss_mb']:.0f} MB"
+            f" | {_wall(c)} ({c['cpu_s']} s CPU), {c['peak_rss_mb']:.0f} MB, {p['cached_replan_listed_subjects']} folders listed"
+            f" | {_wall(r['prepare'])} / {_wall(r['finalize'])} ({r['prepare']['cpu_s']} / {r['finalize']['cpu_s']} s CPU) |")
     lines = [DOC_BEGIN,
              f"Measured {result['date']} on {result['machine']['cpus']} CPU cores, load average "
              f"{result['machine']['load_avg_before']} before / {result['machine']['load_avg_after']} after "
-             f"(1-minute; every figure also records the load when it ran). Python + snakemake import alone: "
-             f"{result['python_snakemake_import']['wall_s']} s ({result['python_snakemake_import']['cpu_s']} s CPU); "
+             f"(1-minute; every figure also records the load when it ran)."
+             + (f" Every figure is the median of {result['repeat']} runs, [fastest-slowest] beside it."
+                if result.get("repeat", 1) > 1 else "")
+             + f" Python + snakemake import alone: "
+             f"{_wall(result['python_snakemake_import'])} ({result['python_snakemake_import']['cpu_s']} s CPU); "
              f"the remote job of a one-rule Snakefile (Snakemake's floor for any cluster job): "
-             f"{result['one_rule_remote_job']['wall_s']} s ({result['one_rule_remote_job']['cpu_s']} s CPU). "
+             f"{_wall(result['one_rule_remote_job'])} ({result['one_rule_remote_job']['cpu_s']} s CPU). "
              f"Wall times include waiting for the CPU on a loaded machine; CPU time (user + sys) is the less "
              f"load-sensitive figure."
              + (f" `scontrol show config` took {result['scontrol_show_config_s']} s on this machine (no controller "
@@ -300,6 +324,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--trees", default=None, help="keep the fake BIDS trees here between runs (they take minutes at 100k)")
     ap.add_argument("--stub-scontrol", action="store_true",
                     help="measure with a `scontrol` stub first on PATH (see stub_scontrol; recorded in the JSON)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every measurement this many times and report the median run (all runs' wall times "
+                         "and the fastest are kept beside it)")
     ap.add_argument("--out", default=None, help="JSON figures")
     ap.add_argument("--docs", default=None, help="markdown file whose plan_cohort block gets the table")
     a = ap.parse_args(argv)
@@ -316,9 +343,11 @@ def main(argv=None) -> dict:
         tmp = Path(tmp)
         if a.stub_scontrol:
             stub_scontrol(tmp / "stub-bin")
-        result["python_snakemake_import"] = run_timed([sys.executable, "-c", "import snakemake.cli"], tmp)
-        result["one_rule_remote_job"] = one_rule_remote_job(tmp / "one-rule")
-        result["points"] = [measure(n, pipelines, tmp, trees, a.shard_size) for n in sizes]
+        result["repeat"] = a.repeat
+        result["python_snakemake_import"] = median_run(
+            [run_timed([sys.executable, "-c", "import snakemake.cli"], tmp) for _ in range(a.repeat)])
+        result["one_rule_remote_job"] = one_rule_remote_job(tmp / "one-rule", a.repeat)
+        result["points"] = [measure(n, pipelines, tmp, trees, a.shard_size, a.repeat) for n in sizes]
         if a.naive:
             result["naive_comparison"] = naive_comparison(result["points"][0], tmp, pipelines)
     result["machine"]["load_avg_after"] = load_average()
