@@ -7,7 +7,7 @@ rule finalize:
     output:
         PLAN.shard_record("finalize", "{shard}"),
     params:
-        settings=PLAN.step_params(),
+        settings=PLAN.step_params,
     log:
         PLAN.log("finalize", "shard-{shard}"),
     threads: 2

@@ -7,7 +7,7 @@ rule infer:
     output:
         PLAN.infer_record("{shard}"),
     params:
-        settings=PLAN.step_params(),
+        settings=PLAN.step_params,
     log:
         PLAN.log("infer", "shard-{shard}"),
     threads: 2

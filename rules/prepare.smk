@@ -8,7 +8,7 @@ rule prepare:
         PLAN.shard_record("prepare", "{shard}"),
     params:
         sessions=lambda wc: PLAN.shards[int(wc.shard)],
-        settings=PLAN.step_params(),
+        settings=PLAN.step_params,
     log:
         PLAN.log("prepare", "shard-{shard}"),
     threads: 2

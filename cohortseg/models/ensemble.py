@@ -1,8 +1,10 @@
 """Fold ensembles and shard inference: load the fold models once, stream many subjects."""
 from __future__ import annotations
 
+import gc
 import logging
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -72,9 +74,6 @@ def load_models(cards: Sequence, store) -> list[list[FoldModel]]:
 def release_models() -> None:
     """Free the models of a pipeline whose items are done (the caller dropped its references), so
     the next pipeline of the same job has the GPU memory."""
-    import gc
-    import sys
-
     if "tensorflow" in sys.modules:
         sys.modules["tensorflow"].keras.backend.clear_session()
     gc.collect()

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from cohortseg.errors import ConfigError
@@ -227,11 +228,13 @@ class Plan:
         shard = int(wc.shard)
         return [self.infer_record(shard)] if any(shard in s for s in self.infer_shards.values()) else []
 
-    def step_params(self, pipelines=None) -> str:
-        """The config and code that change results, as one string param (changes rerun the jobs)."""
+    @cached_property
+    def step_params(self) -> str:
+        """The config and code that change results, as one string param of every shard rule
+        (changes rerun the jobs); built once per parse."""
         from cohortseg.pipelines import code_version
 
-        ps = pipelines or self.config["pipelines"]
+        ps = self.config["pipelines"]
         keep = {p: self.config.get(p, {}) for p in ps}
         keep["pipelines"] = list(ps)
         keep["allow_4d"] = self.config.get("allow_4d", False)

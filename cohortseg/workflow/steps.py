@@ -74,8 +74,8 @@ def _prep_path(work: Path, item: Item) -> Path:
     return work / "prep" / item.pipeline / item.session_key / f"{item.name}.npz"
 
 
-def _prob_path(work: Path, item: Item) -> Path:
-    return work / "infer" / item.pipeline / item.session_key / f"{item.name}.npz"
+def _prob_path(work: Path, pipeline: str, key: str, name: str) -> Path:
+    return work / "infer" / pipeline / key / f"{name}.npz"
 
 
 def _stamp(row: dict, config: dict, cards: list) -> str:
@@ -234,7 +234,7 @@ def _infer_pipeline(pipeline: str, recs: dict, config: dict) -> dict:
             if not it.ok:
                 report["items"][f"{key}/{name}"] = {"status": "skipped", "error": it.error}
                 continue
-            out = work / "infer" / pipeline / key / f"{name}.npz"
+            out = _prob_path(work, pipeline, key, name)
             side = ItemRecord.read(out.with_suffix(".json")) if _reuse(config) else None
             if _reusable(side, it.stamp, out):
                 report["items"][f"{key}/{name}"] = {"status": "ok", "reused": True}
@@ -310,7 +310,7 @@ def finalize_session(rows: list[dict], prep_record, config: dict, record_path) -
             writer = OutputWriter(out_dir, item)
             t0 = time.perf_counter()
             try:
-                prob_file = _prob_path(work, item)
+                prob_file = _prob_path(work, item.pipeline, item.session_key, item.name)
                 side = ItemRecord.read(prob_file.with_suffix(".json"))
                 if side is None or side.stamp != it.stamp or not side.ok or not prob_file.is_file():
                     why = side.error if side is not None and side.stamp == it.stamp else ""
