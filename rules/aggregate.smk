@@ -12,10 +12,10 @@ rule aggregate:
         provenance=PLAN.group("summary.json"),
         tables=PLAN.group_tables(),
     params:
-        expected=lambda wc: PLAN.expected_sessions(),  # evaluated for this job only, not in every cluster job's parse
+        **PLAN.job_params(SCRIPTS / "aggregate.py", JOB_PYTHON),
     log:
         PLAN.log("aggregate", "group"),
     conda:
         "../envs/tables.yaml"
-    script:
-        "../scripts/aggregate.py"
+    shell:
+        STEP + " {output.summary:q} {input.records:q} --ratings {input.ratings:q}"

@@ -17,3 +17,15 @@ for _msg in PLAN.messages:  # main process only: discovery reuse, automatic shar
 
 wildcard_constraints:
     shard=r"\d+",
+
+# Every rule runs its scripts/ adapter as a shell command (STEP; not `script:`, whose per-job checks
+# cost Snakemake's planning ~1 ms per job and an nbformat import in every process); the job reads
+# the run's config from PLAN.job_config. Python: the rule's conda env's, else Snakemake's own.
+from pathlib import Path as _Path
+
+from snakemake.settings.types import DeploymentMethod as _DM
+
+JOB_PYTHON = ("python" if {_DM.CONDA, _DM.APPTAINER} & set(workflow.deployment_settings.deployment_method)
+              else sys.executable)
+SCRIPTS = _Path(workflow.basedir, "scripts")
+STEP = "{params.python:q} {params.script:q} --config {params.config:q} --threads {threads} --log {log:q}"

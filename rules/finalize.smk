@@ -7,6 +7,7 @@ rule finalize:
     output:
         PLAN.shard_record("finalize", "{shard}"),
     params:
+        **PLAN.job_params(SCRIPTS / "finalize.py", JOB_PYTHON),
         settings=PLAN.step_params,
     log:
         PLAN.log("finalize", "shard-{shard}"),
@@ -16,5 +17,5 @@ rule finalize:
         runtime=60,
     conda:
         "../envs/imaging.yaml"
-    script:
-        "../scripts/finalize.py"
+    shell:
+        STEP + " {input.prep:q} {output:q}"

@@ -7,6 +7,7 @@ rule infer:
     output:
         PLAN.infer_record("{shard}"),
     params:
+        **PLAN.job_params(SCRIPTS / "infer.py", JOB_PYTHON),
         settings=PLAN.step_params,
     log:
         PLAN.log("infer", "shard-{shard}"),
@@ -16,5 +17,5 @@ rule infer:
         runtime=60,
     conda:
         "../envs/tensorflow.yaml"
-    script:
-        "../scripts/infer.py"
+    shell:
+        STEP + " {input:q} {output:q}"

@@ -7,7 +7,7 @@ rule prepare:
     output:
         PLAN.shard_record("prepare", "{shard}"),
     params:
-        sessions=lambda wc: PLAN.shards[int(wc.shard)],
+        **PLAN.job_params(SCRIPTS / "prepare.py", JOB_PYTHON),
         settings=PLAN.step_params,
     log:
         PLAN.log("prepare", "shard-{shard}"),
@@ -17,5 +17,5 @@ rule prepare:
         runtime=60,
     conda:
         "../envs/imaging.yaml"
-    script:
-        "../scripts/prepare.py"
+    shell:
+        STEP + " {input:q} {output:q}"

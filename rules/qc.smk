@@ -9,11 +9,12 @@ rule qc_page:
     output:
         report(PLAN.qc_page(), caption="../docs/report/qc_page.rst", category="QC"),
     params:
+        **PLAN.job_params(SCRIPTS / "qc_page.py", JOB_PYTHON),
         # not inputs: the page follows the summary, so `--batch aggregate=i/n` leaves it for the last batch
         records=PLAN.all_finalize_records(),
     log:
         PLAN.log("qc_page", "group"),
     conda:
         "../envs/tables.yaml"
-    script:
-        "../scripts/qc_page.py"
+    shell:
+        STEP + " {input.summary:q} {output:q} {params.records:q}"

@@ -20,6 +20,7 @@ rule train:
     output:
         directory(TRAIN_DIR),
     params:
+        **PLAN.job_params(SCRIPTS / "train.py", JOB_PYTHON),
         overrides=config.get("train_set") or {},
     log:
         PLAN.log("train", os.path.basename(os.path.normpath(TRAIN_DIR))),
@@ -29,5 +30,5 @@ rule train:
         runtime=120,
     conda:
         "../envs/tensorflow.yaml"
-    script:
-        "../scripts/train.py"
+    shell:
+        STEP + " {input.config:q} {output:q}"

@@ -1,13 +1,18 @@
-"""Rule `aggregate`: thin adapter from the snakemake object to cohortseg.workflow.aggregate."""
-import sys; sys.path[:0] = [snakemake.scriptdir, snakemake.scriptdir + "/.."]  # noqa: E702,F821
-from pathlib import Path  # noqa: E402
+"""Rule `aggregate`: thin adapter from the rule's command line to cohortseg.workflow.aggregate."""
+from pathlib import Path
 
-from _common import setup_logging  # noqa: E402
+from _common import job_args, run
 
-from cohortseg.workflow.aggregate import aggregate  # noqa: E402
-from cohortseg.workflow.steps import session_records  # noqa: E402
+from cohortseg.workflow.aggregate import aggregate
+from cohortseg.workflow.discovery import split_session_key
+from cohortseg.workflow.steps import shard_sessions
 
-setup_logging(snakemake)  # noqa: F821
-aggregate(session_records(snakemake.input.records), Path(snakemake.output.summary).parent, snakemake.config,  # noqa: F821
-          expected=[tuple(x) for x in snakemake.params.expected],  # noqa: F821
-          ratings=snakemake.input.ratings[0] if snakemake.input.ratings else None)  # noqa: F821
+
+def main():
+    a = job_args(__doc__, "summary", "finalize_records", "--ratings", nargs={"finalize_records": "+", "--ratings": "*"})
+    sessions = shard_sessions(a.finalize_records)  # every planned session, also one without a record
+    aggregate(list(sessions.values()), Path(a.summary).parent, a.config,
+              expected=[split_session_key(k) for k in sessions], ratings=a.ratings[0] if a.ratings else None)
+
+
+run(main)

@@ -1,8 +1,12 @@
-"""Rule `finalize`: thin adapter from the snakemake object to cohortseg.workflow.steps."""
-import sys; sys.path[:0] = [snakemake.scriptdir, snakemake.scriptdir + "/.."]  # noqa: E702,F821
-from _common import setup_logging  # noqa: E402
+"""Rule `finalize`: thin adapter from the rule's command line to cohortseg.workflow.steps."""
+from _common import job_args, run
 
-from cohortseg.workflow.steps import finalize_shard  # noqa: E402
+from cohortseg.workflow.steps import finalize_shard
 
-setup_logging(snakemake)  # noqa: F821
-finalize_shard(snakemake.input.prep, snakemake.config, snakemake.output[0], workers=snakemake.threads)  # noqa: F821
+
+def main():
+    a = job_args(__doc__, "prep_shard_record", "shard_record")
+    finalize_shard(a.prep_shard_record, a.config, a.shard_record, workers=a.threads)
+
+
+run(main)

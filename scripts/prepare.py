@@ -1,8 +1,12 @@
-"""Rule `prepare`: thin adapter from the snakemake object to cohortseg.workflow.steps."""
-import sys; sys.path[:0] = [snakemake.scriptdir, snakemake.scriptdir + "/.."]  # noqa: E702,F821
-from _common import setup_logging  # noqa: E402
+"""Rule `prepare`: thin adapter from the rule's command line to cohortseg.workflow.steps."""
+from _common import job_args, run
 
-from cohortseg.workflow.steps import prepare_shard  # noqa: E402
+from cohortseg.workflow.steps import prepare_shard
 
-setup_logging(snakemake)  # noqa: F821
-prepare_shard(list(snakemake.params.sessions), snakemake.config, snakemake.output[0], workers=snakemake.threads)  # noqa: F821
+
+def main():
+    a = job_args(__doc__, "inputs_record", "shard_record")
+    prepare_shard(a.inputs_record, a.config, a.shard_record, workers=a.threads)
+
+
+run(main)

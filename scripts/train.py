@@ -1,19 +1,16 @@
-"""Rule `train`: thin adapter from the snakemake object to cohortseg.training.train_bundle."""
-import sys; sys.path[:0] = [snakemake.scriptdir, snakemake.scriptdir + "/.."]  # noqa: E702,F821
-import logging  # noqa: E402
+"""Rule `train`: thin adapter from the rule's command line to cohortseg.training.train_bundle."""
+import logging
 
-from _common import setup_logging  # noqa: E402
+from _common import job_args, run
 
-from cohortseg.training import load_config, train_bundle  # noqa: E402
+from cohortseg.training import load_config, train_bundle
 
-setup_logging(snakemake)  # noqa: F821
-cfg = load_config(snakemake.input.config)  # noqa: F821
-for key, value in (snakemake.params.overrides or {}).items():  # noqa: F821
-    node = cfg  # dotted keys, as `python -m cohortseg.training --set key.sub=value`
-    *parents, last = str(key).split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[last] = value
-cfg.setdefault("threads", snakemake.threads)  # noqa: F821 - the recipe's own value wins (determinism)
-log = logging.getLogger("cohortseg.training")
-train_bundle(cfg, snakemake.output[0], progress=log.info)  # noqa: F821
+
+def main():
+    a = job_args(__doc__, "train_config", "bundle")
+    cfg = load_config(a.train_config, a.config.get("train_set"))  # dotted keys, as the CLI's --set
+    cfg.setdefault("threads", a.threads)  # the recipe's own value wins (determinism)
+    train_bundle(cfg, a.bundle, progress=logging.getLogger("cohortseg.training").info)
+
+
+run(main)

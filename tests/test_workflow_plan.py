@@ -162,7 +162,7 @@ def _plan(tmp_path, shared_dir, n, **inference):
 
 def test_auto_shard_size_in_plan_and_its_log(tmp_path, shared_dir):
     plan, _ = _plan(tmp_path, shared_dir, 34, max_shards=1)  # 34 participants -> 46 sessions
-    assert len(plan.session_keys()) == 46 and plan.shard_size == 80 and len(plan.shards) == 1
+    assert sum(map(len, plan.shards)) == 46 and plan.shard_size == 80 and len(plan.shards) == 1
     msg = [m for m in plan.messages if "shard_size unset" in m]
     assert msg == ["inference.shard_size unset: automatic shard size 80 (46 sessions -> 1 shards; 20 sessions per "
                    "shard, doubled while there would be more than inference.max_shards = 1 shards)"]
@@ -200,3 +200,21 @@ def test_shard_input_lists_rewritten_only_when_their_files_change(tmp_path, shar
     os.utime(img, ns=(time.time_ns(), time.time_ns() - 10**9))
     assert again.write_shard_inputs() == 1
     assert [os.stat(p).st_mtime_ns == m for p, m in zip(lists, mtimes)] == [True, False, True, True]
+
+
+def test_a_job_that_fails_says_why_in_its_rule_log(tmp_path):
+    """The rules' adapters (scripts/*.py, run by STEP) put an uncaught error in the rule's log, not
+    only on stderr, and exit non-zero so Snakemake marks the job failed."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "cfg.json").write_text(json.dumps({"output_dir": str(tmp_path / "out"), "pipelines": ["sc_gm"]}))
+    log = tmp_path / "finalize.log"
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "finalize.py"), "--config", str(tmp_path / "cfg.json"),
+                          "--threads", "1", "--log", str(log), str(tmp_path / "no-prepare-record.json"),
+                          str(tmp_path / "shard.json")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    text = log.read_text()
+    assert "job failed" in text and "FileNotFoundError" in text and "no-prepare-record.json" in text
+    assert not (tmp_path / "shard.json").exists()

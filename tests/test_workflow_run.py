@@ -138,6 +138,28 @@ def test_rerun_is_a_noop(run):
     assert "Nothing to be done" in res.stdout + res.stderr
 
 
+def test_jobs_read_a_content_addressed_config_that_reruns_nothing_by_its_name(run):
+    """Jobs read the run's config from work/config/<sha1>.json, named in their command as a param
+    Snakemake's params trigger skips: a setting that changes no result (inference.batch_size) names
+    another file and reruns nothing; a setting the steps use (sc_gm.threshold_native) reruns them."""
+    import yaml
+    from helpers import job_counts
+
+    base = yaml.safe_load(run["cfg"].read_text())
+    configs = run["out"] / "work" / "config"
+    before = set(configs.glob("*.json"))
+    assert len(before) == 1
+    cfg = write_config(run["tmp"] / "cfg-batch.yaml", **{**base, "inference": {**base["inference"], "batch_size": 3}})
+    res = snakemake(run["tmp"], "-n", "--cores", "1", configfile=cfg)
+    assert "Nothing to be done" in res.stdout + res.stderr
+    (new,) = set(configs.glob("*.json")) - before
+    job = json.loads(new.read_text())
+    assert job["inference"]["batch_size"] == 3 and job["output_dir"] == str(run["out"])
+    cfg = write_config(run["tmp"] / "cfg-thr.yaml", **{**base, "sc_gm": {"threshold_native": 0.6}})
+    counts = job_counts(snakemake(run["tmp"], "-n", "--cores", "1", configfile=cfg).stdout)
+    assert counts["prepare"] == counts["infer"] == counts["finalize"] == len(list((run["out"] / "work" / "shards" / "prepare").glob("*.json")))
+
+
 def test_exported_qc_ratings_only_rerun_the_tables(run):
     """Ratings exported from qc/index.html flag participants in summary.csv; nothing is recomputed."""
     ratings = run["out"] / "qc" / "qc_ratings.tsv"

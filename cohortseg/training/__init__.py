@@ -16,8 +16,9 @@ def train_bundle(config: dict, out_dir, progress=None):
     return _tb(config, out_dir, progress=progress)
 
 
-def load_config(path) -> dict:
-    """Read a training config YAML."""
+def load_config(path, overrides: dict | None = None) -> dict:
+    """Read a training config YAML, then set `overrides` ({dotted key: value}, e.g.
+    {"train.epochs": 5}: the CLI's --set and the train rule's `train_set`)."""
     from pathlib import Path
 
     import yaml
@@ -30,6 +31,12 @@ def load_config(path) -> dict:
         raise ConfigError(f"cannot read training config {path}: {e}") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"training config {path} is not a mapping")
+    for key, value in (overrides or {}).items():
+        node = cfg
+        *parents, last = str(key).split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
     return cfg
 
 

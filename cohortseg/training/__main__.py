@@ -21,14 +21,7 @@ def main(argv=None) -> int:
     from cohortseg.errors import CohortsegError
 
     try:
-        cfg = load_config(a.config)
-        for kv in a.set:
-            key, _, val = kv.partition("=")
-            node = cfg
-            parts = key.split(".")
-            for p in parts[:-1]:
-                node = node.setdefault(p, {})
-            node[parts[-1]] = yaml.safe_load(val)
+        cfg = load_config(a.config, {key: yaml.safe_load(val) for key, _, val in (kv.partition("=") for kv in a.set)})
         out = train_bundle(cfg, a.out, progress=None if a.quiet else (lambda m: print(m, flush=True)))
     except CohortsegError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -585,6 +585,12 @@ def session_key(participant_id: str, session_id: str) -> str:
     return f"{participant_id}_{session_id}" if session_id else participant_id
 
 
+def split_session_key(key: str) -> tuple[str, str]:
+    """(participant_id, session_id) of a session_key (session_id "" when the dataset has none)."""
+    pid, _, sid = key.partition("_")
+    return pid, sid
+
+
 def _ok_mask(rows, pipelines) -> int:
     bits = {p: 1 << i for i, p in enumerate(pipelines)}
     m = 0
@@ -660,8 +666,7 @@ class Manifest:
         return iter(read_manifest(self.path))
 
     def session(self, key: str) -> tuple[str, str]:
-        pid, _, sid = key.partition("_")
-        return pid, sid
+        return split_session_key(key)
 
     def ok_pipelines(self, mask: int) -> list[str]:
         return [p for i, p in enumerate(self.pipelines) if mask >> i & 1]

@@ -164,6 +164,26 @@ class Plan:
             replace_atomic(digests_path, json.dumps(new, indent=0).encode())
         return written
 
+    @cached_property
+    def job_config(self) -> str:
+        """The config of this run as the file a job's command names (`work/config/<sha1>.json`):
+        content-addressed, so it is written once per distinct config and never rewritten, and every
+        process that parses the same config names the same file (a cluster job writes it too when
+        absent). A global of the rules, not a param: which settings rerun a job is step_params'
+        business, not the file name's."""
+        text = json.dumps(self.config, sort_keys=True, default=str)
+        path = self.work / "config" / f"{hashlib.sha1(text.encode()).hexdigest()}.json"
+        if not path.exists():
+            replace_atomic(path, text.encode())
+        return str(path)
+
+    def job_params(self, script, python: str) -> dict:
+        """The parts of a rule's shell command (STEP in rules/common.smk) as params of type Path,
+        which Snakemake's params trigger skips (it compares only builtin values): another
+        interpreter, checkout or config file name reruns nothing; the rules' `settings` param
+        (step_params) decides what reruns."""
+        return {"python": Path(python), "script": Path(script), "config": Path(self.job_config)}
+
     # -- paths (one place) --------------------------------------------------------------------
     @property
     def work(self) -> Path:
@@ -213,13 +233,6 @@ class Plan:
     def pipelines(self) -> list[str]:
         return list(self.config["pipelines"])
 
-    def session_keys(self) -> list[str]:
-        return [k for shard in self.shards for k in shard]  # sorted
-
-    def expected_sessions(self) -> list[list[str]]:
-        """[participant_id, session_id] of every session, sorted (the aggregate job's rows)."""
-        return [[pid, sid] for k in self.session_keys() for pid, _, sid in (k.partition("_"),)]
-
     def all_finalize_records(self) -> list[str]:
         return [self.shard_record("finalize", i) for i in range(len(self.shards))]
 
@@ -241,6 +254,16 @@ class Plan:
         keep["max_voxels"] = self.config.get("max_voxels")
         keep["code"] = {p: code_version(p) for p in ps}  # new code reruns the steps; stamps pick the items
         return json.dumps(keep, sort_keys=True)
+
+
+def shard_input_sessions(inputs_record) -> list[str]:
+    """The session keys of a shard, in order, from its inputs record (Plan.write_shard_inputs)."""
+    keys = {}
+    with open(inputs_record) as f:
+        next(f)  # header
+        for line in f:
+            keys[line.split("\t", 1)[0]] = None
+    return list(keys)
 
 
 def only_target_is(rule: str, argv) -> bool:

@@ -27,6 +27,7 @@ from cohortseg.errors import InputError
 from cohortseg.io import write_json_atomic
 from cohortseg.pipelines import code_version, get_pipeline
 from cohortseg.pipelines.base import Context, Item, OutputWriter, Predicted, Prepared
+from cohortseg.workflow.plan import shard_input_sessions
 from cohortseg.workflow.records import FAILED, OK, ItemRecord, SessionRecord
 
 log = logging.getLogger("cohortseg")
@@ -40,11 +41,12 @@ def rows_by_session(config: dict, keys) -> dict[str, list[dict]]:
     return open_manifest(Path(config["output_dir"]) / "manifest.tsv").rows(keys)  # their byte ranges only
 
 
-def session_records(finalize_shard_records) -> list[str]:
-    """Per-session record paths listed by finalize shard records (the aggregate's inputs)."""
-    out = []
-    for path in finalize_shard_records:
-        out.extend(json.loads(Path(path).read_text())["sessions"].values())
+def shard_sessions(shard_records) -> dict[str, str]:
+    """{session key: per-session record path} of every session the shard records list (a shard
+    record lists each of its sessions, failed ones too: the aggregate's rows)."""
+    out = {}
+    for path in shard_records:
+        out.update(json.loads(Path(path).read_text())["sessions"])
     return out
 
 
@@ -134,8 +136,10 @@ def _map_sessions(fn, jobs: list[tuple], workers: int) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
-def prepare_shard(keys: list[str], config: dict, record_path, workers: int = 1) -> dict:
-    """Prepare every session of a shard; the shard record lists their per-session prep records."""
+def prepare_shard(inputs_record, config: dict, record_path, workers: int = 1) -> dict:
+    """Prepare every session of a shard (those its inputs record lists); the shard record lists
+    their per-session prep records."""
+    keys = shard_input_sessions(inputs_record)
     by = rows_by_session(config, keys)
     jobs = [(by[k], config, str(prep_record_path(config, k))) for k in keys]
     return _run_shard("prepare", prepare_session, jobs, workers, record_path)
