@@ -18,9 +18,9 @@ for _msg in PLAN.messages:  # main process only: discovery reuse, automatic shar
 wildcard_constraints:
     shard=r"\d+",
 
-# Every rule runs its scripts/ adapter as a shell command (STEP; not `script:`, whose per-job checks
-# cost Snakemake's planning ~1 ms per job and an nbformat import in every process); the job reads
-# the run's config from PLAN.job_config. Python: the rule's conda env's, else Snakemake's own.
+# Every rule runs its scripts/ adapter as a shell command (STEP; not `script:`, whose check of the
+# script file imports nbformat in every process, cluster jobs included); the job reads the run's
+# config from PLAN.job_config. Python: the rule's conda env's, else Snakemake's own.
 from pathlib import Path as _Path
 
 from snakemake.settings.types import DeploymentMethod as _DM

@@ -21,7 +21,7 @@ rule train:
         directory(TRAIN_DIR),
     params:
         **PLAN.job_params(SCRIPTS / "train.py", JOB_PYTHON),
-        overrides=config.get("train_set") or {},
+        overrides=config.get("train_set") or {},  # a rerun trigger; the job reads them from its config file
     log:
         PLAN.log("train", os.path.basename(os.path.normpath(TRAIN_DIR))),
     threads: 2

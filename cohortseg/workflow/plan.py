@@ -169,8 +169,8 @@ class Plan:
         """The config of this run as the file a job's command names (`work/config/<sha1>.json`):
         content-addressed, so it is written once per distinct config and never rewritten, and every
         process that parses the same config names the same file (a cluster job writes it too when
-        absent). A global of the rules, not a param: which settings rerun a job is step_params'
-        business, not the file name's."""
+        absent). The rules get its name through job_params, which no rerun depends on: which
+        settings rerun a job is step_params' business, not the file name's."""
         text = json.dumps(self.config, sort_keys=True, default=str)
         path = self.work / "config" / f"{hashlib.sha1(text.encode()).hexdigest()}.json"
         if not path.exists():
