@@ -14,7 +14,7 @@ rule finalize:
     threads: 2
     resources:
         mem_mb=8000,
-        runtime=60,
+        runtime=PLAN.runtime("finalize"),  # grows with the shard size (job_minutes)
     conda:
         "../envs/imaging.yaml"
     shell:

@@ -14,7 +14,7 @@ rule infer:
     threads: 2
     resources:
         mem_mb=16000,
-        runtime=60,
+        runtime=PLAN.runtime("infer"),  # grows with the shard size (job_minutes)
     conda:
         "../envs/tensorflow.yaml"
     shell:

@@ -14,7 +14,7 @@ rule prepare:
     threads: 2
     resources:
         mem_mb=8000,
-        runtime=60,
+        runtime=PLAN.runtime("prepare"),  # grows with the shard size (job_minutes)
     conda:
         "../envs/imaging.yaml"
     shell:

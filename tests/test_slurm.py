@@ -145,6 +145,8 @@ class TestWorkflowOnSlurm:
                 info = j["info"]
                 assert _gpus_requested(info) == 0, f"{rule} job {j['id']} asked for a GPU: {info}"
                 assert info.get("NumCPUs") == "4" and info.get("MinMemoryNode") == "12000M", info
+        for j in slurm_run["jobs"]:  # sbatch --time from the rules' runtime: 15 + 3 min x 4 sessions
+            assert j["info"].get("TimeLimit") == "00:27:00", (j["rule"], j["info"].get("TimeLimit"))
 
     def test_few_submissions_per_session(self, slurm_run):
         jobs = slurm_run["jobs"]
@@ -237,3 +239,6 @@ def test_profile_slurm_dryrun_from_repo_root(tmp_path, shared_dir):
     for rule in ("prepare", "finalize"):
         r = resources[rule]
         assert "gpu" not in r and r.get("cpus_per_task") == "4" and _attempt_1(resources, rule, "mem_mb") == "12000", r
+    # the rules' time, 15 + 3 min x the shard's 4 sessions (job_minutes), is not overridden by the profile
+    assert {rule: resources[rule].get("runtime") for rule in ("prepare", "infer", "finalize")} == dict.fromkeys(
+        ("prepare", "infer", "finalize"), str(15 + 3 * 4)), resources

@@ -171,6 +171,28 @@ def test_auto_shard_size_in_plan_and_its_log(tmp_path, shared_dir):
     assert not [m for m in explicit.messages if "shard_size" in m]
 
 
+def test_shard_jobs_ask_for_time_in_proportion_to_their_shard(tmp_path, shared_dir):
+    """runtime = job_minutes.base + per_session[step] x the largest shard's sessions, capped at max:
+    a shard 32x bigger asks for ~32x the time instead of a fixed hour."""
+    from cohortseg.workflow.overrides import validate_config
+    from cohortseg.workflow.plan import Plan
+
+    bids = make_fake_bids(tmp_path / "bids", 7, contrasts=("T2starw",), session_every=3)  # 10 sessions
+
+    def plan(**cfg):
+        return Plan.from_config(validate_config({"bids_dir": str(bids), "output_dir": str(tmp_path / "out"),
+                                                 "pipelines": ["sc_gm"], "model_dir": str(shared_dir / "models"),
+                                                 **cfg}))
+
+    p = plan(inference={"shard_size": 4})  # shards of 4, 4, 2 sessions: the largest counts
+    assert [len(s) for s in p.shards] == [4, 4, 2]
+    assert [p.runtime(s) for s in ("prepare", "infer", "finalize")] == [15 + 4 * 3] * 3
+    p = plan(inference={"shard_size": 4}, job_minutes={"base": 5, "per_session": {"infer": 0.5}})
+    assert [p.runtime(s) for s in ("prepare", "infer", "finalize")] == [5 + 12, 5 + 2, 5 + 12]
+    assert plan(job_minutes={"max": 20}).runtime("prepare") == 20  # 15 + 10 x 3 = 45, capped
+    assert plan().runtime("prepare") == 15 + 10 * 3  # automatic size 20: one shard of all 10
+
+
 def test_dryrun_says_which_shard_size_it_chose(tmp_path, shared_dir):
     bids = make_fake_bids(tmp_path / "bids", 7, contrasts=("T2starw",), session_every=3)
     cfg = write_config(tmp_path / "cfg.yaml", bids_dir=str(bids), output_dir=str(tmp_path / "out"),

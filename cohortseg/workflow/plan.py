@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -183,6 +184,15 @@ class Plan:
         interpreter, checkout or config file name reruns nothing; the rules' `settings` param
         (step_params) decides what reruns."""
         return {"python": Path(python), "script": Path(script), "config": Path(self.job_config)}
+
+    def runtime(self, step: str) -> int:
+        """Minutes a `step` shard job asks for (Snakemake's `runtime`; SLURM's --time):
+        job_minutes.base + job_minutes.per_session[step] x the sessions of the largest shard, at
+        most job_minutes.max. One constant per rule, so planning calls no function per job. A job
+        out of time is resubmitted with the same time and goes on from its finished sessions."""
+        jm = self.config["job_minutes"]
+        largest = len(self.shards[0]) if self.shards else 0  # shards are full but the last
+        return min(int(jm["max"]), math.ceil(jm["base"] + largest * jm["per_session"][step]))
 
     # -- paths (one place) --------------------------------------------------------------------
     @property
