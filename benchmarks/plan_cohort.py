@@ -293,9 +293,10 @@ def markdown(result: dict) -> str:
              f"{_wall(result['one_rule_remote_job'])} ({result['one_rule_remote_job']['cpu_s']} s CPU). "
              f"Wall times include waiting for the CPU on a loaded machine; CPU time (user + sys) is the less "
              f"load-sensitive figure."
-             + (f" `scontrol show config` took {result['scontrol_show_config_s']} s on this machine (no controller "
-                f"answering); measured with `--stub-scontrol`, so the figures leave out that wait of the SLURM "
-                f"plugin, which every snakemake start pays here." if result.get("scontrol_stubbed") else ""),
+             + (f" `scontrol show config` took {result['scontrol_show_config_s']} s on this machine"
+                + (" (no controller answering)" if (result["scontrol_show_config_s"] or 0) > 1 else "")
+                + "; measured with `--stub-scontrol`, so the figures leave out that call of the SLURM plugin, "
+                  "which every snakemake start pays." if result.get("scontrol_stubbed") else ""),
              "", *rows, ""]
     for n, checks in result["targets"].items():
         lines.append(f"Targets at {int(n):,} participants: " + ", ".join(
