@@ -530,6 +530,35 @@ def test_unpooling_and_instance_norm_semantics_without_torch():
     np.testing.assert_allclose(np.asarray(inorm()(v)), (v - mu) / np.sqrt(var + 1e-5), atol=1e-5)
 
 
+UNPOOL_THEN_CONV = """
+import numpy as np, keras
+from cohortseg.models.nets.deepwmh import _layers
+_, _, poolarg, unpool = _layers()
+inp = keras.Input((5, 7, 3, 2))
+top, first = poolarg((2, 2, 2))(inp)
+back = unpool((2, 2, 2), (5, 7, 3))([top, first])
+conv = keras.layers.Conv3D(2, 3, padding="same", use_bias=False, kernel_initializer="ones")
+y = keras.layers.Add()([conv(back), inp])
+x = np.zeros((1, 5, 7, 3, 2), np.float32)
+x[0, 1, 0, 0, 0] = 3.0
+print(repr(float(np.asarray(keras.Model(inp, y).predict_on_batch(x)).sum())))
+"""
+
+
+def test_unpooling_then_a_same_conv_runs_with_onednn_on():
+    """The region and WMH nets unpool to odd sizes and convolve ('same') and add the skip: with
+    TensorFlow's oneDNN rewrite on (default on AVX-512 CPUs), a Pad before such a Conv3D was fused
+    into it and gave a wrong shape (the region net failed on the example T1) or a crash. Forced on
+    here, in a child process (a crash must not take pytest down). Expected sum: the 3 at (1, 0, 0)
+    spreads to its 3x3x3 neighbours inside the volume (3 x 2 x 2 = 12 voxels), in both output
+    channels, plus the input itself: 3 x 12 x 2 + 3 = 75."""
+    env = {**__import__("os").environ, "TF_ENABLE_ONEDNN_OPTS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    res = subprocess.run([sys.executable, "-c", UNPOOL_THEN_CONV], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert float(res.stdout.strip().splitlines()[-1]) == 75.0
+
+
 def test_align_corners_sampling_convention():
     """Normalised coordinates -1/+1 are the centres of the first/last voxels; outside the volume
     trilinear sampling treats the missing neighbours as 0 (a point half a voxel out gets half the edge)."""

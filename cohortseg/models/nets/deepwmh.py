@@ -93,7 +93,11 @@ def _layers():
 
     class MaxUnpool3D(keras.layers.Layer):
         """Inverse of :class:`MaxPoolWithArgmax3D`: each value back at its window's argmax, zeros
-        elsewhere, zero-padded at the far end to `size` (the pre-pooling spatial size)."""
+        elsewhere, zero-padded at the far end to `size` (the pre-pooling spatial size).
+
+        The far-end zeros are concatenated, not padded: TensorFlow's oneDNN graph rewrite fuses a Pad
+        followed by a 'same' Conv3D into one convolution, which on CPUs where oneDNN is on (AVX-512
+        AMD EPYC here) gave the wrong output shape or crashed the process (TF 2.21)."""
 
         def __init__(self, pool, size, **kw):
             super().__init__(**kw)
@@ -107,8 +111,11 @@ def _layers():
             hot = ops.one_hot(first, kd * kh * kw, dtype=y.dtype) * y[..., None]
             full = ops.reshape(hot, (-1, od, oh, ow, c, kd, kh, kw))
             full = ops.reshape(ops.transpose(full, (0, 1, 5, 2, 6, 3, 7, 4)), (-1, od * kd, oh * kh, ow * kw, c))
-            pad = [(0, 0)] + [(0, s - o * k) for s, o, k in zip(self.size, (od, oh, ow), self.pool)] + [(0, 0)]
-            return ops.pad(full, pad) if any(p[1] for p in pad[1:4]) else full
+            for axis, (s, o, k) in enumerate(zip(self.size, (od, oh, ow), self.pool), start=1):
+                if s > o * k:  # s - o * k < k <= o * k: a slice of `full` of that width gives the zeros
+                    zeros = ops.zeros_like(full[(slice(None),) * axis + (slice(0, s - o * k),)])
+                    full = ops.concatenate([full, zeros], axis=axis)
+            return full
 
     return InstanceNorm3D, SpatialLayerNorm, MaxPoolWithArgmax3D, MaxUnpool3D
 
