@@ -90,6 +90,17 @@ def load_average() -> float | None:
         return None
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux): VMs of one size can sit on different hosts, at different speeds."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 ENV = dict(os.environ)  # of the measured processes (--stub-scontrol puts a stub first on PATH)
 
 
@@ -282,7 +293,9 @@ def markdown(result: dict) -> str:
             f" | {_wall(c)} ({c['cpu_s']} s CPU), {c['peak_rss_mb']:.0f} MB, {p['cached_replan_listed_subjects']} folders listed"
             f" | {_wall(r['prepare'])} / {_wall(r['finalize'])} ({r['prepare']['cpu_s']} / {r['finalize']['cpu_s']} s CPU) |")
     lines = [DOC_BEGIN,
-             f"Measured {result['date']} on {result['machine']['cpus']} CPU cores, load average "
+             f"Measured {result['date']} on {result['machine']['cpus']} CPU cores"
+             + (f" ({result['machine']['cpu_model']})" if result["machine"].get("cpu_model") else "")
+             + ", load average "
              f"{result['machine']['load_avg_before']} before / {result['machine']['load_avg_after']} after "
              f"(1-minute; every figure also records the load when it ran)."
              + (f" Every figure is the median of {result['repeat']} runs, [fastest-slowest] beside it."
@@ -337,7 +350,7 @@ def main(argv=None) -> dict:
     if trees:
         trees.mkdir(parents=True, exist_ok=True)
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "pipelines": pipelines,
-              "machine": {"cpus": os.cpu_count(), "load_avg_before": load_average()}}
+              "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "load_avg_before": load_average()}}
     result["scontrol_show_config_s"] = scontrol_seconds()
     result["scontrol_stubbed"] = a.stub_scontrol
     with tempfile.TemporaryDirectory(prefix="cohortseg-plan-") as tmp:
