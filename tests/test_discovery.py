@@ -115,9 +115,12 @@ ROLES2 = {"sc_gm": {"image": ({"suffix": "T2starw"}, True, False)},
 
 
 def _aged(root, seconds=3600):
-    """Set every folder's mtime an hour back (a fresh folder is 'racy': listed again next time)."""
+    """Set every file's and folder's mtime an hour back (a fresh folder or sidecar is 'racy': listed
+    again next time)."""
     t = time.time() - seconds
-    for d, _, _ in os.walk(root):
+    for d, _, files in os.walk(root):
+        for f in files:
+            os.utime(os.path.join(d, f), (t, t))
         os.utime(d, (t, t))
 
 
@@ -181,12 +184,18 @@ def test_selection_change_rebuilds_rows_without_listing(tmp_path):
     assert {r["participant_id"] for r in m} == {"sub-00002"} and m.stats["listed"] == []
 
 
-def test_sidecars_read_only_for_listed_folders(tmp_path):
+def _cohort_with_sidecars(tmp_path, text):
+    """Three subjects, a JSON sidecar `text` beside every image, all aged."""
     bids, man = _cohort(tmp_path, n=3)
     for anat in bids.glob("sub-*/**/anat"):
         for img in anat.glob("*.nii.gz"):
-            (anat / img.name.replace(".nii.gz", ".json")).write_text('{"BodyPartExamined": "BRAIN", "X": 1}')
+            (anat / img.name.replace(".nii.gz", ".json")).write_text(text)
     _aged(bids)
+    return bids, man
+
+
+def test_sidecars_read_only_for_listed_folders(tmp_path):
+    bids, man = _cohort_with_sidecars(tmp_path, '{"BodyPartExamined": "BRAIN", "X": 1}')
     keys = ("BodyPartExamined",)
     start = discovery.SCAN_COUNTS["sidecars_read"]
     discovery.load_or_build(bids, man, ROLES2, sidecar_keys=keys)
@@ -202,6 +211,35 @@ def test_sidecars_read_only_for_listed_folders(tmp_path):
     assert cache["subjects"]["sub-00002"]["sidecars"]["anat/sub-00002_T2starw.nii.gz"] == {"BodyPartExamined": "CSPINE"}
     files = discovery.subject_files(str(bids / "sub-00002"), cache["subjects"]["sub-00002"])
     assert {f.suffix: f.sidecar for f in files}["T1w"] == {"BodyPartExamined": "BRAIN"}
+
+
+def test_a_sidecar_edited_in_place_is_seen(tmp_path):
+    """Fixing a sidecar's BodyPartExamined in place (open/write: the file's mtime changes, its
+    folder's does not) lists that subject again and re-routes its image; the others stay stat only."""
+    bids, man = _cohort_with_sidecars(tmp_path, '{"BodyPartExamined": "BRAIN"}')
+    keys = ("BodyPartExamined",)
+    discovery.load_or_build(bids, man, ROLES2, sidecar_keys=keys)
+    m = discovery.load_or_build(bids, man, ROLES2, sidecar_keys=keys)
+    assert m.stats["listed"] == []
+    anat = bids / "sub-00002" / "anat"
+    folder_mtime = anat.stat().st_mtime_ns
+    side = anat / "sub-00002_T2starw.json"
+    with open(side, "r+") as fh:  # in place, as a script or an editor without backups does
+        fh.seek(0)
+        fh.write('{"BodyPartExamined": "CSPINE"}')
+        fh.truncate()
+    past = time.time() - 600  # older than the racy window, newer than the stamp
+    os.utime(side, (past, past))
+    assert anat.stat().st_mtime_ns == folder_mtime
+    start = discovery.SCAN_COUNTS["sidecars_read"]
+    m = discovery.load_or_build(bids, man, ROLES2, sidecar_keys=keys)
+    assert m.stats["listed"] == ["sub-00002"] and m.stats["changed"] == ["sub-00002"]
+    assert discovery.SCAN_COUNTS["sidecars_read"] - start == 2  # that subject's two images only
+    cache = json.loads(man.with_suffix(".scan.json").read_text())
+    files = discovery.subject_files(str(bids / "sub-00002"), cache["subjects"]["sub-00002"])
+    assert {f.suffix: f.sidecar for f in files} == {"T2starw": {"BodyPartExamined": "CSPINE"},
+                                                     "T1w": {"BodyPartExamined": "BRAIN"}}
+    assert discovery.load_or_build(bids, man, ROLES2, sidecar_keys=keys).stats["listed"] == []
 
 
 def test_index_agrees_with_tsv(tmp_path):

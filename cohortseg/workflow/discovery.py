@@ -47,7 +47,8 @@ from pathlib import Path
 
 MANIFEST_COLUMNS = ["participant_id", "session_id", "pipeline", "item", "status", "error", "inputs", "body_part"]
 MANIFEST_VERSION = 2
-CACHE_VERSION = 1  # manifest.idx.json and manifest.scan.json
+CACHE_VERSION = 1  # manifest.idx.json
+SCAN_VERSION = 2  # manifest.scan.json (2: the sidecars read are stamped beside the folders)
 _ENTITY = re.compile(r"^([a-zA-Z0-9]+)-([a-zA-Z0-9+]+)$")
 _NII = (".nii.gz", ".nii")
 #: a folder modified this recently when it was listed is listed again next time (its mtime may not
@@ -154,7 +155,9 @@ def scan_subject(sub_path: str, datatypes=("anat",), sidecar_keys=(), now_ns: in
     (tab-joined strings: the cache of 100,000 subjects loads in a fraction of the time of nested lists).
 
     Each folder is stat'ed before it is listed, so a change during the listing leaves a newer mtime
-    than the one recorded. `rel` paths are relative to the subject folder.
+    than the one recorded. `rel` paths are relative to the subject folder. The JSON sidecars read
+    (`sidecar_keys`) are stamped in 'dirs' too, each before it is read: a sidecar edited in place
+    changes its own mtime but not its folder's, and its subject is then listed again.
     """
     now_ns = time.time_ns() if now_ns is None else now_ns
     dirs, files, sidecars = [], [], {}
@@ -174,7 +177,9 @@ def scan_subject(sub_path: str, datatypes=("anat",), sidecar_keys=(), now_ns: in
                 frel = f"{rel}/{name}"
                 files.append(frel)
                 if sidecar_keys and _stem(name) + ".json" in jsons:
-                    sidecars[frel] = _read_sidecar(os.path.join(path, _stem(name) + ".json"), sidecar_keys)
+                    side = os.path.join(path, _stem(name) + ".json")
+                    stamp(f"{rel}/{_stem(name)}.json", side)
+                    sidecars[frel] = _read_sidecar(side, sidecar_keys)
 
     stamp("", sub_path)
     for child in _scandir(sub_path):
@@ -292,7 +297,8 @@ def _read_sidecar(path, keys) -> dict:
 
 
 def subject_unchanged(sub_path: str, rec: dict) -> bool:
-    """Whether every folder the subject's record visited still has its recorded mtime (stats only)."""
+    """Whether every folder the subject's record visited, and every sidecar it read, still has its
+    recorded mtime (stats only)."""
     parts = rec["dirs"].split("\t")
     for i in range(0, len(parts), 2):
         rel, m = parts[i], int(parts[i + 1])
@@ -616,7 +622,7 @@ def _write_all(path: Path, chunks, entries, pipelines, n_rows, meta, scan) -> Ma
     replace_atomic(path.with_suffix(".json"), _json_bytes({**meta, "version": MANIFEST_VERSION}, indent=2))
     replace_atomic(_idx_path(path), _json_bytes(idx))
     if scan is not None:
-        replace_atomic(_scan_path(path), _json_bytes({**scan, "version": CACHE_VERSION, "tsv": idx["tsv"]}))
+        replace_atomic(_scan_path(path), _json_bytes({**scan, "version": SCAN_VERSION, "tsv": idx["tsv"]}))
     return Manifest(path, idx)
 
 
@@ -862,7 +868,7 @@ def load_or_build(bids_dir, manifest_path, pipelines: dict, participant_label=()
             old = None
         if old is not None and type(old) is Manifest:
             cache = _load_json(_scan_path(manifest_path))
-            if not (isinstance(cache, dict) and cache.get("version") == CACHE_VERSION and cache.get("key") == scan_key
+            if not (isinstance(cache, dict) and cache.get("version") == SCAN_VERSION and cache.get("key") == scan_key
                     and cache.get("tsv") == _stamp(manifest_path) and isinstance(cache.get("subjects"), dict)):
                 why = "missing" if not _scan_path(manifest_path).exists() else "stale or corrupt"
                 notes.append(f"discovery cache {why}: listing every subject folder")
@@ -926,7 +932,7 @@ def load_or_build(bids_dir, manifest_path, pipelines: dict, participant_label=()
             log.info(n)
         if listed:  # new folder mtimes: the scan cache only (the TSV and its index stay as they are)
             replace_atomic(_scan_path(manifest_path), _json_bytes({"key": scan_key, "subjects": new_records,
-                                                                   "version": CACHE_VERSION,
+                                                                   "version": SCAN_VERSION,
                                                                    "tsv": _stamp(manifest_path)}))
         return Manifest(manifest_path, _idx_of(old), inputs=_load_inputs(new_records, bids_dir),
                         notes=notes, stats=stats)
