@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import io
+import os
 import pickle
 import subprocess
 import sys
@@ -552,7 +553,7 @@ def test_unpooling_then_a_same_conv_runs_with_onednn_on():
     here, in a child process (a crash must not take pytest down). Expected sum: the 3 at (1, 0, 0)
     spreads to its 3x3x3 neighbours inside the volume (3 x 2 x 2 = 12 voxels), in both output
     channels, plus the input itself: 3 x 12 x 2 + 3 = 75."""
-    env = {**__import__("os").environ, "TF_ENABLE_ONEDNN_OPTS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
     res = subprocess.run([sys.executable, "-c", UNPOOL_THEN_CONV], capture_output=True, text=True, env=env,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

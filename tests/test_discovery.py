@@ -215,7 +215,8 @@ def test_sidecars_read_only_for_listed_folders(tmp_path):
 
 def test_a_sidecar_edited_in_place_is_seen(tmp_path):
     """Fixing a sidecar's BodyPartExamined in place (open/write: the file's mtime changes, its
-    folder's does not) lists that subject again and re-routes its image; the others stay stat only."""
+    folder's does not) lists that subject again with the new field (what body-part routing reads);
+    the others stay stat only."""
     bids, man = _cohort_with_sidecars(tmp_path, '{"BodyPartExamined": "BRAIN"}')
     keys = ("BodyPartExamined",)
     discovery.load_or_build(bids, man, ROLES2, sidecar_keys=keys)
