@@ -33,10 +33,11 @@ def main() -> None:
     from cohortseg.io import load_image
     from cohortseg.models.cards import find_card
     from cohortseg.models.ensemble import FoldModel, configure_tensorflow
-    from cohortseg.models.nets import deepwmh as nets
-    from cohortseg.pipelines import deepwmh
+    from cohortseg.models.nets import deepwmh_torch as nets
+    from cohortseg.pipelines import get_pipeline
     from cohortseg.pipelines.base import Context, Item
-    from cohortseg.pipelines.lesion import conform_ras, fallback_brain_mask
+    from cohortseg.science.conform import conform_ras
+    from cohortseg.science.lesion_input import fallback_brain_mask
     from cohortseg.science import deepwmh as W
     from cohortseg.science import registration
 
@@ -55,9 +56,9 @@ def main() -> None:
     for name, path in T1S.items():
         img, _ = load_image(path)
         item = Item("sub-01", "", "wmh", name, {"image": str(path)})
-        deepwmh.prepare(item, cards, {}, Context())  # warm-up of the z-score / resampling code paths
+        get_pipeline("wmh").prepare(item, cards, {}, Context())  # warm-up of the z-score / resampling code paths
         s = time.perf_counter()
-        prep = deepwmh.prepare(item, cards, {}, Context())
+        prep = get_pipeline("wmh").prepare(item, cards, {}, Context())
         pri = deepwmh.head_priors(head, prep.x)
         params = np.asarray(aff[0].predict(W.affine_input(pri)[None]))[0]
         m_deep = W.mni_matrix(params, img.affine, img.shape)

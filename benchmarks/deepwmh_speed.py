@@ -35,8 +35,8 @@ def main() -> None:
 
     from cohortseg.models.cards import find_card
     from cohortseg.models.ensemble import FoldModel, configure_tensorflow
-    from cohortseg.models.nets import deepwmh as nets
-    from cohortseg.pipelines import deepwmh
+    from cohortseg.models.nets import deepwmh_torch as nets
+    from cohortseg.pipelines import get_pipeline
     from cohortseg.pipelines.base import Context, Item, OutputWriter
     from cohortseg.science import deepwmh as W
 
@@ -58,7 +58,7 @@ def main() -> None:
         for rep in range(a.repeat + 1):  # the first run warms TensorFlow up and is not counted
             t = {}
             s = time.perf_counter()
-            prep = deepwmh.prepare(item, cards, {}, Context())
+            prep = get_pipeline("wmh").prepare(item, cards, {}, Context())
             t["prepare"] = time.perf_counter() - s
             aff = np.asarray(prep.meta["native_affine"])
             shape = tuple(prep.meta["native_shape"])
@@ -77,10 +77,10 @@ def main() -> None:
             t["rois"] = time.perf_counter() - s
             t["three_nets"] = t["head"] + t["affine"] + t["mni_box"] + t["rois"]
             s = time.perf_counter()
-            prob = deepwmh.predict(models, prep, cards, {}, 1)
+            prob = get_pipeline("wmh").predict(models, prep, cards, {}, 1)
             t["predict"] = time.perf_counter() - s
             s = time.perf_counter()
-            deepwmh.finalize(item, prep, prob, cards, {}, Context(), OutputWriter(tmp, item))
+            get_pipeline("wmh").finalize(item, prep, prob, cards, {}, Context(), OutputWriter(tmp, item))
             t["finalize"] = time.perf_counter() - s
             t["wmh_net"] = t["predict"] - t["three_nets"]  # predict = the three nets + the WMH net
             t["item"] = t["prepare"] + t["predict"] + t["finalize"]

@@ -181,7 +181,8 @@ def test_brain_checks_pass_every_brain(shared_dir):
     tests/test_pipeline_brain.py's end-to-end run)."""
     from nilearn.datasets import load_mni152_template
 
-    from cohortseg.pipelines.lesion import conform_ras, fallback_brain_mask
+    from cohortseg.science.conform import conform_ras
+    from cohortseg.science.lesion_input import fallback_brain_mask
     from cohortseg.science.anatomy import brain_mask_measures, head_failures, head_measures
 
     lim = limits("brain_tissue", {})

@@ -114,7 +114,7 @@ def test_reader_refuses_truncated_files(shared_dir, tmp_path):
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.shared
 def test_mapping_refuses_wrong_shapes_and_extra_keys(shared_dir):
-    from cohortseg.models.nets.deepwmh import build_head, load_torch_weights
+    from cohortseg.models.nets.deepwmh_torch import build_head, load_torch_weights
 
     sd = load_state_dict(shared_dir / "models/deep-T1-WMH/torchparams" / PARAMS["head"])
     model = build_head((16, 16, 16))
@@ -142,7 +142,7 @@ def test_keras_build_matches_pytorch(tmp_path, net, shape, new_zip):
     zeros so that max-pool windows tie (the first maximum wins in both)."""
     import torch
 
-    from cohortseg.models.nets.deepwmh import BUILDERS, load_net
+    from cohortseg.models.nets.deepwmh_torch import BUILDERS, load_net
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     import torch_deepwmh
@@ -201,7 +201,7 @@ def test_cards_verify_against_shared(shared_dir):
 
 
 def test_planning_imports_no_tensorflow():
-    code = ("import sys; import cohortseg.pipelines.deepwmh, cohortseg.science.deepwmh, cohortseg.models.nets.deepwmh, "
+    code = ("import sys; import cohortseg.pipelines.wmh, cohortseg.science.deepwmh, cohortseg.models.nets.deepwmh_torch, "
             "cohortseg.models.torchfile; from cohortseg.pipelines import get_pipeline; get_pipeline('wmh'); "
             "print('tensorflow' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
@@ -209,15 +209,14 @@ def test_planning_imports_no_tensorflow():
 
 
 def test_net_cards_errors():
-    from cohortseg.pipelines.deepwmh import net_cards
+    from cohortseg.models.lesion_cards import net_cards
 
     cards = [find_card(n) for n in ("deepwmh_head", "deepwmh_affine", "deepwmh_rois")]
     with pytest.raises(ModelError, match="missing: wmh"):
         net_cards(cards)
     with pytest.raises(ModelError, match="cannot be mixed"):
         net_cards(cards + [find_card("deepwmh_wmh"), find_card("shiva_wmh")])
-    from cohortseg.pipelines.deepwmh import uses_deepwmh
-    from cohortseg.pipelines.lesion import split_cards
+    from cohortseg.models.lesion_cards import split_cards, uses_deepwmh
 
     assert uses_deepwmh(cards + [find_card("deepwmh_wmh")])
     head_then_shiva = [find_card("deepwmh_head"), find_card("shiva_wmh")]
@@ -511,7 +510,7 @@ def test_unpooling_and_instance_norm_semantics_without_torch():
     zero-pads odd sizes; InstanceNorm uses the biased variance and eps 1e-5."""
     import keras
 
-    from cohortseg.models.nets.deepwmh import _layers
+    from cohortseg.models.nets.deepwmh_torch import _layers
 
     inorm, _, poolarg, unpool = _layers()
     x = np.zeros((1, 5, 4, 3, 2), np.float32)
@@ -533,7 +532,7 @@ def test_unpooling_and_instance_norm_semantics_without_torch():
 
 UNPOOL_THEN_CONV = """
 import numpy as np, keras
-from cohortseg.models.nets.deepwmh import _layers
+from cohortseg.models.nets.deepwmh_torch import _layers
 _, _, poolarg, unpool = _layers()
 inp = keras.Input((5, 7, 3, 2))
 top, first = poolarg((2, 2, 2))(inp)

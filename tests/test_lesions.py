@@ -218,7 +218,7 @@ def test_census_recovers_planted_lesions_in_real_t1(shared_dir):
 
 
 def test_cmb_classes_and_wmh_regions_on_the_mni_template():  # nilearn's MNI152 ships in the wheel
-    from cohortseg.science import wmh
+    from cohortseg.science import lesions as wmh
     from nilearn import datasets
 
     tpl = datasets.load_mni152_template(resolution=1)
@@ -261,10 +261,10 @@ def test_cmb_classes_and_wmh_regions_on_the_mni_template():  # nilearn's MNI152 
         c = cand[len(cand) // 2]
         prob[c[0] - 1:c[0] + 1, c[1] - 1:c[1] + 1, c[2]:c[2] + 1] = 0.9
         expect.append((tuple(c), name))
-    labels, census = lesion_census(prob, brain, aff, 0.2, 1, regions=(rmap, wmh.region_names()))
+    labels, census = lesion_census(prob, brain, aff, 0.2, 1, regions=(rmap, dict(wmh.WMH_REGIONS)))
     assert len(census) == 3
     for c, name in expect:
         (r,) = [r for r in census if r["lesion_id"] == labels[c]]
         assert r["region"] == name
-    vols = regional_volumes(labels, rmap, wmh.region_names(), aff)
+    vols = regional_volumes(labels, rmap, dict(wmh.WMH_REGIONS), aff)
     assert vols["total"] == 12.0 and vols["periventricular"] + vols["deep_white"] + vols["infracortical"] + vols["unassigned"] == 12.0

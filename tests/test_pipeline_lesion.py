@@ -1,4 +1,4 @@
-"""The `cmb` and `wmh` pipelines (cohortseg.pipelines.cmb / .wmh, shared steps in cohortseg.pipelines.lesion).
+"""The `cmb` and `wmh` pipelines (cohortseg.pipelines.cmb / .wmh, shared SHIVA steps in cohortseg.pipelines.cmb.ShivaLesions).
 
 Stand-in SHIVA fold bundles (tests/standins.py: real tensor shapes, a 1x1x1 "dark detector" per fold)
 are written to tmp_path with a model_info json whose md5s are computed like SHIVA's; synthetic lesions
@@ -35,14 +35,10 @@ from cohortseg.models.cards import ModelCard, find_card
 from cohortseg.errors import InputError, ModelError
 from cohortseg.pipelines import get_pipeline
 from cohortseg.pipelines.base import Context, Item, OutputWriter, Predicted, Prepared
-from cohortseg.pipelines.lesion import (
-    conform_ras,
-    fallback_brain_mask,
-    full_volume,
-    meshnet_brain_mask,
-    split_cards,
-    unpack_mask,
-)
+from cohortseg.models.lesion_cards import card_channels, split_cards
+from cohortseg.models.lesion_nets import meshnet_brain_mask
+from cohortseg.science.conform import conform_ras
+from cohortseg.science.lesion_input import fallback_brain_mask, full_volume, unpack_mask
 from helpers import snakemake, write_config
 from standins import crude_brain_mask, make_shiva_bundle, reference_prediction
 
@@ -393,8 +389,7 @@ def test_conform_ras_reindexes_exactly_or_interpolates():
 
 
 def test_census_in_the_suprathreshold_box_equals_the_full_census():
-    from cohortseg.science.lesions import WMH_REGIONS, lesion_census
-    from cohortseg.pipelines.lesion import _census
+    from cohortseg.science.lesions import WMH_REGIONS, census_in_box, lesion_census
 
     rng = np.random.default_rng(5)
     prob = ndimage.gaussian_filter(rng.random((60, 70, 50)).astype(np.float32), 1.5)
@@ -405,12 +400,12 @@ def test_census_in_the_suprathreshold_box_equals_the_full_census():
     aff = _grid((0.9, 1.1, 1.5), prob.shape, ("L", "P", "S"), 5.0, (3.0, 4.0, 5.0))
     mni = _rigid(2.0, 3.0, (1.0, 2.0, 3.0))
     lab_full, full = lesion_census(prob, mask, aff, 0.7, 2, 0.25, regions=(rmap, WMH_REGIONS), mni_affine_fn=mni)
-    lab_box, box = _census(prob, mask, aff, 0.7, 2, 0.25, (rmap, WMH_REGIONS), mni)
+    lab_box, box = census_in_box(prob, mask, aff, 0.7, 2, 0.25, (rmap, WMH_REGIONS), mni)
     assert len(full) > 3 and np.array_equal(lab_full, lab_box)
     for a, b in zip(full, box):
         for k, v in a.items():
             assert b[k] == (pytest.approx(v, abs=1e-6) if isinstance(v, float) else v), k
-    assert _census(prob, mask, aff, 1.0, 2, 0.25, None, None)[1] == []
+    assert census_in_box(prob, mask, aff, 1.0, 2, 0.25, None, None)[1] == []
 
 
 def test_fallback_brain_mask_on_a_real_head(t1_base):
@@ -433,7 +428,7 @@ def test_card_roles():
     with pytest.raises(ModelError, match="no lesion segmentation model"):
         split_cards([mask])
     with pytest.raises(ModelError, match="needs modality 'swi'"):
-        get_pipeline("wmh")._channels([shiva])
+        card_channels([shiva], get_pipeline("wmh").modality_roles, "wmh")
     assert find_card("shiva_cmb").folds[0]["file"].startswith("SWI-CMB/")
     assert find_card("shiva_wmh").data["modalities"] == ["t1", "flair"]
 
@@ -470,10 +465,10 @@ def test_predict_and_finalize_directly(tmp_path, t1_base):
     mask = fallback_brain_mask(np.asarray(conf.dataobj), conf.affine)
     pipe = get_pipeline("wmh")
     card = _card("w", ["t1"])
-    prep = pipe._finish_prepare({"t1": np.asarray(conf.dataobj)}, ["t1"], mask, conf, nib.load(native),
+    prep = pipe.finish_prepare({"t1": np.asarray(conf.dataobj)}, ["t1"], mask, conf, nib.load(native),
                                 {"warnings": [], "mni": {"matrix": None, "error": "skipped"}})
     assert prep.x.ndim == 5 and prep.x.size < 0.7 * 256 ** 3 and prep.x.dtype == np.float16  # the head box
-    fv, cv, scale = full_volume(prep)[..., 0], np.asarray(conf.dataobj), prep.meta["scales"][0]
+    fv, cv, scale = full_volume(prep.x, prep.meta["conformed_shape"], prep.meta["x_box"])[..., 0], np.asarray(conf.dataobj), prep.meta["scales"][0]
     sel = cv > 0.02 * scale  # everything above the background is kept (float16 precision)
     np.testing.assert_allclose(fv[sel] * scale, cv[sel], rtol=2e-3)
     prep.save(tmp_path / "prep.npz")

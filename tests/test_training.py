@@ -365,9 +365,9 @@ def test_reloaded_fold_predicts_grid_shape(ci_bundle):
     assert p.shape == (3, h, w, 1)
     assert 0.0 <= p.min() and p.max() <= 1.0
     # the generic loader used by the workflow reads it too
-    from cohortseg.models.loaders import LOADERS
+    from cohortseg.models.loaders import loader
 
-    m2 = LOADERS["keras_full"](path / card["folds"][1]["file"], card, card["folds"][1], [])
+    m2 = loader("keras_full")(path / card["folds"][1]["file"], card, card["folds"][1], [])
     assert np.asarray(m2.predict(x, verbose=0)).shape == (3, h, w, 1)
 
 

@@ -1,31 +1,30 @@
 """Architecture loaders: a card's `architecture.loader` -> a function building a predict callable.
 
 Each loader takes (fold_path, card, fold_entry, extra_paths) and returns a Keras model or any object
-with `predict(batch) -> np.ndarray`. TensorFlow is imported lazily: planning never pays for it.
+with `predict(batch) -> np.ndarray`. The table names each loader by its dotted ``module:function``
+and the module is imported only when a card names it: loading a gmseg card never imports the
+deep-T1-WMH or SHIVA code, and :func:`cohortseg.pipelines.code_version` counts a family's module
+only for the pipelines that declare its loader (``Pipeline.loaders``). TensorFlow is imported lazily:
+planning never pays for it.
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from cohortseg.errors import ModelError
 
-
-def _gmseg_weights(path: Path, card, fold, extra):
-    from cohortseg.models.nets.gmseg import build_gmseg, load_gmseg_weights
-
-    params = {**card["architecture"].get("params", {}), **fold.get("params", {})}
-    model = build_gmseg(filters=int(params.get("filters", 32)))
-    load_gmseg_weights(model, path)
-    return model
-
-
-def _tfjs_layers(path: Path, card, fold, extra):
-    from cohortseg.models.nets.tfjs import load_tfjs_layers_model
-
-    return load_tfjs_layers_model(path.parent if path.is_file() else path)
+LOADERS = {
+    "gmseg_weights": "cohortseg.models.nets.gmseg:load_card",
+    "tfjs_layers": "cohortseg.models.nets.tfjs:load_card",
+    "keras_full": "cohortseg.models.loaders:load_keras",
+    "savedmodel": "cohortseg.models.shiva:load_card",
+    "deepwmh_torch": "cohortseg.models.nets.deepwmh_torch:load_card",
+}
 
 
-def _keras_full(path: Path, card, fold, extra):
+def load_keras(path: Path, card, fold, extra):
+    """A full Keras model file (``.keras``/``.h5``): the training bundles' format."""
     import keras
 
     try:
@@ -34,31 +33,14 @@ def _keras_full(path: Path, card, fold, extra):
         raise ModelError(f"model '{card.name}': cannot load Keras model {path}: {e}") from None
 
 
-def _savedmodel(path: Path, card, fold, extra):
-    from cohortseg.models.shiva import load_fold
-
-    return load_fold(path)
-
-
-def _deepwmh_torch(path: Path, card, fold, extra):
-    """A deep-T1-WMH network (``architecture.params.net``: head, affine, rois, wmh) from its upstream
-    PyTorch state_dict, rebuilt in Keras (no PyTorch needed)."""
-    from cohortseg.models.nets.deepwmh import load_net
-
-    return load_net(card["architecture"].get("params", {}).get("net", ""), path)
-
-
-LOADERS = {
-    "gmseg_weights": _gmseg_weights,
-    "tfjs_layers": _tfjs_layers,
-    "keras_full": _keras_full,
-    "savedmodel": _savedmodel,
-    "deepwmh_torch": _deepwmh_torch,
-}
+def loader(name: str, card_name: str = ""):
+    """The loader function registered as `name` (its module imported now)."""
+    if name not in LOADERS:
+        raise ModelError(f"model '{card_name}': unknown loader '{name}' (known: {', '.join(LOADERS)})")
+    module, function = LOADERS[name].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def build(card, resolved_fold: dict):
-    name = card["architecture"]["loader"]
-    if name not in LOADERS:
-        raise ModelError(f"model '{card.name}': unknown loader '{name}' (known: {', '.join(LOADERS)})")
-    return LOADERS[name](Path(resolved_fold["path"]), card, resolved_fold["fold"], resolved_fold["extra"])
+    fn = loader(card["architecture"]["loader"], card.name)
+    return fn(Path(resolved_fold["path"]), card, resolved_fold["fold"], resolved_fold["extra"])

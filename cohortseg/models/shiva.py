@@ -14,7 +14,7 @@ A SHIVA user brings a model folder plus a ``model_info_*.json`` descriptor (``fi
 ``md5``, ``modalities``, ``target``). Fold files are either Keras full models (``.h5``) or TF SavedModel
 folders (``*.tf_inference`` and the extension-less ``*_bestvalloss`` folders). The md5 of a folder is
 SHIVA's convention (:func:`cohortseg.io.tree_md5`), checked by the model store like every checksum.
-Conforming, registration and the fold ensemble are the project's own (``cohortseg.pipelines.lesion``,
+Conforming, registration and the fold ensemble are the project's own (``cohortseg.pipelines.cmb``,
 ``cohortseg.models.ensemble``): this module holds only what is SHIVA's.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ import numpy as np
 
 from cohortseg.errors import InputError, ModelError
 from cohortseg.io import md5sum
+from cohortseg.models.lesion_cards import MODALITY_CONTRAST
 
 GRID_SHAPE: tuple[int, int, int] = (160, 214, 176)
 CONFORM_SHAPE: tuple[int, int, int] = (256, 256, 256)
@@ -43,8 +44,6 @@ TARGET_THRESHOLDS: dict[str, dict] = {
     "PVS": {"probability": 0.5, "min_cluster_vox": 5, "max_outside_brain_frac": 0.25},
 }
 TARGET_PIPELINE = {"CMB": "cmb", "WMH": "wmh", "PVS": "pvs"}
-#: SHIVA modality name -> contrast name used in model cards (BIDS suffix where one exists)
-MODALITY_CONTRAST = {"t1": "T1w", "flair": "FLAIR", "swi": "SWI", "t2gre": "T2starw", "t2": "T2w"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,6 +221,11 @@ def load_fold(path, custom_objects: dict | None = None) -> FoldModel:
         return out.numpy() if hasattr(out, "numpy") else np.asarray(out)
 
     return FoldModel(fn, path, "keras_full", keras_model=model)
+
+
+def load_card(path, card, fold, extra) -> FoldModel:
+    """Loader ``savedmodel`` (:mod:`cohortseg.models.loaders`): :func:`load_fold` of the fold's path."""
+    return load_fold(path)
 
 
 # ----------------------------------------------------------------------------------------------

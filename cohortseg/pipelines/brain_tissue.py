@@ -33,7 +33,7 @@ it into the three steps.
     conformed T1 with the brain mask) with a registration QC figure; QC mosaics; sanity flags.
 
 Learned intracranial mask (card ``deepwmh_head``, in the default ``models``)
-    The deep-T1-WMH head net (:mod:`cohortseg.pipelines.deepwmh`; ~1 s on a CPU) runs first, on the
+    The deep-T1-WMH head net (:mod:`cohortseg.models.nets.deepwmh_torch`; ~1 s on a CPU) runs first, on the
     64^3 head box ``prepare`` makes from the *native* T1 as the upstream program does. Its intracranial
     prior, resampled onto the conformed grid, is the crop of the brain-mask MeshNet (its bounding box
     plus the net's padding, instead of brainchop's head box; ``fast_crop: false`` turns that off), and
@@ -75,7 +75,7 @@ _ORDER = {"cubic": 3, "linear": 1}
 # ----------------------------------------------------------------------------------------------
 def card_roles(cards) -> dict:
     """{role: (card index, MeshNetSpec)}; ModelError when a role is doubled, unknown or the mask is missing."""
-    from cohortseg.pipelines.deepwmh import card_net
+    from cohortseg.models.lesion_cards import card_net
     from cohortseg.science.brain import meshnet_spec
 
     out: dict = {}
@@ -108,7 +108,7 @@ def card_roles(cards) -> dict:
 
 
 def _grid(cards) -> dict:
-    from cohortseg.pipelines.deepwmh import card_net
+    from cohortseg.models.lesion_cards import card_net
 
     cards = [c for c in cards if card_net(c) is None]  # the head net makes its own box from the native T1
     grids = {json.dumps(c.get("grid") or {}, sort_keys=True) for c in cards}
@@ -190,7 +190,7 @@ class BrainTissue(Pipeline):
         out = {"brain_mask": cards[roles["brain_mask"][0]].name,
                "etiv": "atlas scaling (antspyx affine to MNI152, brain-masked)" if cfg.get("etiv", True) else "off"}
         if ICV_ROLE in roles:
-            from cohortseg.pipelines.deepwmh import ICV_METHOD
+            from cohortseg.science.deepwmh import ICV_METHOD
 
             out["etiv_icv"] = ICV_METHOD
             out["brain_mask_crop"] = ("deep-T1-WMH intracranial mask box" if cfg.get("fast_crop", True)
@@ -253,7 +253,7 @@ class BrainTissue(Pipeline):
         out: dict = {}
         mask_crop = {}
         if ICV_ROLE in roles and "head_box" in prepared.arrays:
-            from cohortseg.pipelines.deepwmh import head_priors
+            from cohortseg.models.nets.deepwmh_torch import head_priors
             from cohortseg.science.deepwmh import PRIOR_THRESHOLD, native_prior
 
             pri = head_priors(models[roles[ICV_ROLE][0]], np.asarray(prepared.arrays["head_box"])[None, ..., None])
@@ -387,7 +387,7 @@ class BrainTissue(Pipeline):
                 vols["etiv_ml"] = etiv["etiv_ml"]
         icv_info = {}
         if "icv_prior" in prob:  # measured eTIV: the head net's intracranial prior > 0.5 on the native grid
-            from cohortseg.pipelines.deepwmh import ICV_METHOD
+            from cohortseg.science.deepwmh import ICV_METHOD
             from cohortseg.science.deepwmh import PRIOR_THRESHOLD, native_prior
 
             icv_n = native_prior(np.asarray(prob["icv_prior"], np.float32), naff, grid[0]) > PRIOR_THRESHOLD

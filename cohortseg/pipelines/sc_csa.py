@@ -18,7 +18,7 @@ Roles
 
 Steps
 -----
-prepare: ``cohortseg.io.load_image`` + ``training.datasets.preprocess_image`` on the card's grid
+prepare: ``cohortseg.io.load_image`` + ``science.resampling.preprocess_image`` (as training) on the card's grid
 (z-score with the volume's mean/std, as the card's ``normalisation: zscore_volume`` says), plus the
 vertebral level of every native slice. predict: soft fold average (base class). finalize: back to
 native space, the card's ``postprocess`` (tube filter / largest component), soft values kept only
@@ -153,7 +153,7 @@ class ScCsa(Pipeline):
     def prepare(self, item: Item, cards: list, cfg: dict, ctx: Context) -> Prepared:
         import nibabel as nib
 
-        from cohortseg.training.datasets import preprocess_image
+        from cohortseg.science.resampling import preprocess_image
 
         if not cards:
             raise ModelError("sc_csa: no model card configured (sc_csa.models)")

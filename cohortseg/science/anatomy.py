@@ -30,7 +30,6 @@ the item's record (``checks``). With ``anatomy.refuse: false`` a failed criterio
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,21 +50,12 @@ class Failure:
 # ----------------------------------------------------------------------------------------------
 # limits
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _schema_defaults(pipeline: str) -> dict:
-    import yaml
-
-    from cohortseg.models.cards import REPO_ROOT
-
-    schema = yaml.safe_load((REPO_ROOT / "config" / "schemas" / "config.schema.yaml").read_text())
-    props = schema["properties"][pipeline]["properties"]["anatomy"]["properties"]
-    return {k: v["default"] for k, v in props.items() if "default" in v}
-
-
 def limits(pipeline: str, cfg: dict) -> dict:
     """The anatomy thresholds of a pipeline: the schema's defaults, updated by ``cfg['anatomy']``."""
-    out = {**_schema_defaults(pipeline), **(cfg.get("anatomy") or {})}
-    for k, v in _schema_defaults(pipeline).items():  # per-contrast tables keep the entries not overridden
+    from cohortseg.schema import defaults
+
+    out = {**defaults(pipeline, "anatomy"), **(cfg.get("anatomy") or {})}
+    for k, v in defaults(pipeline, "anatomy").items():  # per-contrast tables keep the entries not overridden
         if isinstance(v, dict):
             out[k] = {**v, **(out[k] or {})}
     return out
@@ -170,7 +160,7 @@ def head_measures(data, affine) -> dict:
     itself: a ~4 mm copy above a tenth of its 99th percentile, largest 3-D component. A second or so
     per image."""
     from scipy import ndimage
-    from cohortseg.science.lesions import voxel_sizes
+    from cohortseg.science.metrics import voxel_sizes
 
     d = np.asarray(data, dtype=np.float32)
     if d.ndim > 3:

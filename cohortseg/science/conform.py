@@ -209,3 +209,48 @@ def labels_to_native(dseg_conformed: np.ndarray, conformed_affine, native_img, l
         out[take] = lab
         best[take] = p[take]
     return out
+
+
+def conform_ras(img, order: int = 3, shape: int = 256):
+    """Resample a nibabel image onto a ``shape``^3, 1 mm, RAS grid centred on the centre of its field
+    of view (the RAS point of voxel ``dims/2`` lands on voxel ``shape/2``, as FreeSurfer's conform).
+
+    When the grids differ only by axis permutations/flips and whole-voxel shifts (e.g. an image that is
+    already a 1 mm 256^3 conformed volume in another orientation) the data are re-indexed exactly;
+    otherwise spline interpolation of `order` (prefiltered for order > 1). Returns float32 Nifti1Image.
+    """
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if data.ndim > 3:
+        data = data.reshape(data.shape[:3] + (-1,))[..., 0]
+    aff_c = conformed_affine(np.asarray(img.affine, float), data.shape, shape, 1.0, "RAS")
+    vox = np.linalg.inv(np.asarray(img.affine, float)) @ aff_c  # conformed voxel -> native voxel
+    out = _reindex(data, vox, shape)
+    if out is None:
+        out = ndimage.affine_transform(data, vox[:3, :3], offset=vox[:3, 3], output_shape=(shape,) * 3,
+                                       order=order, mode="constant", cval=0.0, prefilter=order > 1)
+    return nib.Nifti1Image(out.astype(np.float32, copy=False), aff_c)
+
+
+def _reindex(data: np.ndarray, vox: np.ndarray, shape: int):
+    """Exact resampling when `vox` is a signed permutation with integer offsets, else None."""
+    r, t = vox[:3, :3], vox[:3, 3]
+    ra = np.abs(np.round(r))
+    if not (np.allclose(r, np.round(r), atol=1e-4) and np.allclose(ra.sum(0), 1) and np.allclose(ra.sum(1), 1)
+            and np.allclose(t, np.round(t), atol=1e-3)):
+        return None
+    r = np.round(r).astype(int)
+    t = np.round(t).astype(int)
+    src_axis = [int(np.flatnonzero(r[:, a])[0]) for a in range(3)]  # output axis a reads source axis s
+    idx, valid = [], []
+    for a in range(3):
+        s = src_axis[a]
+        i = r[s, a] * np.arange(shape) + t[s]
+        valid.append((i >= 0) & (i < data.shape[s]))
+        idx.append(np.clip(i, 0, data.shape[s] - 1))
+    perm = np.argsort(src_axis)  # source axis order -> gather per source axis, then transpose
+    src_idx = [idx[perm[s]] for s in range(3)]
+    sub = data[np.ix_(*src_idx)]  # axes in source order
+    out = np.transpose(sub, src_axis).copy()  # out axis a = source axis src_axis[a]
+    vmask = valid[0][:, None, None] & valid[1][None, :, None] & valid[2][None, None, :]
+    out[~vmask] = 0
+    return out

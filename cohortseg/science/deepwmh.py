@@ -8,7 +8,7 @@ its first and last voxels, and trilinear interpolation treats every voxel outsid
 ``scipy.ndimage.affine_transform(order=1, mode="grid-constant")`` from the equivalent voxel-to-voxel
 matrix. Matrices here act on column vectors.
 
-Steps (channels-last arrays; the networks are :mod:`cohortseg.models.nets.deepwmh`):
+Steps (channels-last arrays; the networks are :mod:`cohortseg.models.nets.deepwmh_torch`):
 
 1. the whole image is z-scored (float64 statistics) and resampled into the 64^3 **head box**, whose
    corners are the corners of the image (anisotropic) with the axes reordered to LAS (:func:`head_box`);
@@ -60,6 +60,8 @@ COLUMNS = ["eTIV", "wmh_vol_total", *[f"wmh_vol_{r}" for r in REGIONS.values()],
            *[f"roisize_{r}" for r in REGIONS.values()]]
 ROI_MIN_PROB = 0.25
 PRIOR_THRESHOLD = 0.5
+METHOD = "deep-T1-WMH (Thyreau et al. 2022), Keras rebuild of the upstream networks"
+ICV_METHOD = "deep-T1-WMH head net intracranial prior > 0.5 on the native grid"
 WMH_MASK_U8 = 128
 WMH_FULL_U8 = 192
 
@@ -252,3 +254,11 @@ def itk_affine_text(matrix) -> str:
     vals = [*mi[:3, :3].ravel(), *mi[:3, 3]]
     return ("#Insight Transform File V1.0\nTransform: AffineTransform_float_3_3\nFixedParameters: 0 0 0\n"
             "Parameters: " + " ".join(f"{v:.6f}" for v in vals) + "\n")
+
+
+def compact_voxels(data: np.ndarray) -> np.ndarray:
+    """The native voxels as int16 when that is lossless (most T1s), else float32."""
+    d = np.asarray(data, np.float32)
+    if np.all(d == np.round(d)) and d.min() >= -32768 and d.max() <= 32767:
+        return d.astype(np.int16)
+    return d

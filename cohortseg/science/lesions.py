@@ -27,10 +27,15 @@ Region maps
   Expect misclassification within ~5-10 mm of the box borders (e.g. insula vs putamen, anterior
   temporal lobe vs midbrain). For a given subject, map lesion centroids to MNI with
   :mod:`cohortseg.science.registration` (``mni_affine_fn``) and classify with :func:`cmb_location_mni`.
+* WMH without a subject tissue segmentation (the SHIVA WMH path), :func:`mni_region_map`: the same
+  regions on the MNI152 template's tissue maps, pulled into a subject through the MNI affine. The
+  deep-T1-WMH recipe (MNI box, its own region net, the upstream volumes) is :mod:`cohortseg.science.deepwmh`.
 """
 from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
+
+import functools
 
 import numpy as np
 from scipy import ndimage
@@ -276,17 +281,123 @@ def _cmb_codes(p: np.ndarray) -> np.ndarray:
     return _cmb_codes_xyz(p[:, 0], p[:, 1], p[:, 2])
 
 
+def deep_grey_box(x, y, z):
+    """The MNI152 deep-grey box (basal ganglia, thalamus, internal capsule: |x| <= 30, -36 <= y <= 26,
+    -12 <= z <= 22 mm): CMB's ``deep`` class, and what the template's cortex excludes."""
+    return (np.abs(x) <= 30) & (y >= -36) & (y <= 26) & (z >= -12) & (z <= 22)
+
+
 def _cmb_codes_xyz(x, y, z) -> np.ndarray:
     ax = np.abs(x)
     brainstem = (ax <= 16) & (y >= -46) & (y <= -8) & (z <= -8)
     cerebellum = (y <= -36) & (z < -6.0 - 0.30 * ax)
-    deep = (ax <= 30) & (y >= -36) & (y <= 26) & (z >= -12) & (z <= 22)
+    deep = deep_grey_box(x, y, z)
     codes = np.ones(np.shape(x), np.uint8)  # lobar
     codes[deep] = 2
     codes[brainstem | cerebellum] = 3
     return codes
 
 
+# ----------------------------------------------------------------------------------------------
+# the census of a whole-head grid
+# ----------------------------------------------------------------------------------------------
+CENSUS_COLUMNS = ["lesion_id", "n_voxels", "volume_mm3", "centroid_i", "centroid_j", "centroid_k", "x_mm", "y_mm",
+                  "z_mm", "mni_x", "mni_y", "mni_z", "prob_max", "prob_mean", "outside_brain_frac", "region"]
+#: brain mask volumes outside this range (mm^3) are flagged (`brain_mask_volume_low/high`)
+BRAIN_MASK_RANGE_MM3 = (700_000.0, 2_200_000.0)
+
+
+def census_in_box(prob, mask, aff, thr, min_vox, max_out, regions, matrix):
+    """:func:`lesion_census` on the bounding box of the supra-threshold voxels (+1 voxel): the same
+    clusters, numbering (raster order is kept by a shift), rules and world/MNI coordinates, for a
+    fraction of the cost on a whole-head grid. Returns (labels on the full grid, census rows with every
+    CENSUS_COLUMNS key, centroids in full-grid voxel indices)."""
+    from cohortseg.science.metrics import bounding_box
+
+    labels = np.zeros(prob.shape, np.int32)
+    sup = prob > thr
+    if not sup.any():
+        return labels, []
+    lo, hi = bounding_box(sup, margin=1)
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    shift = np.eye(4)
+    shift[:3, 3] = lo
+    if isinstance(regions, tuple):
+        regions = (regions[0][sl], regions[1])
+    sub, census = lesion_census(prob[sl], mask[sl], np.asarray(aff, float) @ shift, thr, min_vox, max_out,
+                                regions=regions, mni_affine_fn=matrix)
+    labels[sl] = sub
+    for r in census:
+        for k, o in zip(("centroid_i", "centroid_j", "centroid_k"), lo):
+            r[k] += o
+    rows = []
+    for r in census:
+        row = {c: r.get(c, np.nan) for c in CENSUS_COLUMNS}
+        if "region" not in r:
+            row["region"] = UNASSIGNED
+        rows.append(row)
+    return labels, rows
+
+
+def touches_box(labels: np.ndarray, affine, grid_affine, start, shape) -> bool:
+    """Whether a lesion voxel (`labels` > 0 on the grid of `affine`) lies within one voxel of the edge
+    of the box (`start`, `shape`) of another grid (`grid_affine`): the network's field of view, where
+    a lesion may be cut."""
+    if not labels.any():
+        return False
+    ijk = np.argwhere(labels > 0)
+    aff = np.asarray(affine, float)
+    world = ijk @ aff[:3, :3].T + aff[:3, 3]
+    c = np.linalg.inv(np.asarray(grid_affine, float))
+    cv = world @ c[:3, :3].T + c[:3, 3]
+    lo = np.array(start) + 0.5
+    hi = np.array(start) + np.array(shape) - 1.5
+    return bool(((cv < lo) | (cv > hi)).any())
+
+
+# ----------------------------------------------------------------------------------------------
+# the MNI152 template region map (the SHIVA WMH path: no subject tissue segmentation)
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def mni_tissue_masks(resolution: int = 1) -> dict:
+    """Offline MNI152 (nilearn) masks for the fallback WMH region map: ``brain``, ``gm`` (cortical:
+    GM probability > 0.5 outside :func:`deep_grey_box`), ``wm`` (WM
+    probability > 0.5) and ``ventricles`` (the two largest CSF-like components - brain, GM and WM
+    probabilities < 0.5, template intensity < 0.45 - inside |x|<35, -50<y<40, -5<z<40 mm).
+    Returns arrays plus ``affine``."""
+    from nilearn import datasets
+
+    t = datasets.load_mni152_template(resolution=resolution)
+    aff = t.affine
+    T = np.asarray(t.get_fdata(), dtype=np.float32)
+    brain = np.asarray(datasets.load_mni152_brain_mask(resolution=resolution).get_fdata()) > 0
+    gmp = np.asarray(datasets.load_mni152_gm_template(resolution=resolution).get_fdata())
+    wmp = np.asarray(datasets.load_mni152_wm_template(resolution=resolution).get_fdata())
+    x, y, z = world_grid(T.shape, aff)
+    csf = brain & (gmp < 0.5) & (wmp < 0.5) & (T < 0.45)
+    central = (np.abs(x) < 35) & (y > -50) & (y < 40) & (z > -5) & (z < 40)
+    lab, n = ndimage.label(csf & central)
+    if n == 0:
+        raise RuntimeError("could not find the ventricles in the MNI template")
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    vent = np.isin(lab, np.argsort(sizes)[::-1][:2])
+    deepbox = deep_grey_box(x, y, z)
+    return {"brain": brain, "gm": (gmp > 0.5) & ~deepbox, "wm": wmp > 0.5, "ventricles": vent, "affine": aff}
+
+
+def mni_region_map(resolution: int = 1, periventricular_mm: float = 10.0, infracortical_mm: float = 4.0):
+    """Fallback WMH region map in MNI space (nibabel image; labels of :data:`WMH_REGIONS`)
+    from the template masks of :func:`mni_tissue_masks`; domain = WM probability > 0.5. Warp it to a
+    subject with ``registration.apply(transform, img, reference=native, interpolation='nearest',
+    inverse=True)`` when no subject tissue segmentation is available."""
+    import nibabel as nib
+
+    m = mni_tissue_masks(resolution)
+    rmap = wmh_region_map(m["ventricles"], m["gm"], m["wm"], m["affine"], periventricular_mm, infracortical_mm)
+    return nib.Nifti1Image(rmap, m["affine"])
+
+
 __all__ = ["WMH_REGIONS", "CMB_REGIONS", "UNASSIGNED", "label_clusters", "filter_clusters", "lesion_census",
            "regional_volumes", "lesion_counts_by_region", "wmh_region_map", "cmb_location_mni",
-           "world_grid"]
+           "world_grid", "deep_grey_box", "census_in_box", "touches_box", "mni_tissue_masks", "mni_region_map"]

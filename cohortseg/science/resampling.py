@@ -266,3 +266,23 @@ def slices_to_native(prob_slices: np.ndarray, grid: dict, native_img=None, order
         out[sel] = ndimage.map_coordinates(prob[kk].astype(np.float64), pqk[:2, sel], order=order,
                                            mode="nearest", output=np.float64)
     return out.astype(np.float32)
+
+
+def preprocess_image(img: nib.Nifti1Image, inplane_mm: float, crop: Sequence[int], center=None):
+    """Native image -> (x (N, H, W) float32 slices of the axial grid, z-scored by the image's finite
+    voxels; grid). The model grid of the 2D slice models: training (:mod:`cohortseg.training.datasets`)
+    and inference (``sc_csa``) both call this."""
+    data = np.asarray(img.dataobj, dtype=np.float64)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+        img = nib.Nifti1Image(data, img.affine)
+    finite = np.isfinite(data)
+    if not finite.any():
+        raise InputError("image has no finite voxel")
+    mean, std = float(data[finite].mean()), float(data[finite].std())
+    if std <= 0:
+        raise InputError("image is constant")
+    slices, grid = to_axial_slices(img, inplane_mm=inplane_mm, crop=tuple(crop), order=1, center=center)
+    x = ((slices - mean) / std).astype(np.float32)
+    grid["zscore"] = {"mean": mean, "std": std}
+    return x, grid

@@ -41,6 +41,7 @@ import nibabel as nib
 import numpy as np
 
 from cohortseg.errors import ConfigError, InputError
+from cohortseg.science.resampling import preprocess_image
 
 
 @dataclass(frozen=True)
@@ -171,26 +172,6 @@ def _guess_contrast(path: str) -> str:
 
 
 # ------------------------------------------------------------------------------- preprocessing
-def preprocess_image(img: nib.Nifti1Image, inplane_mm: float, crop: Sequence[int], center=None):
-    """Native image -> (x (N, H, W) float32 z-scored slices, grid). Same as training uses."""
-    from cohortseg.science.resampling import to_axial_slices
-
-    data = np.asarray(img.dataobj, dtype=np.float64)
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-        img = nib.Nifti1Image(data, img.affine)
-    finite = np.isfinite(data)
-    if not finite.any():
-        raise InputError("image has no finite voxel")
-    mean, std = float(data[finite].mean()), float(data[finite].std())
-    if std <= 0:
-        raise InputError("image is constant")
-    slices, grid = to_axial_slices(img, inplane_mm=inplane_mm, crop=tuple(crop), order=1, center=center)
-    x = ((slices - mean) / std).astype(np.float32)
-    grid["zscore"] = {"mean": mean, "std": std}
-    return x, grid
-
-
 def soft_label(mask: np.ndarray, affine, sigma_mm: float, binarise: bool = True) -> np.ndarray:
     """Mask -> soft mask: in-plane Gaussian blur (sigma in mm, native space). ``binarise``: threshold
     at 0.5 first (manual masks); False keeps fractional values (a consensus of several masks)."""

@@ -16,14 +16,13 @@ shows the working forms (:func:`override_hint`).
 from __future__ import annotations
 
 import re
-from pathlib import Path
+
+from cohortseg.schema import SCHEMA, load_schema
 
 _INT = re.compile(r"^[+-]?\d+$")
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|nan)$", re.I)
 _BOOL = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 _NULL = {"null", "~", ""}
-
-SCHEMA = Path(__file__).resolve().parents[2] / "config" / "schemas" / "config.schema.yaml"
 
 
 def _types(schema: dict) -> list[str]:
@@ -63,13 +62,6 @@ def coerce(value, schema: dict):
     if isinstance(value, list) and isinstance(schema.get("items"), dict):
         return [coerce(v, schema["items"]) for v in value]
     return value
-
-
-def load_schema(path=SCHEMA) -> dict:
-    import yaml
-
-    with open(path) as f:
-        return yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # libyaml: 5x faster
 
 
 def apply_defaults(value, schema: dict):

@@ -29,7 +29,6 @@ from typing import Sequence
 import numpy as np
 
 from cohortseg.errors import ModelError
-from cohortseg.science.resampling import slices_to_native
 
 THRESHOLD_FINE = 0.999
 THRESHOLD_NATIVE = 0.5
@@ -206,6 +205,15 @@ def load_gmseg_weights(model, h5_path) -> None:
 # ----------------------------------------------------------------------------- recipe pieces
 
 
+def load_card(path: Path, card, fold, extra):
+    """Loader ``gmseg_weights`` (:mod:`cohortseg.models.loaders`): the network of the card's
+    ``filters`` (fold params override) with the challenge weights of `path`."""
+    params = {**card["architecture"].get("params", {}), **fold.get("params", {})}
+    model = build_gmseg(filters=int(params.get("filters", 32)))
+    load_gmseg_weights(model, path)
+    return model
+
+
 def fine_to_native(prob_fine: np.ndarray, grid: dict, native_img=None,
                    threshold_fine: float | None = THRESHOLD_FINE,
                    threshold_native: float = THRESHOLD_NATIVE) -> tuple[np.ndarray, np.ndarray]:
@@ -217,6 +225,8 @@ def fine_to_native(prob_fine: np.ndarray, grid: dict, native_img=None,
     voxel's fine-grid footprint that the ensemble segments with p > 0.999: a partial-volume GM map
     in [0, 1] with mask == (prob > 0.5) exactly. threshold_fine None maps the raw probabilities.
     """
+    from cohortseg.science.resampling import slices_to_native
+
     p = np.asarray(prob_fine, dtype=np.float32)
     fine = p if threshold_fine is None else (p > threshold_fine).astype(np.float32)
     prob_native = np.clip(slices_to_native(fine, grid, native_img, order=1), 0.0, 1.0)

@@ -339,3 +339,12 @@ def load_tfjs_layers_model(model_dir, *, flexible_input: bool = True, gn_from_na
     model = build_keras_model(spec, flexible_input=flexible_input, gn_from_names=gn_from_names)
     assign_weights(model, weights)
     return model
+
+
+def load_card(path, card, fold, extra):
+    """Loader ``tfjs_layers`` (:mod:`cohortseg.models.loaders`): the TF.js model of the card's fold
+    (its ``model.json``, or the folder holding it)."""
+    from pathlib import Path
+
+    path = Path(path)
+    return load_tfjs_layers_model(path.parent if path.is_file() else path)

@@ -28,6 +28,9 @@ normalises each channel over the three spatial axes (eps 1e-5). Max-pooling floo
 unpooling puts each value back where the window's maximum was - the *first* maximum in (kd, kh, kw)
 scan order on ties, as PyTorch's CPU kernel does (ReLU outputs tie at 0 constantly) - and zero-pads to
 the skip's size. Every key of the file must be used and every shape must match, else ModelError.
+
+Running them (:func:`head_priors`, :func:`head_net_mask`, :func:`deep_mni_arrays`): fold means on
+prepared arrays; the pre/post-processing is :mod:`cohortseg.science.deepwmh`.
 """
 from __future__ import annotations
 
@@ -40,7 +43,6 @@ from cohortseg.errors import ModelError
 NORM_EPS = 1e-5
 HEAD_SHAPE = (64, 64, 64)
 BOX_SHAPE = (184, 202, 72)
-NETS = ("head", "affine", "wmh", "rois")
 
 
 @lru_cache(maxsize=1)
@@ -317,12 +319,60 @@ def load_net(kind: str, path, shape=None):
     from cohortseg.models.torchfile import load_state_dict
 
     if kind not in BUILDERS:
-        raise ModelError(f"unknown deep-T1-WMH network '{kind}' (known: {', '.join(NETS)})")
+        raise ModelError(f"unknown deep-T1-WMH network '{kind}' (known: {', '.join(BUILDERS)})")
     sd = load_state_dict(path)
     model = BUILDERS[kind]() if shape is None else BUILDERS[kind](tuple(shape))
     load_torch_weights(model, sd, path)
     return model
 
 
-__all__ = ["BUILDERS", "NETS", "HEAD_SHAPE", "BOX_SHAPE", "build_head", "build_affine", "build_wmh", "build_rois",
-           "load_torch_weights", "load_net"]
+def load_card(path, card, fold, extra):
+    """Loader ``deepwmh_torch`` (:mod:`cohortseg.models.loaders`): the network the card names
+    (``architecture.params.net``: head, affine, rois, wmh) from its upstream PyTorch state_dict, rebuilt
+    in Keras (no PyTorch needed)."""
+    return load_net(card["architecture"].get("params", {}).get("net", ""), path)
+
+
+# ----------------------------------------------------------------------------------------------
+# running the nets on prepared arrays (the science around them: cohortseg.science.deepwmh)
+# ----------------------------------------------------------------------------------------------
+def run_folds(folds, x, batch_size):
+    """Fold mean of one card's predictions (:func:`cohortseg.models.ensemble.fold_average`)."""
+    from cohortseg.models.ensemble import fold_average
+
+    return fold_average([f.predict for f in folds], x, batch_size)
+
+
+def head_priors(folds, x: np.ndarray, batch_size: int = 1) -> np.ndarray:
+    """The head net's (64, 64, 64, 4) priors for a prepared head box (fold mean)."""
+    return np.asarray(run_folds(folds, x, batch_size)[0], np.float32)
+
+
+def head_net_mask(folds, head_box: np.ndarray, head_t1: dict, grid_to_t1: np.ndarray, conformed_affine,
+                  shape) -> tuple[np.ndarray | None, np.ndarray]:
+    """The deep-T1-WMH intracranial mask (prior > 0.5) on a conformed grid (`shape`, `conformed_affine`)
+    from the 64^3 head box of the session's T1 (`head_t1`: its native ``affine`` and ``shape``); the
+    conformed grid is put into the T1's world by `grid_to_t1` (the rigid primary -> T1 registration;
+    identity when the T1 is the primary). Returns (mask, or None when the prior is empty; the priors)."""
+    from cohortseg.science.deepwmh import PRIOR_THRESHOLD, native_prior
+
+    grid = np.asarray(grid_to_t1, float) @ np.asarray(conformed_affine, float)
+    pri = head_priors(folds, np.asarray(head_box, np.float32)[None, ..., None])
+    mask = native_prior(pri[..., 0], head_t1["affine"], head_t1["shape"], target=(shape, grid)) > PRIOR_THRESHOLD
+    return (mask if mask.any() else None), pri
+
+
+def deep_mni_arrays(folds_affine, priors: np.ndarray, head_t1: dict, primary_to_t1: np.ndarray) -> dict:
+    """The deep-T1-WMH affine net on the head priors: the primary image's world -> MNI matrix (through
+    the primary -> T1 registration), the T1's, and the intracranial prior (measured eTIV)."""
+    from cohortseg.science.deepwmh import affine_input, mni_matrix
+
+    params = np.asarray(run_folds(folds_affine, affine_input(priors)[None], 1)[0], float).ravel()
+    m_t1 = mni_matrix(params, head_t1["affine"], head_t1["shape"])
+    return {"mni_matrix": m_t1 @ np.asarray(primary_to_t1, float), "mni_matrix_t1": m_t1,
+            "icv_prior": priors[..., 0].astype(np.float32)}
+
+
+__all__ = ["BUILDERS", "HEAD_SHAPE", "BOX_SHAPE", "build_head", "build_affine", "build_wmh", "build_rois",
+           "load_torch_weights", "load_net", "load_card", "run_folds", "head_priors",
+           "head_net_mask", "deep_mni_arrays"]
