@@ -87,3 +87,14 @@ def test_no_two_modules_share_a_name():
     """e.g. the deep-T1-WMH nets (models/nets/deepwmh_torch) and their science (science/deepwmh)."""
     stems = [p.stem for p in PKG.rglob("*.py") if not p.stem.startswith("__")]
     assert sorted(s for s in stems if stems.count(s) > 1) == []
+
+
+def test_every_default_card_loader_is_counted_in_its_pipelines_code_version():
+    """Loaders are imported by name, so code_version counts the loader modules LOADERS_USED names."""
+    from cohortseg.models.cards import find_card
+    from cohortseg.pipelines import LOADERS_USED, REGISTRY
+    from cohortseg.schema import defaults
+
+    for p in REGISTRY:
+        for name in defaults(p)["models"]:
+            assert find_card(name)["architecture"]["loader"] in LOADERS_USED[p], (p, name)

@@ -18,6 +18,15 @@ REGISTRY = {
     "cmb": "cohortseg.pipelines.cmb:Cmb",
     "wmh": "cohortseg.pipelines.wmh:Wmh",
 }
+#: the net loaders (cohortseg.models.loaders) each pipeline's cards may name: loaders are imported by
+#: name, so code_version adds their modules here
+LOADERS_USED = {
+    "sc_gm": ("gmseg_weights", "keras_full"),
+    "sc_csa": ("keras_full",),
+    "brain_tissue": ("tfjs_layers", "deepwmh_torch", "keras_full"),
+    "cmb": ("savedmodel", "keras_full", "tfjs_layers", "deepwmh_torch"),
+    "wmh": ("deepwmh_torch", "savedmodel", "keras_full", "tfjs_layers"),
+}
 _cache: dict = {}
 _PACKAGE = Path(__file__).resolve().parents[1]
 
@@ -34,12 +43,15 @@ def get_pipeline(name: str):
 @lru_cache(maxsize=None)
 def code_version(name: str) -> str:
     """Digest of the source of pipeline `name`'s module and of every cohortseg module it imports,
-    directly or through others (imports inside functions included). It enters every item's stamp,
+    directly or through others (imports inside functions included), and the modules of the net loaders
+    its cards may name (`LOADERS_USED`). It enters every item's stamp,
     the steps' params and the provenance: after a change to that code, `reuse` recomputes the items
     of the pipelines that depend on it, and only those. Read from the source files, without importing."""
     if name not in REGISTRY:
         raise ConfigError(f"unknown pipeline '{name}'; known: {', '.join(REGISTRY)}")
-    todo, seen = [REGISTRY[name].split(":")[0]], {}
+    from cohortseg.models.loaders import LOADERS
+
+    todo, seen = [REGISTRY[name].split(":")[0], *(LOADERS[n].split(":")[0] for n in LOADERS_USED[name])], {}
     while todo:
         mod = todo.pop()
         if mod in seen or (found := _module(mod)) is None:

@@ -99,7 +99,6 @@ class ShivaLesions(Pipeline):
 
     target = ""  # CMB / WMH
     anatomy = "brain"
-    loaders = ("savedmodel", "keras_full", "tfjs_layers", "deepwmh_torch")
     #: SHIVA modality -> input role
     modality_roles: dict = {}
     region_names: tuple = ()
