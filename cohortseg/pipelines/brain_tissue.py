@@ -61,8 +61,9 @@ log = logging.getLogger("cohortseg")
 ROLES = ("brain_mask", "tissue", "aseg")
 #: the optional deep-T1-WMH head net (card ``deepwmh_head``): runs first, in about a second on a CPU
 ICV_ROLE = "intracranial_mask"
-#: aseg classes summed into ``ventricles_ml``
-VENTRICLES = ("Lateral-Ventricle", "Inferior-Lateral-Ventricle", "3rd-Ventricle", "4th-Ventricle")
+#: aseg classes summed into ``ventricles_ml`` ("Ventricles": one class for all, the 7T protocol of
+#: config/train/brain_tissue_7t.yaml)
+VENTRICLES = ("Lateral-Ventricle", "Inferior-Lateral-Ventricle", "3rd-Ventricle", "4th-Ventricle", "Ventricles")
 #: plausible WM / (GM + WM) (adults ~0.40-0.50); outside it the session is flagged
 WM_FRACTION_RANGE = (0.25, 0.65)
 #: plausible brain mask / eTIV (t1_crop: 1.08); outside it the session is flagged
@@ -316,7 +317,9 @@ class BrainTissue(Pipeline):
         if "aseg" in roles:
             i, spec = roles["aseg"]
             gain = info.get("tissue", {}).get("gain", 1.0) if brain.ASEG_USES_WM_GAIN else 1.0
-            box, p = _run_folds(models[i], vol, spec, gain=gain, **crop_kw(spec))
+            # a net trained on brain-masked input (cohortseg.training.brain3d bundles) gets the masked volume
+            src = np.where(mask, vol, 0) if (cards[i].get("normalisation") or {}).get("brain_masked") else vol
+            box, p = _run_folds(models[i], src, spec, gain=gain, **crop_kw(spec))
             a = np.zeros(shape, np.uint8)
             a[box] = brain.argmax(p)
             del p

@@ -1,18 +1,27 @@
-"""Training of the project's own models (k-fold 2D U-Nets) into model bundles.
+"""Training of the project's own models (k-fold 2D U-Nets; 3D MeshNet fine-tuning) into model bundles.
 
 One entry point: :func:`train_bundle` (``python -m cohortseg.training --config ... --out ...``).
 Submodules: ``datasets`` (pairs, preprocessing, soft labels, splits), ``augment``, ``synthetic``
 (random-contrast slices from a template's label maps), ``losses``,
-``train`` (the fold loop), ``bundle`` (card.yaml + fold_<k>.keras + cv_report.json + curves).
+``train`` (the fold loop), ``brain3d`` (3D fine-tuning of a brainchop MeshNet from label maps), ``bundle`` (card.yaml + fold_<k>.keras + cv_report.json + curves).
 TensorFlow is imported only when training starts.
 """
 from __future__ import annotations
 
 
 def train_bundle(config: dict, out_dir, progress=None):
-    """Train per the config dict and write a model bundle folder; returns its Path."""
-    from cohortseg.training.train import train_bundle as _tb
+    """Train per the config dict and write a model bundle folder; returns its Path. ``kind``:
+    ``unet_2d`` (default, :mod:`cohortseg.training.train`) or ``meshnet_3d`` (3D fine-tuning of a
+    brainchop MeshNet to a new label protocol, :mod:`cohortseg.training.brain3d`)."""
+    kind = (config or {}).get("kind", "unet_2d")
+    if kind == "meshnet_3d":
+        from cohortseg.training.brain3d import train_bundle as _tb
+    elif kind == "unet_2d":
+        from cohortseg.training.train import train_bundle as _tb
+    else:
+        from cohortseg.errors import ConfigError
 
+        raise ConfigError(f"training config: kind must be unet_2d or meshnet_3d, not {kind!r}")
     return _tb(config, out_dir, progress=progress)
 
 

@@ -9,7 +9,7 @@ import yaml
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cohortseg.training",
-                                 description="Train k-fold 2D U-Nets and write a model bundle.")
+                                 description="Train k-fold 2D U-Nets or fine-tune a 3D MeshNet (kind: meshnet_3d) and write a model bundle.")
     ap.add_argument("--config", required=True, help="training config YAML (see docs/TRAINING.md)")
     ap.add_argument("--out", required=True, help="bundle folder to write (replaced if it exists)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

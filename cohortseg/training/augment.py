@@ -184,3 +184,55 @@ def augment_batch(images: np.ndarray, labels: np.ndarray, rng: np.random.Generat
     if squeeze:
         return out_x[..., None], out_y[..., None]
     return out_x, out_y
+
+
+# ------------------------------------------------------------------------------------------ 3D
+@dataclass(frozen=True)
+class Warp3D:
+    """One random 3D deformation of a volume (translation + rotation + elastic morphing), drawn once
+    (:func:`draw_warp3d`) and evaluated on any box of output voxels (:meth:`coords`): the augmented
+    volume is never built whole, only the training patches cut from it."""
+
+    centre: tuple          # voxel the rotation turns about (the volume's centre)
+    rotation: np.ndarray   # 3x3, output -> input
+    shift: np.ndarray      # voxels, output -> input
+    field: np.ndarray      # (3, g, g, g) elastic displacement (voxels) on a coarse control grid
+    shape: tuple           # of the volume (the control grid spans it)
+
+    def coords(self, lo, size) -> np.ndarray:
+        """Input coordinates (3, *size) of the output voxels ``lo`` .. ``lo + size``."""
+        idx = np.stack(np.meshgrid(*[np.arange(a, a + n, dtype=np.float64) for a, n in zip(lo, size)],
+                                   indexing="ij"))
+        c = np.asarray(self.centre, np.float64).reshape(3, 1, 1, 1)
+        out = np.einsum("ij,j...->i...", self.rotation, idx - c) + c + self.shift.reshape(3, 1, 1, 1)
+        g = self.field.shape[1]
+        grid = [(idx[a] / max(self.shape[a] - 1, 1)) * (g - 1) for a in range(3)]
+        for a in range(3):
+            out[a] += ndimage.map_coordinates(self.field[a], grid, order=1, mode="nearest")
+        return out
+
+
+def draw_warp3d(shape, rng: np.random.Generator, translate_vox: float = 8.0, rotate_deg: float = 10.0,
+                elastic_vox: float = 3.0, control_points: int = 6) -> Warp3D:
+    """A random :class:`Warp3D` for a volume of ``shape``: translation uniform in +-``translate_vox``
+    per axis, rotation about each axis uniform in +-``rotate_deg``, and an elastic displacement of
+    at most ``elastic_vox`` voxels interpolated (linearly) from ``control_points``^3 random vectors
+    (smooth at the scale of a lobe)."""
+    a = np.radians(rng.uniform(-rotate_deg, rotate_deg, size=3))
+    cx, cy, cz = np.cos(a)
+    sx, sy, sz = np.sin(a)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    shift = rng.uniform(-translate_vox, translate_vox, size=3)
+    g = max(2, int(control_points))
+    field = rng.standard_normal((3, g, g, g))
+    mag = max(float(np.sqrt((field ** 2).sum(axis=0)).max()), 1e-12)
+    field *= rng.uniform(0.0, elastic_vox) / mag
+    return Warp3D(centre=tuple((np.asarray(shape, float) - 1) / 2), rotation=rz @ ry @ rx, shift=shift,
+                  field=field, shape=tuple(int(s) for s in shape))
+
+
+def warp_labels(labels: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """A label map sampled at ``coords`` (nearest neighbour: labels stay labels; 0 outside)."""
+    return ndimage.map_coordinates(labels, coords, order=0, mode="constant", cval=0).astype(labels.dtype)

@@ -141,6 +141,7 @@ def write_bundle(out_dir, card: dict, fold_files: dict, cv_report: dict, histori
         by_name = {f["file"]: f for f in card["folds"]}
         for name, src in fold_files.items():
             dst = tmp / name
+            dst.parent.mkdir(parents=True, exist_ok=True)  # a TF.js fold is a folder (model.json + weights)
             shutil.copy2(src, dst)
             if name in by_name and by_name[name].get("sha256") and sha256sum(dst) != by_name[name]["sha256"]:
                 raise ModelError(f"fold file {name} changed while building the bundle")
@@ -151,8 +152,8 @@ def write_bundle(out_dir, card: dict, fold_files: dict, cv_report: dict, histori
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp/mkstemp create private (0700/0600) entries
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
+        for f in tmp.rglob("*"):
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -174,7 +175,7 @@ def verify_bundle(bundle_dir) -> dict:
     except (OSError, yaml.YAMLError) as e:
         raise ModelError(f"bundle {bundle}: cannot read {CARD}: {e}") from None
     _validate(card, bundle / CARD)
-    for f in card["folds"]:
+    for f in (e for fold in card["folds"] for e in [fold, *fold.get("extra_files", [])]):
         p = bundle / f["file"]
         if not p.is_file():
             raise ModelError(f"bundle {bundle}: missing fold file {f['file']}")

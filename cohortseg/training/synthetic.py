@@ -109,14 +109,47 @@ class TemplateSlices:
             return mu[i] + sd[i] * rng.standard_normal((h, w))
 
         back = mu[regions] + sd[regions] * rng.standard_normal((h, w))
-        img = rest * back + csf * tissue(k) + wm * tissue(k + 1) + gm * tissue(k + 2)
-        img = ndimage.gaussian_filter(img, rng.uniform(0.0, 1.0))
-        ii, jj = np.meshgrid(np.linspace(-1, 1, h), np.linspace(-1, 1, w), indexing="ij")
-        b = rng.normal(0.0, 0.15, size=3)
-        img = img * np.exp(b[0] * ii + b[1] * jj + b[2] * ii * jj)
-        img = img + rng.normal(0.0, rng.uniform(0.0, 0.04), size=img.shape)
+        img = corrupt(rest * back + csf * tissue(k) + wm * tissue(k + 1) + gm * tissue(k + 2), rng)
         img = (img - img.mean()) / max(float(img.std()), 1e-6)
         return img.astype(np.float32), np.clip(cord, 0.0, 1.0).astype(np.float32)
+
+
+def corrupt(img: np.ndarray, rng: np.random.Generator, blur_max: float = 1.0, bias_sd: float = 0.15,
+            noise_max: float = 0.04) -> np.ndarray:
+    """The acquisition part of a synthetic image, any number of dimensions: a Gaussian point-spread
+    blur (sigma uniform in [0, ``blur_max``] voxels: a random resolution), a smooth multiplicative
+    bias field exp(sum of b_a x_a + sum of b_ab x_a x_b) over the normalised voxel coordinates
+    (b ~ N(0, ``bias_sd``)), and white noise (std uniform in [0, ``noise_max``])."""
+    img = ndimage.gaussian_filter(img, rng.uniform(0.0, blur_max))
+    axes = np.meshgrid(*[np.linspace(-1, 1, n) for n in img.shape], indexing="ij")
+    pairs = [(a, b) for a in range(img.ndim) for b in range(a + 1, img.ndim)]
+    coef = rng.normal(0.0, bias_sd, size=img.ndim + len(pairs))
+    expo = coef[0] * axes[0]
+    for a in range(1, img.ndim):
+        expo = expo + coef[a] * axes[a]
+    for c, (a, b) in zip(coef[img.ndim:], pairs):
+        expo = expo + c * axes[a] * axes[b]
+    img = img * np.exp(expo)
+    return img + rng.normal(0.0, rng.uniform(0.0, noise_max), size=img.shape)
+
+
+def render_labels(labels: np.ndarray, n_classes: int, rng: np.random.Generator, means=None,
+                  sd_max: float = 0.06, blur_max: float = 1.0, bias_sd: float = 0.15,
+                  noise_max: float = 0.04) -> np.ndarray:
+    """A random-contrast image of a label map (any dimensions; SynthSeg's generative model): class
+    ``c`` > 0 gets mean ``means[c]`` (default: uniform in [0.05, 1]) and a within-class noise of
+    std uniform in [0, ``sd_max``], then :func:`corrupt`; background (0) stays 0 (a brain-masked
+    image). Intensities are about [0, 1] and never negative; float32."""
+    mu = rng.uniform(0.05, 1.0, size=n_classes)
+    if means is not None:
+        for c, m in means.items():
+            mu[int(c)] = float(m)
+    mu[0] = 0.0
+    sd = rng.uniform(0.0, sd_max, size=n_classes)
+    lab = np.asarray(labels, dtype=np.intp)
+    img = mu[lab] + sd[lab] * rng.standard_normal(lab.shape)
+    img = corrupt(img, rng, blur_max, bias_sd, noise_max)
+    return np.where(lab > 0, np.clip(img, 0.0, None), 0.0).astype(np.float32)
 
 
 def _to_las(img: nib.Nifti1Image) -> np.ndarray:

@@ -399,30 +399,32 @@ def _versions() -> dict:
             "machine": platform.machine()}
 
 
-def train_bundle(config: dict, out_dir, progress=None) -> Path:
-    """Train one model per fold and write a model bundle to ``out_dir``; returns its path.
+class _Shipper:
+    """Collects the bundle's fold files: each shipped model saved under the next ``fold_<k>.keras``."""
 
-    ``progress``: optional callable receiving one-line status messages (default: logging).
-    """
-    t_start = time.perf_counter()
-    cfg = merge_config(config)
-    say = progress or log.info
-    _setup_tf(int(cfg["threads"]))
+    def __init__(self, cfg: dict, tmpd):
+        self.cfg, self.tmpd = cfg, Path(tmpd)
+        self.entries: list[dict] = []
+        self.files: dict[str, Path] = {}
+
+    def ship(self, model, init, params: dict) -> str:
+        fname = bnd.fold_filename(len(self.entries))
+        path = self.tmpd / fname
+        build = None if init else (lambda: _build(self.cfg, self.cfg["grid"]["crop"]))
+        digest = bnd.save_fold_model(model, path, build_fn=build)
+        self.files[fname] = path
+        self.entries.append({"file": fname, "sha256": digest, "params": params})
+        return fname
+
+
+def _load_data(cfg: dict, say):
+    """(pairs, preprocessed volumes, synthetic template slices or None)."""
     pairs = ds.pairs_from_config(cfg["data"])
-    soft = cfg["label"]["type"] == "soft"
-    if soft and cfg["loss"]["name"] not in SOFT_LOSSES:
+    if cfg["label"]["type"] == "soft" and cfg["loss"]["name"] not in SOFT_LOSSES:
         say(f"note: soft labels with loss {cfg['loss']['name']} (regression losses: {sorted(SOFT_LOSSES)})")
     g = cfg["grid"]
     volumes = [ds.load_volume(p, float(g["inplane_mm"]), g["crop"], cfg["label"]["type"],
                               float(cfg["label"].get("soft_sigma_mm", 0.5))) for p in pairs]
-    by = cfg["split"]["by"]
-    folds = ds.kfold_splits(pairs, cfg["split"].get("k"), by=by, seed=int(cfg["seed"]))
-    keys = ds.group_keys(pairs, by)
-
-    n_final = int((cfg.get("final") or {}).get("models") or 0)
-    # each CV fold trains the ensemble that ships (final.models models, averaged), so the CV figures
-    # estimate the shipped recipe rather than one seed's luck; split.models_per_fold overrides
-    n_members = int(cfg["split"].get("models_per_fold") or max(1, n_final))
     synth = None
     if cfg.get("synthetic"):
         from cohortseg.training.synthetic import load_template
@@ -430,127 +432,162 @@ def train_bundle(config: dict, out_dir, progress=None) -> Path:
         synth = load_template(cfg["synthetic"], float(g["inplane_mm"]))
         say(f"synthetic slices: {synth.n} template slices from {synth.source}, "
             f"{synth.fraction:.0%} of every epoch")
-    fold_entries, fold_files, histories, report_folds = [], {}, [], []
-    with tempfile.TemporaryDirectory(prefix="cohortseg-train-") as tmpd:
-        def ship(model, init, params: dict) -> str:
-            """Save a model as the bundle's next fold file; returns its name."""
-            fname = bnd.fold_filename(len(fold_entries))
-            path = Path(tmpd) / fname
-            digest = bnd.save_fold_model(model, path, build_fn=None if init else (lambda: _build(cfg, g["crop"])))
-            fold_files[fname] = path
-            fold_entries.append({"file": fname, "sha256": digest, "params": params})
-            return fname
+    return pairs, volumes, synth
 
-        for k, (tr_idx, te_idx) in enumerate(folds):
-            tr_sel, va_sel = ds.validation_split(tr_idx, pairs, volumes,
-                                                 float(cfg["split"].get("val_fraction", 0.2)), by,
-                                                 seed=int(cfg["seed"]) + 1000 + k)
-            test_groups = sorted({keys[i] for i in te_idx})
-            say(f"fold {k}: train {sorted({keys[i] for i in tr_idx})} -> test {test_groups} "
-                f"({sum(len(s) for _, s in tr_sel)} train / {sum(len(s) for _, s in va_sel)} val slices"
-                f", {n_members} model(s))")
-            t0 = time.perf_counter()
-            trained_si = si_range([pairs[i].image for i in tr_idx])
-            models, members = [], []
-            for j in range(n_members):
-                model, hist, init = train_fold(cfg, k, volumes, tr_sel, va_sel, progress=say, synth=synth, member=j)
-                hist["title"] = f"CV fold {k}" + (f" model {j}" if n_members > 1 else "") + f" (test: {','.join(test_groups)})"
-                histories.append(hist)
-                models.append(model)
-                members.append({"best_epoch": hist["best_epoch"], "epochs_run": hist["epochs_run"],
-                                "best_val_dice": max(hist["val_dice"]) if hist["val_dice"] else None})
-                if n_members > 1:
-                    members[-1]["dice"] = [evaluate_volume(model, volumes[i], cfg)["dice"] for i in te_idx]
-                if not n_final:  # with final models, the CV models are not shipped
-                    members[-1]["file"] = ship(model, init, {"test_groups": test_groups, "best_epoch": hist["best_epoch"]})
-            held = [evaluate_volume(models, volumes[i], cfg, trained_si=trained_si) for i in te_idx]
-            dices = [h["dice"] for h in held]
-            report_folds.append({
-                "fold": k, "models": n_members, "members": members,
-                "train_groups": sorted({keys[i] for i in tr_idx}), "test_groups": test_groups,
-                "n_train_slices": int(sum(len(s) for _, s in tr_sel)),
-                "n_val_slices": int(sum(len(s) for _, s in va_sel)),
-                "dice": round(float(np.mean(dices)), 4), "held_out": held,
-                "seconds": round(time.perf_counter() - t0, 1),
-                **({"init_from": init} if init else {}),
-            })
-            say(f"fold {k}: held-out Dice " + ", ".join(f"{h['contrast'] or h['subject']} {h['dice']:.3f}"
-                                                       for h in held)
-                + (f" (ensemble of {n_members})" if n_members > 1 else ""))
-            del models, model
-        final_report = []
-        if n_final:  # the shipped models: all the data, consensus labels if asked
-            targets = ds.consensus_masks(pairs) if cfg["label"].get("consensus") and soft else {}
-            fvols = ([ds.load_volume(p, float(g["inplane_mm"]), g["crop"], "soft",
-                                     float(cfg["label"].get("soft_sigma_mm", 0.5)), target=targets.get(i))
-                      for i, p in enumerate(pairs)] if targets else volumes)
-            every = list(range(len(pairs)))
-            for j in range(n_final):
-                k = len(folds) + j
-                tr_sel, va_sel = ds.validation_split(every, pairs, fvols, float(cfg["split"].get("val_fraction", 0.2)),
-                                                     by, seed=int(cfg["seed"]) + 2000 + j)
-                say(f"final model {j}: all data ({sum(len(s) for _, s in tr_sel)} train / "
-                    f"{sum(len(s) for _, s in va_sel)} val slices, consensus labels: {bool(targets)})")
-                model, hist, init = train_fold(cfg, k, fvols, tr_sel, va_sel, progress=say, synth=synth)
-                fname = ship(model, init, {"trained_on": "all", "best_epoch": hist["best_epoch"]})
-                hist["title"] = f"final model {j} (all data; shipped as {fname})"
-                final_report.append({"model": j, "file": fname, "best_epoch": hist["best_epoch"],
-                                     "epochs_run": hist["epochs_run"], "consensus_labels": bool(targets),
-                                     "in_sample": [evaluate_volume(model, fvols[i], cfg) for i in every]})
-                histories.append(hist)
-                del model
-        all_held = [h for f in report_folds for h in f["held_out"]]
-        cv = {
-            "name": cfg["name"], "split": {"by": by, "k": len(folds)},
-            "metric": "Dice of the held-out prediction (>0.5, mapped back to native space) vs the manual mask",
-            "folds": report_folds,
-            "summary": {
-                "dice_mean": round(float(np.mean([h["dice"] for h in all_held])), 4),
-                "dice_std": round(float(np.std([h["dice"] for h in all_held])), 4),
-                "dice_per_fold": [f["dice"] for f in report_folds],
-                "dice_by_contrast": _mean_by(all_held, "contrast"),
-                "dice_by_subject": _mean_by(all_held, "subject"),
-            },
-        }
-        if synth is not None:
-            cv["synthetic"] = {"template": synth.source, "template_slices": synth.n,
-                               "fraction": synth.fraction, "levels": list(cfg["synthetic"].get("levels", [1, 7])),
-                               "note": "every training run (CV folds and final models) mixed these synthetic "
-                                       "slices in; they come from the template, never from a held-out image"}
-        if final_report:
-            cv["final_models"] = {
-                "note": "the bundle's folds: trained on all the data after cross-validation; their figures are "
-                        "in-sample (the CV folds above are the out-of-sample estimate and are not shipped)",
-                "models": final_report}
-        if by == "contrast":
-            cv["leave_one_contrast_out"] = {
-                f["test_groups"][0] if len(f["test_groups"]) == 1 else ",".join(f["test_groups"]):
-                    {"trained_on": f["train_groups"], "dice": f["dice"],
-                     "dice_in_trained_si": round(float(np.mean([h.get("dice_in_trained_si", np.nan)
-                                                                for h in f["held_out"]])), 4)}
-                for f in report_folds}
+
+def _cross_validate(cfg: dict, pairs, volumes, synth, folds, n_members: int, shipper, histories: list, say) -> list:
+    """Train and evaluate every CV fold (its ensemble of ``n_members`` models); CV models ship when
+    there are no final models. Returns the report's ``folds``."""
+    by = cfg["split"]["by"]
+    keys = ds.group_keys(pairs, by)
+    ship_cv = not int((cfg.get("final") or {}).get("models") or 0)
+    report = []
+    for k, (tr_idx, te_idx) in enumerate(folds):
+        tr_sel, va_sel = ds.validation_split(tr_idx, pairs, volumes, float(cfg["split"].get("val_fraction", 0.2)), by,
+                                             seed=int(cfg["seed"]) + 1000 + k)
+        test_groups = sorted({keys[i] for i in te_idx})
+        say(f"fold {k}: train {sorted({keys[i] for i in tr_idx})} -> test {test_groups} "
+            f"({sum(len(s) for _, s in tr_sel)} train / {sum(len(s) for _, s in va_sel)} val slices"
+            f", {n_members} model(s))")
+        t0 = time.perf_counter()
+        trained_si = si_range([pairs[i].image for i in tr_idx])
+        models, members = [], []
+        for j in range(n_members):
+            model, hist, init = train_fold(cfg, k, volumes, tr_sel, va_sel, progress=say, synth=synth, member=j)
+            hist["title"] = f"CV fold {k}" + (f" model {j}" if n_members > 1 else "") + f" (test: {','.join(test_groups)})"
+            histories.append(hist)
+            models.append(model)
+            members.append({"best_epoch": hist["best_epoch"], "epochs_run": hist["epochs_run"],
+                            "best_val_dice": max(hist["val_dice"]) if hist["val_dice"] else None})
+            if n_members > 1:
+                members[-1]["dice"] = [evaluate_volume(model, volumes[i], cfg)["dice"] for i in te_idx]
+            if ship_cv:  # with final models, the CV models are not shipped
+                members[-1]["file"] = shipper.ship(model, init, {"test_groups": test_groups,
+                                                                 "best_epoch": hist["best_epoch"]})
+        held = [evaluate_volume(models, volumes[i], cfg, trained_si=trained_si) for i in te_idx]
+        report.append({
+            "fold": k, "models": n_members, "members": members,
+            "train_groups": sorted({keys[i] for i in tr_idx}), "test_groups": test_groups,
+            "n_train_slices": int(sum(len(s) for _, s in tr_sel)),
+            "n_val_slices": int(sum(len(s) for _, s in va_sel)),
+            "dice": round(float(np.mean([h["dice"] for h in held])), 4), "held_out": held,
+            "seconds": round(time.perf_counter() - t0, 1),
+            **({"init_from": init} if init else {}),
+        })
+        say(f"fold {k}: held-out Dice " + ", ".join(f"{h['contrast'] or h['subject']} {h['dice']:.3f}" for h in held)
+            + (f" (ensemble of {n_members})" if n_members > 1 else ""))
+        del models, model
+    return report
+
+
+def _train_final(cfg: dict, pairs, volumes, synth, n_folds: int, shipper, histories: list, say) -> list:
+    """The shipped models (``final.models``): all the data, consensus labels if asked; in-sample figures."""
+    g, by = cfg["grid"], cfg["split"]["by"]
+    soft = cfg["label"]["type"] == "soft"
+    targets = ds.consensus_masks(pairs) if cfg["label"].get("consensus") and soft else {}
+    fvols = ([ds.load_volume(p, float(g["inplane_mm"]), g["crop"], "soft", float(cfg["label"].get("soft_sigma_mm", 0.5)),
+                             target=targets.get(i)) for i, p in enumerate(pairs)] if targets else volumes)
+    every = list(range(len(pairs)))
+    out = []
+    for j in range(int((cfg.get("final") or {}).get("models") or 0)):
+        tr_sel, va_sel = ds.validation_split(every, pairs, fvols, float(cfg["split"].get("val_fraction", 0.2)),
+                                             by, seed=int(cfg["seed"]) + 2000 + j)
+        say(f"final model {j}: all data ({sum(len(s) for _, s in tr_sel)} train / "
+            f"{sum(len(s) for _, s in va_sel)} val slices, consensus labels: {bool(targets)})")
+        model, hist, init = train_fold(cfg, n_folds + j, fvols, tr_sel, va_sel, progress=say, synth=synth)
+        fname = shipper.ship(model, init, {"trained_on": "all", "best_epoch": hist["best_epoch"]})
+        hist["title"] = f"final model {j} (all data; shipped as {fname})"
+        out.append({"model": j, "file": fname, "best_epoch": hist["best_epoch"], "epochs_run": hist["epochs_run"],
+                    "consensus_labels": bool(targets), "in_sample": [evaluate_volume(model, fvols[i], cfg) for i in every]})
+        histories.append(hist)
+        del model
+    return out
+
+
+def _cv_report(cfg: dict, report_folds: list, final_report: list, synth) -> dict:
+    """``cv_report.json`` (without ``seconds_total``)."""
+    by = cfg["split"]["by"]
+    all_held = [h for f in report_folds for h in f["held_out"]]
+    cv = {
+        "name": cfg["name"], "split": {"by": by, "k": len(report_folds)},
+        "metric": "Dice of the held-out prediction (>0.5, mapped back to native space) vs the manual mask",
+        "folds": report_folds,
+        "summary": {
+            "dice_mean": round(float(np.mean([h["dice"] for h in all_held])), 4),
+            "dice_std": round(float(np.std([h["dice"] for h in all_held])), 4),
+            "dice_per_fold": [f["dice"] for f in report_folds],
+            "dice_by_contrast": _mean_by(all_held, "contrast"),
+            "dice_by_subject": _mean_by(all_held, "subject"),
+        },
+    }
+    if synth is not None:
+        cv["synthetic"] = {"template": synth.source, "template_slices": synth.n,
+                           "fraction": synth.fraction, "levels": list(cfg["synthetic"].get("levels", [1, 7])),
+                           "note": "every training run (CV folds and final models) mixed these synthetic "
+                                   "slices in; they come from the template, never from a held-out image"}
+    if final_report:
+        cv["final_models"] = {
+            "note": "the bundle's folds: trained on all the data after cross-validation; their figures are "
+                    "in-sample (the CV folds above are the out-of-sample estimate and are not shipped)",
+            "models": final_report}
+    if by == "contrast":
+        cv["leave_one_contrast_out"] = {
+            f["test_groups"][0] if len(f["test_groups"]) == 1 else ",".join(f["test_groups"]):
+                {"trained_on": f["train_groups"], "dice": f["dice"],
+                 "dice_in_trained_si": round(float(np.mean([h.get("dice_in_trained_si", np.nan)
+                                                            for h in f["held_out"]])), 4)}
+            for f in report_folds}
+    return cv
+
+
+def _provenance(cfg: dict, pairs, synth, histories: list, cv: dict) -> dict:
+    """The card's ``training`` section."""
+    return {
+        "seed": int(cfg["seed"]),
+        "data": [{"image": p.image, "mask": p.mask, "subject": p.subject, "contrast": p.contrast,
+                  "image_sha256": sha256sum(p.image), "mask_sha256": sha256sum(p.mask)} for p in pairs],
+        "split": cfg["split"], "label": cfg["label"], "loss": cfg["loss"],
+        **({"synthetic": {"template": synth.source,
+                          "files_sha256": {Path(f).name: sha256sum(f) for f in synth.files}}}
+           if synth is not None else {}),
+        "epochs": [h["epochs_run"] for h in histories],
+        "best_epochs": [h["best_epoch"] for h in histories],
+        "cv_dice_mean": cv["summary"]["dice_mean"],
+        "config": _jsonable(cfg),
+        "software": _versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def train_bundle(config: dict, out_dir, progress=None) -> Path:
+    """Train one model per fold and write a model bundle to ``out_dir``; returns its path.
+
+    ``progress``: optional callable receiving one-line status messages (default: logging).
+    Steps: load the data, cross-validate (:func:`_cross_validate`), train the final models
+    (:func:`_train_final`), then the report, the provenance and the bundle.
+    """
+    t_start = time.perf_counter()
+    cfg = merge_config(config)
+    say = progress or log.info
+    _setup_tf(int(cfg["threads"]))
+    pairs, volumes, synth = _load_data(cfg, say)
+    folds = ds.kfold_splits(pairs, cfg["split"].get("k"), by=cfg["split"]["by"], seed=int(cfg["seed"]))
+    # each CV fold trains the ensemble that ships (final.models models, averaged), so the CV figures
+    # estimate the shipped recipe rather than one seed's luck; split.models_per_fold overrides
+    n_members = int(cfg["split"].get("models_per_fold") or max(1, int((cfg.get("final") or {}).get("models") or 0)))
+    histories: list = []
+    with tempfile.TemporaryDirectory(prefix="cohortseg-train-") as tmpd:
+        shipper = _Shipper(cfg, tmpd)
+        report_folds = _cross_validate(cfg, pairs, volumes, synth, folds, n_members, shipper, histories, say)
+        final_report = _train_final(cfg, pairs, volumes, synth, len(folds), shipper, histories, say)
+        cv = _cv_report(cfg, report_folds, final_report, synth)
         cv["seconds_total"] = round(time.perf_counter() - t_start, 1)
-        training = {
-            "seed": int(cfg["seed"]),
-            "data": [{"image": p.image, "mask": p.mask, "subject": p.subject, "contrast": p.contrast,
-                      "image_sha256": sha256sum(p.image), "mask_sha256": sha256sum(p.mask)} for p in pairs],
-            "split": cfg["split"], "label": cfg["label"], "loss": cfg["loss"],
-            **({"synthetic": {"template": synth.source,
-                              "files_sha256": {Path(f).name: sha256sum(f) for f in synth.files}}}
-               if synth is not None else {}),
-            "epochs": [h["epochs_run"] for h in histories],
-            "best_epochs": [h["best_epoch"] for h in histories],
-            "cv_dice_mean": cv["summary"]["dice_mean"],
-            "config": _jsonable(cfg),
-            "software": _versions(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        n_params = int(_build(cfg, g["crop"]).count_params()) if not cfg.get("init_from") else None
+        training = _provenance(cfg, pairs, synth, histories, cv)
         cfg_for_card = copy.deepcopy(cfg)
-        if n_params:
-            cfg_for_card["net"]["n_params"] = n_params
-        card = bnd.build_card(cfg_for_card, fold_entries, training, [p.contrast for p in pairs])
-        out = bnd.write_bundle(out_dir, card, fold_files, cv, histories)
+        if not cfg.get("init_from"):
+            cfg_for_card["net"]["n_params"] = int(_build(cfg, cfg["grid"]["crop"]).count_params())
+        card = bnd.build_card(cfg_for_card, shipper.entries, training, [p.contrast for p in pairs])
+        out = bnd.write_bundle(out_dir, card, shipper.files, cv, histories)
     say(f"bundle written to {out} (CV Dice {cv['summary']['dice_mean']:.3f}, "
         f"{time.perf_counter() - t_start:.0f}s)")
     return out
