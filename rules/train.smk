@@ -12,7 +12,8 @@ TRAIN_DIR = config.get("train_dir") or "models/sc_csa"
 
 
 rule train:
-    """k-fold 2D U-Nets -> one model bundle (card.yaml, fold_<k>.keras, cv_report.json, curves),
+    """k-fold 2D U-Nets (or, kind: meshnet_3d, 3D MeshNet fine-tuning) -> one model bundle (card.yaml,
+    fold files, cv_report.json, curves),
     assembled in a hidden sibling folder and renamed into place. The SLURM profile gives this rule
     the GPU, as `infer`."""
     input:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,11 @@ CI_OVERRIDES = {
     "net": {"base_filters": 4, "depth": 2},
     "train": {"epochs": 3, "slices_per_epoch": 48, "batch_size": 16, "patience": 2, "min_epochs": 1},
 }
+
+
+#: what the CI-sized models reach on the held-out contrast at least (measured: see the fixture's
+#: report; an untrained or broken trainer gives ~0)
+CI_MIN_DICE = 0.3
 
 
 def _slice_pair(seed=0, soft=False):
@@ -296,9 +300,7 @@ def ci_bundle(shared_dir, tmp_path_factory):
     from cohortseg.training import train_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "sc_csa_ci"
-    t0 = time.perf_counter()
-    path = train_bundle(_ci_config(), out, progress=lambda m: None)
-    return path, time.perf_counter() - t0
+    return train_bundle(_ci_config(), out, progress=lambda m: None)
 
 
 @pytest.mark.shared
@@ -307,8 +309,7 @@ def test_ci_training_writes_valid_bundle(ci_bundle):
     from cohortseg.io import sha256sum
     from cohortseg.training.bundle import verify_bundle
 
-    path, seconds = ci_bundle
-    assert seconds < 120, f"CI-sized training took {seconds:.0f}s"
+    path = ci_bundle
     card = yaml.safe_load((path / "card.yaml").read_text())
     assert card["pipeline"] == "sc_csa" and card["architecture"]["loader"] == "keras_full"
     assert card["normalisation"]["method"] == "zscore_volume"
@@ -323,12 +324,15 @@ def test_ci_training_writes_valid_bundle(ci_bundle):
     rep = json.loads((path / "cv_report.json").read_text())
     assert len(rep["folds"]) == 2
     for f in rep["folds"]:
-        assert 0.0 <= f["dice"] <= 1.0
+        # the fold's figure is its held-out volume's, and a trained cord model's: an empty or a
+        # random prediction (Dice ~0, cord ~1 % of the crop) or a constant one fails the bound
         assert f["held_out"] and all("dice" in h and "contrast" in h for h in f["held_out"])
+        assert f["dice"] == pytest.approx(np.mean([h["dice"] for h in f["held_out"]]), abs=1e-4)
+        assert f["dice"] > CI_MIN_DICE, rep["summary"]
     assert set(rep["leave_one_contrast_out"]) == {"T1w", "T2w"}
     # each fold trains and evaluates the ensemble that ships (final.models = 2 models, averaged)
     assert all(f["models"] == 2 and len(f["members"]) == 2 for f in rep["folds"])
-    assert all(0.0 <= d <= 1.0 for f in rep["folds"] for m in f["members"] for d in m["dice"])
+    assert all(d > CI_MIN_DICE for f in rep["folds"] for m in f["members"] for d in m["dice"]), rep["folds"]
     # synthetic PAM50 slices were mixed in, with the template files' checksums as provenance
     assert rep["synthetic"]["fraction"] == 0.5 and rep["synthetic"]["template_slices"] > 100
     syn = card["training"]["synthetic"]["files_sha256"]
@@ -340,7 +344,9 @@ def test_ci_training_writes_valid_bundle(ci_bundle):
     assert held["T1w"]["trained_si_mm"] == [-19.3, 34.7]
     assert (held["T1w"]["n_slices_in_trained_si"], held["T1w"]["n_slices"]) == (55, 77)
     assert held["T2w"]["n_slices_in_trained_si"] == held["T2w"]["n_slices"] == 55
-    assert all(0.0 <= h["dice_in_trained_si"] <= 1.0 for h in held.values())
+    # every T2w slice lies inside the T1w's extent: its Dice there is its Dice
+    assert held["T2w"]["dice_in_trained_si"] == held["T2w"]["dice"]
+    assert held["T1w"]["dice_in_trained_si"] > CI_MIN_DICE
     # the shipped folds are the final models (all data, consensus labels); CV models are not shipped
     finals = rep["final_models"]["models"]
     assert [m["file"] for m in finals] == [f["file"] for f in card["folds"]] == ["fold_0.keras", "fold_1.keras"]
@@ -356,7 +362,7 @@ def test_ci_training_writes_valid_bundle(ci_bundle):
 def test_reloaded_fold_predicts_grid_shape(ci_bundle):
     import keras
 
-    path, _ = ci_bundle
+    path = ci_bundle
     card = yaml.safe_load((path / "card.yaml").read_text())
     model = keras.models.load_model(str(path / card["folds"][0]["file"]), compile=False)
     h, w = card["grid"]["crop"]
@@ -379,7 +385,7 @@ def test_fine_tune_from_bundle_and_determinism(ci_bundle, shared_dir, tmp_path):
 
     from cohortseg.training import train as tr
 
-    path, _ = ci_bundle
+    path = ci_bundle
     cfg = tr.merge_config({**_ci_config(), "init_from": str(path),
                            "train": {**_ci_config()["train"], "epochs": 1, "slices_per_epoch": 16}})
     tr._setup_tf(cfg["threads"])

@@ -150,10 +150,9 @@ def test_ci_recipe_four_folds_and_a_bundle_brain_tissue_runs(ci_bundle_3d, share
         assert [c for c, v in f["pretrained_dice"].items() if v is not None] == ["1", "3"]
     # CEREBRUM-7T's figure for the held-out subject comes from the shared files (issue's table)
     assert rep["folds"][0]["reference_dice"]["1"] == pytest.approx(0.899, abs=6e-4)
-    # a trained net, not its initialisation: the added classes (CSF, ventricles) start as biased-down
-    # copies of the background, which never wins inside the brain mask, so their Dice is 0 untrained
-    learned = np.mean([f["dice"][c] for f in rep["folds"] for c in ("2", "5")])
-    assert learned > 0.2, rep["summary"]
+    # (whether training learns is test_fine_tuning_learns_an_added_class: 12 CI steps on random
+    # contrasts leave the folds near their initialisation)
+    assert all(len(h) == 2 for h in [f["contrasts"] for f in rep["folds"]])
     # the bundle as brain_tissue takes it: aseg role beside the brain-mask card, labels from the card
     mindgrab = find_card("brainchop_mindgrab")
     bundle = find_card(str(path))
@@ -167,6 +166,39 @@ def test_ci_recipe_four_folds_and_a_bundle_brain_tissue_runs(ci_bundle_3d, share
     png = (path / "learning_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert card["training"]["init_from"]["card"] == "brainchop_gw" and len(card["folds"]) == 4
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_fine_tuning_learns_an_added_class(shared_dir):
+    """The trainer learns: toy brains (WM ball in a GM shell in a CSF shell, 40^3), CSF an added
+    class. Untrained, the added class's channel (the background's, biased down) never wins inside
+    the brain: CSF Dice 0. After 32 steps of 32^3 patches on random contrasts the held-out toy's CSF
+    (T1-like contrast) is found (measured 0.66)."""
+    from cohortseg.training import brain3d as b3
+    from cohortseg.training.train import _setup_tf
+
+    cfg = yaml.safe_load(CI_RECIPE.read_text())
+    cfg["augment"]["copies"] = 4
+    cfg["train"].update(epochs=4, patch=32, loss_margin=4, learning_rate=0.01)
+    cfg["eval"].update(contrasts=1, box=None)
+    cfg["synth"]["gain"] = [1, 1]
+    cfg = b3.merge_config(cfg)
+    _setup_tf(2)
+    source = b3.source_net(cfg["init_from"])
+    g = np.sqrt(((np.indices((40, 40, 40)) - 19.5) ** 2).sum(axis=0))
+
+    def toy(r0, name):
+        lab = np.zeros((40, 40, 40), np.int8)
+        lab[g < r0 + 6], lab[g < r0 + 3], lab[g < r0] = 2, 1, 3
+        return b3.Subject(name, "", lab, np.eye(4))
+
+    subjects = [toy(8, "a"), toy(10, "b"), toy(9, "c")]
+    untrained, _ = b3.train_fold({**cfg, "train": {**cfg["train"], "epochs": 0}}, 0, subjects, [0, 1], source)
+    assert b3.evaluate_fold(cfg, 0, untrained, source, subjects[2])["dice"]["2"] == 0.0
+    model, hist = b3.train_fold(cfg, 0, subjects, [0, 1], source)
+    assert hist["epochs_run"] == 4 and hist["loss"][-1] < hist["loss"][0]
+    assert b3.evaluate_fold(cfg, 0, model, source, subjects[2])["dice"]["2"] > 0.4
 
 
 @pytest.mark.shared

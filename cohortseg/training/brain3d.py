@@ -21,7 +21,7 @@ Recipe (Svanera et al. 2021, fine-tuning experiment; defaults in ``DEFAULTS``):
   from (seed, fold, subject, copy); every training step cuts a patch from one of them and gives it a
   fresh random contrast, so an epoch (one patch of each augmented volume) sees every deformation;
 * **patches**: ``train.patch`` voxels cubed, the loss (cross-entropy + mean soft Dice over the
-  classes present) on the patch minus ``train.loss_margin`` voxels per side, where the net's
+  classes present, inside the brain mask) on the patch minus ``train.loss_margin`` voxels per side, where the net's
   receptive field (93 voxels for the 9 dilated layers) sees real neighbours: memory stays at a few
   hundred MB on a CPU and fits any GPU;
 * **folds**: leave-one-subject-out; fold k's model is the bundle's ``fold_k`` (TF.js layers-model,
@@ -254,15 +254,18 @@ def build_finetune_net(source_model, source_labels: dict, protocol: dict, rng, n
 
 
 def patch_loss(margin: int, n_classes: int):
-    """Cross-entropy + (1 - mean soft Dice over the classes present in the patch) on the patch minus
-    ``margin`` voxels per side; ``y_true`` one-hot, ``y_pred`` logits."""
+    """Cross-entropy + (1 - mean soft Dice over the classes present) on the patch minus ``margin``
+    voxels per side, inside the brain mask only (the input is masked and brain_tissue masks the
+    output: outside voxels teach nothing). ``y_true``: one-hot, all zero outside the mask (see
+    :func:`one_hot`); ``y_pred``: logits."""
     from keras import ops
 
     def loss(y_true, y_pred):
         sl = (slice(None),) + (slice(margin, -margin or None),) * 3
         t, logits = y_true[sl], y_pred[sl]
-        p = ops.softmax(logits, axis=-1)
-        ce = -ops.mean(ops.sum(t * ops.log_softmax(logits, axis=-1), axis=-1))
+        inside = ops.sum(t, axis=-1, keepdims=True)
+        p = ops.softmax(logits, axis=-1) * inside
+        ce = -ops.sum(t * ops.log_softmax(logits, axis=-1)) / ops.maximum(ops.sum(inside), 1.0)
         axes = (1, 2, 3)
         inter = ops.sum(t * p, axis=axes)
         den = ops.sum(t, axis=axes) + ops.sum(p, axis=axes)
@@ -273,6 +276,13 @@ def patch_loss(margin: int, n_classes: int):
 
     loss.__name__ = "ce_dice_loss"
     return loss
+
+
+def one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """One-hot float32 (..., n_classes) of a label patch, all zero outside the brain (label 0)."""
+    out = np.eye(n_classes, dtype=np.float32)[labels]
+    out[..., 0] = 0.0
+    return out
 
 
 # -------------------------------------------------------------------------------- synthesis
@@ -328,7 +338,7 @@ def train_fold(cfg: dict, k: int, subjects, train_idx, source, progress=None):
                 i, _, w = warps[j]
                 x, y = training_patch(subjects[i], w, rng, patch, n, cfg["synth"])
                 xs.append(x[..., None])
-                ys.append(np.eye(n, dtype=np.float32)[y])
+                ys.append(one_hot(y, n))
             losses.append(float(model.train_on_batch(np.stack(xs), np.stack(ys))))
         hist["loss"].append(round(float(np.mean(losses)), 5))
         hist["epochs_run"] = ep + 1
@@ -383,6 +393,7 @@ def evaluate_fold(cfg: dict, k: int, model, source, subj: Subject) -> dict:
     classes = sorted(int(c) for c in cfg["protocol"])
     lab = _eval_box(subj.labels, e.get("box"))
     mask = lab > 0
+    present = set(int(v) for v in np.unique(lab))  # a class absent from the evaluated labels: no figure
     src_card, _, src_model = source
     bmap = baseline_map(src_card["labels"], cfg["protocol"])
     rows = []
@@ -397,9 +408,10 @@ def evaluate_fold(cfg: dict, k: int, model, source, subj: Subject) -> dict:
             lut[s_cls] = t_cls
         src = lut[src]
         rows.append({"contrast": "t1_like" if t1 else f"random_{j}",
-                     "dice": {str(c): round(dice(lab == c, pred == c), 4) for c in classes},
-                     "pretrained_dice": {str(c): (round(dice(lab == c, src == c), 4) if c in bmap.values() else None)
-                                         for c in classes}})
+                     "dice": {str(c): (round(dice(lab == c, pred == c), 4) if c in present else None)
+                              for c in classes},
+                     "pretrained_dice": {str(c): (round(dice(lab == c, src == c), 4)
+                                                  if c in bmap.values() and c in present else None) for c in classes}})
 
     def mean(key):
         return {str(c): (round(float(np.mean([r[key][str(c)] for r in rows])), 4)
