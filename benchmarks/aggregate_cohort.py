@@ -110,8 +110,10 @@ def synthetic_templates(root) -> tuple[list, dict]:
         else:
             rec.items("brain_tissue")["-"] = ItemRecord("no_input", stage="discovery")
         templates.append(rec)
-    config = {"pipelines": PIPELINES, **{p: {} for p in PIPELINES}}
-    return templates, config
+    from cohortseg.workflow.overrides import validate_config
+
+    config = validate_config({"bids_dir": str(root), "output_dir": str(root), "pipelines": list(PIPELINES)})
+    return templates, config  # the schema's defaults, as a run without a config file has them
 
 
 def demo_templates(results) -> tuple[list, dict]:

@@ -295,8 +295,8 @@ def _csv_to_parquet(data: bytes, columns: list[str], path) -> None:
     if data.count(b"\n") <= 1:  # header only: no values to infer a type from
         table = pa.table({c: pa.array([], type=types.get(c, pa.null())) for c in columns})
     else:
-        table = pcsv.read_csv(io.BytesIO(data), convert_options=pcsv.ConvertOptions(
-            column_types=types, strings_can_be_null=True))
+        table = pcsv.read_csv(io.BytesIO(data), read_options=pcsv.ReadOptions(use_threads=False),
+                              convert_options=pcsv.ConvertOptions(column_types=types, strings_can_be_null=True))
     pq.write_table(table, path)
 
 
@@ -376,7 +376,7 @@ def _stage(final: Path, write, mode: str = "w") -> tuple[str, Path]:
 def _summary(parts, runs, pipelines, config, ratings) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
-    frames = [pq.read_table(d / "summary.parquet").to_pandas() for d, _ in parts]
+    frames = [pq.read_table(d / "summary.parquet", use_threads=False).to_pandas(use_threads=False) for d, _ in parts]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ID_COLUMNS)
     if len(parts) > 1 or len(runs) > 1:  # the cohort's order (the parts are sorted within)
         df = df.sort_values(["participant_id", "session_id"], kind="stable", ignore_index=True)
@@ -476,7 +476,7 @@ def _assemble_parquet(table_name, columns, parts, runs, final: Path):
                 r = _ranges(m["tables"][table_name], m["order"], first, stop, "rows")
                 if r is None:
                     continue
-                t = pq.read_table(d / f"{stem}.parquet").slice(r[0], r[1] - r[0])
+                t = pq.read_table(d / f"{stem}.parquet", use_threads=False).slice(r[0], r[1] - r[0])
                 w.write_table(pa.table([t.column(c).cast(schema.field(c).type) if c in t.column_names
                                         else pa.nulls(len(t), schema.field(c).type) for c in columns], schema=schema))
 

@@ -29,7 +29,7 @@ def qc_rows(summary_csv, shard_records, config: dict) -> list[dict]:
 
 
 def write_cohort_qc_page(summary_csv, shard_records, page_dir, config: dict) -> Path:
-    from cohortseg.qc.page import write_qc_page
+    """qc/index.html: the QC page, or an index of pages of one pipeline each for a large cohort."""
+    from cohortseg.qc.page import write_qc_pages
 
-    page_dir = Path(page_dir)
-    return write_qc_page(qc_rows(summary_csv, shard_records, config), page_dir, statuses=STATUS_HELP)
+    return write_qc_pages(qc_rows(summary_csv, shard_records, config), Path(page_dir), statuses=STATUS_HELP)
