@@ -70,13 +70,12 @@ def synthetic_templates(root) -> tuple[list, dict]:
                                                sanity_flags=list(flags), stamp="0" * 40)
 
     def gm(n):
-        return pd.DataFrame({"slice": range(n), "gm_area_mm2": rng.normal(12, 1, n).round(4),
-                             "wm_area_mm2": rng.normal(60, 4, n).round(4)})
+        return pd.DataFrame({"slice": range(n), "gm_area_mm2": rng.normal(12, 1, n).round(4)})
 
     def csa(name, n, levels):
         vert = np.repeat([5, 4, 3], -(-n // 3))[:n].astype(float) if levels else np.full(n, np.nan)
         return pd.DataFrame({"Filename": f"{name}.nii.gz", "Slice (I->S)": range(n), "VertLevel": vert,
-                             "DistancePMJ": np.nan, "MEAN(area)": rng.normal(75, 5, n), "STD(area)": np.nan,
+                             "MEAN(area)": rng.normal(75, 5, n),
                              "MEAN(angle_AP)": rng.normal(0, 3, n), "MEAN(angle_RL)": rng.normal(0, 3, n),
                              "MEAN(diameter_AP)": rng.normal(7, .5, n), "MEAN(diameter_RL)": rng.normal(12, .5, n),
                              "MEAN(eccentricity)": rng.uniform(.6, .8, n), "MEAN(orientation)": rng.normal(0, 5, n),
