@@ -269,3 +269,22 @@ def test_a_cloned_cohort_equals_a_from_scratch_aggregate(tmp_path, monkeypatch):
     agg.aggregate(shards, out / "group", config)
     got = assert_same_tables(out / "group", shards, config)
     assert len(got) == 130 and len(shards) == 4
+
+
+def test_benchmark_reports_what_it_claims(tmp_path):
+    """benchmarks/aggregate_cohort.py on a small cohort: the JSON's figures, the kept outputs, and the
+    re-aggregate after one shard changed (figures are not asserted: speed targets live there)."""
+    import subprocess
+
+    res = tmp_path / "r.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "aggregate_cohort.py"), "--sessions", "60",
+                    "--shard-size", "25", "--out", str(tmp_path / "out"), "--json", str(res)],
+                   check=True, capture_output=True, timeout=600)
+    r = json.loads(res.read_text())
+    assert r["sessions"] == 60 and r["shards"] == 3 and r["templates"] == "synthetic"
+    for k in ("wall_s", "peak_rss_mb", "reaggregate_wall_s", "qc_page_wall_s"):
+        assert r[k] > 0, k
+    assert r["steps"]["shards"]["cpu_s"] > 0 and "qc_page_open_s" not in r  # no --browser
+    summary = pd.read_csv(tmp_path / "out" / "group" / "summary.csv")
+    assert len(summary) == 60 and r["group_bytes"]["summary.csv"] == (tmp_path / "out/group/summary.csv").stat().st_size
+    assert (tmp_path / "out" / "qc" / "index.html").is_file()
