@@ -6,6 +6,10 @@ rendered client-side by a virtualised list, so 10,000 participants x 5 pipelines
 thumbnails are ``loading="lazy"`` and only exist for the rows in view.  Image paths are written
 relative to the page, so the output directory can be moved or served as is.
 
+A cohort of more than :data:`PAGE_ROWS` rows (100,000 sessions x 3-5 pipelines: 300,000-500,000)
+gets :func:`write_qc_pages`: ``index.html`` lists pages of one pipeline and at most PAGE_ROWS rows
+each, which share one ratings store, so a page stays a few MB and opens in about a second.
+
 Keys: ``j``/``k`` (arrows) move, ``Enter``/``o`` open the full-size snapshot, ``p``/``f``/``a``
 rate pass/fail/artifact, ``u`` clears, ``e`` exports ``qc_ratings.tsv``, ``/`` filters, ``?`` help.
 Ratings stay in the browser's localStorage (key ``cohortseg-qc:v1:<page_id>``) until exported;
