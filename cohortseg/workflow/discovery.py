@@ -839,19 +839,7 @@ def load_or_build(bids_dir, manifest_path, pipelines: dict, participant_label=()
     key = hashlib.sha256(json.dumps(selection, sort_keys=True, default=list).encode()).hexdigest()
     meta = read_meta(manifest_path) if manifest_path.is_file() else {}
     if not check:  # a cluster job: the main process has just written the manifest of this run
-        if not manifest_path.is_file():
-            from cohortseg.errors import CohortsegError
-
-            raise CohortsegError(f"no manifest at {manifest_path}: cluster jobs read the one the main "
-                                 f"snakemake process writes when it plans the run")
-        m = open_manifest(manifest_path)
-        if meta.get("selection") != key:  # e.g. bids_dir mounted under another path on this node
-            note = (f"{manifest_path.name} was built for another selection (bids_dir "
-                    f"{meta.get('bids_dir')!r}, here {str(Path(bids_dir).resolve())!r}, or other filters); "
-                    f"a cluster job uses it as it is and never lists the dataset")
-            log.warning(note)
-            m.notes.append(note)
-        return m
+        return _cluster_manifest(manifest_path, meta, key, bids_dir)
 
     routers = routers_for(pipelines, routing)
     if routing:
@@ -859,6 +847,69 @@ def load_or_build(bids_dir, manifest_path, pipelines: dict, participant_label=()
     scan_key = hashlib.sha256(json.dumps([str(Path(bids_dir).resolve()), list(datatypes), sorted(sidecar_keys)]
                                          ).encode()).hexdigest()
     notes: list[str] = []
+    old, cache = _cached(manifest_path, meta, rebuild, scan_key, notes)
+    records = (cache or {}).get("subjects", {})
+    rows_current = old is not None and cache is not None and meta.get("selection") == key
+
+    now = time.time_ns()
+    subjects = subject_folders(bids_dir)
+    old_ranges = _subject_ranges(old) if rows_current else {}
+    plist = old.pipelines if rows_current else list(pipelines)  # the ok masks of kept rows use its order
+    maker = SessionRows(pipelines, routers, plist, routing)
+    new_records, listed, changed, built = _refresh(
+        subjects, records, old_ranges, maker, _labels(participant_label, exclude), str(Path(bids_dir)),
+        datatypes, sidecar_keys, now)
+    stats = {"subjects": len(subjects), "listed": listed, "changed": sorted(changed), "rows_rebuilt": 0,
+             "written": False}
+    if rows_current and not changed and set(new_records) == set(records):
+        notes.append(f"discovery: {len(subjects):,} subject folders, {len(listed):,} listed again, "
+                     f"no change; manifest current")
+        for n in notes:
+            log.info(n)
+        if listed:  # new folder mtimes: the scan cache only (the TSV and its index stay as they are)
+            replace_atomic(_scan_path(manifest_path), _json_bytes({"key": scan_key, "subjects": new_records,
+                                                                   "version": SCAN_VERSION,
+                                                                   "tsv": _stamp(manifest_path)}))
+        return Manifest(manifest_path, _idx_of(old), inputs=_load_inputs(new_records, bids_dir),
+                        notes=notes, stats=stats)
+
+    # write a new manifest: unchanged subjects' rows are copied from the old TSV, the others rebuilt
+    chunks, entries, n_rows = _assemble(subjects, new_records, built, old, old_ranges, manifest_path)
+    if listed:
+        notes.append(f"discovery: {len(subjects):,} subject folders, {len(listed):,} listed "
+                     f"({', '.join(listed[:3])}{', ...' if len(listed) > 3 else ''}), "
+                     f"{len(subjects) - len(listed):,} unchanged (stat only), {len(changed):,} changed or new")
+    notes.append(f"manifest written: rows of {len(built):,} subject(s) rebuilt, "
+                 f"{len(subjects) - len(built):,} kept ({n_rows:,} rows)")
+    for n in notes:
+        log.info(n)
+    m = _write_all(manifest_path, chunks, entries, plist, n_rows,
+                   {"selection": key, "bids_dir": str(Path(bids_dir).resolve())},
+                   scan={"key": scan_key, "subjects": new_records})
+    m._inputs = _load_inputs(new_records, bids_dir)
+    m.notes, m.stats = notes, {**stats, "rows_rebuilt": len(built), "written": True}
+    return m
+
+
+def _cluster_manifest(manifest_path: Path, meta: dict, key: str, bids_dir) -> Manifest:
+    """A cluster job's manifest: the one the main process wrote, used as it is (no scan)."""
+    if not manifest_path.is_file():
+        from cohortseg.errors import CohortsegError
+
+        raise CohortsegError(f"no manifest at {manifest_path}: cluster jobs read the one the main "
+                             f"snakemake process writes when it plans the run")
+    m = open_manifest(manifest_path)
+    if meta.get("selection") != key:  # e.g. bids_dir mounted under another path on this node
+        note = (f"{manifest_path.name} was built for another selection (bids_dir "
+                f"{meta.get('bids_dir')!r}, here {str(Path(bids_dir).resolve())!r}, or other filters); "
+                f"a cluster job uses it as it is and never lists the dataset")
+        log.warning(note)
+        m.notes.append(note)
+    return m
+
+
+def _cached(manifest_path: Path, meta: dict, rebuild: bool, scan_key: str, notes: list) -> tuple:
+    """(the old manifest or None, its scan cache or None), each only when usable; why not in `notes`."""
     old, cache = None, None
     if meta and not rebuild and meta.get("version") == MANIFEST_VERSION:
         try:
@@ -873,18 +924,15 @@ def load_or_build(bids_dir, manifest_path, pipelines: dict, participant_label=()
                 why = "missing" if not _scan_path(manifest_path).exists() else "stale or corrupt"
                 notes.append(f"discovery cache {why}: listing every subject folder")
                 cache = None
-    records = (cache or {}).get("subjects", {})
-    rows_current = old is not None and cache is not None and meta.get("selection") == key
+    return old, cache
 
-    include, excl = _labels(participant_label, exclude)
-    now = time.time_ns()
-    subjects = subject_folders(bids_dir)
-    new_records, listed, rebuilt, changed = {}, [], [], set()
-    old_ranges = _subject_ranges(old) if rows_current else {}
-    plist = old.pipelines if rows_current else list(pipelines)  # the ok masks of kept rows use its order
-    root = str(Path(bids_dir))
-    maker = SessionRows(pipelines, routers, plist, routing)
-    built: dict[str, list] = {}  # subject -> [(session key, TSV chunk, ok mask)] of rebuilt rows
+
+def _refresh(subjects, records: dict, old_ranges: dict, maker: SessionRows, labels: tuple, root: str,
+             datatypes, sidecar_keys, now_ns: int) -> tuple[dict, list, set, dict]:
+    """Every subject folder's scan record, the folder listed again only when its stamps changed, and
+    the rows rebuilt of the selected subjects whose files changed (or that have no rows yet):
+    (records, names listed, names changed, {name: [(session key, TSV chunk, ok mask)]} rebuilt)."""
+    include, excl = labels
 
     def unchanged(batch):  # stats only; in threads on a slow file system (map_io)
         out = []
@@ -899,7 +947,8 @@ def load_or_build(bids_dir, manifest_path, pipelines: dict, participant_label=()
     batches = [subjects[i:i + _BATCH] for i in range(0, len(subjects), _BATCH)]
     kept = [k for ks in map_io(unchanged, batches, SLOW_SUBJECT_S * _BATCH) for k in ks]
     to_list = [path for (_, path), k in zip(subjects, kept) if not k]
-    fresh = list_subjects(to_list, datatypes, sidecar_keys, now)  # listed while the rows are built
+    fresh = list_subjects(to_list, datatypes, sidecar_keys, now_ns)  # listed while the rows are built
+    new_records, listed, changed, built = {}, [], set(), {}
     for (name, path), was_kept in zip(subjects, kept):
         rec = records[name] if was_kept else next(fresh)
         new_records[name] = rec
@@ -919,29 +968,20 @@ def load_or_build(bids_dir, manifest_path, pipelines: dict, participant_label=()
             continue
         if name in old_ranges and name not in changed and "inputs" in rec:
             continue  # its rows are kept as they are in the TSV
-        rebuilt.append(name)
         built[name] = _build_subject(path, rec, label, maker, root)
     with _COUNT_LOCK:
         SCAN_COUNTS["subjects_listed"] += len(listed)
-    stats = {"subjects": len(subjects), "listed": listed, "changed": sorted(changed), "rows_rebuilt": 0,
-             "written": False}
-    if rows_current and not changed and set(new_records) == set(records):
-        notes.append(f"discovery: {len(subjects):,} subject folders, {len(listed):,} listed again, "
-                     f"no change; manifest current")
-        for n in notes:
-            log.info(n)
-        if listed:  # new folder mtimes: the scan cache only (the TSV and its index stay as they are)
-            replace_atomic(_scan_path(manifest_path), _json_bytes({"key": scan_key, "subjects": new_records,
-                                                                   "version": SCAN_VERSION,
-                                                                   "tsv": _stamp(manifest_path)}))
-        return Manifest(manifest_path, _idx_of(old), inputs=_load_inputs(new_records, bids_dir),
-                        notes=notes, stats=stats)
+    return new_records, listed, changed, built
 
-    # write a new manifest: unchanged subjects' rows are copied from the old TSV, the others rebuilt
+
+def _assemble(subjects, records: dict, built: dict, old: Manifest | None, old_ranges: dict,
+              manifest_path: Path) -> tuple[list, list, int]:
+    """The new TSV's (chunks, index entries, row count), subject by subject: rebuilt rows, or the
+    unchanged subjects' rows copied from the old TSV."""
     old_bytes = manifest_path.read_bytes() if old_ranges else b""
     chunks, entries, n_rows = [], [], 0
     for name, _ in subjects:
-        rec = new_records[name]
+        rec = records[name]
         if name in built:
             for k, chunk, mask in built[name]:
                 chunks.append(chunk)
@@ -952,20 +992,7 @@ def load_or_build(bids_dir, manifest_path, pipelines: dict, participant_label=()
             chunks.append(old_bytes[old.offsets[i0]:old.offsets[i1]])
             entries.extend((old.keys[i], old.offsets[i + 1] - old.offsets[i], old.ok[i]) for i in range(i0, i1))
             n_rows += rec.get("n_rows", 0)
-    if listed:
-        notes.append(f"discovery: {len(subjects):,} subject folders, {len(listed):,} listed "
-                     f"({', '.join(listed[:3])}{', ...' if len(listed) > 3 else ''}), "
-                     f"{len(subjects) - len(listed):,} unchanged (stat only), {len(changed):,} changed or new")
-    notes.append(f"manifest written: rows of {len(rebuilt):,} subject(s) rebuilt, "
-                 f"{len(subjects) - len(rebuilt):,} kept ({n_rows:,} rows)")
-    for n in notes:
-        log.info(n)
-    m = _write_all(manifest_path, chunks, entries, plist, n_rows,
-                   {"selection": key, "bids_dir": str(Path(bids_dir).resolve())},
-                   scan={"key": scan_key, "subjects": new_records})
-    m._inputs = _load_inputs(new_records, bids_dir)
-    m.notes, m.stats = notes, {**stats, "rows_rebuilt": len(rebuilt), "written": True}
-    return m
+    return chunks, entries, n_rows
 
 
 def _build_subject(path: str, rec: dict, label: str, maker: SessionRows, root: str) -> list:
