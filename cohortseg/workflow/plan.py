@@ -223,9 +223,11 @@ class Plan:
         return str(self.out / "group" / name)
 
     def group_tables(self) -> list[str]:
+        """Every pipeline's cohort tables: CSV and its Parquet copy."""
         from cohortseg.pipelines import get_pipeline
 
-        return [self.group(t) for p in self.pipelines for t in get_pipeline(p).group_tables]
+        return [self.group(t[: -len(".csv")] + ext) for p in self.pipelines for t in get_pipeline(p).group_tables
+                for ext in (".csv", ".parquet")]
 
     def qc_page(self) -> str:
         return str(self.out / "qc" / "index.html")
