@@ -33,7 +33,7 @@ def reference(shard_records, config, ratings=None):
     """summary DataFrame and {table: DataFrame}: every record read, every per-session table read with
     pandas, concatenated in (participant, session) order (the aggregate before per-shard parts)."""
     from cohortseg.pipelines import get_pipeline
-    from cohortseg.workflow.discovery import split_session_key
+    from cohortseg.workflow.rows import split_session_key
 
     records, seen = [], set()
     sessions = {}

@@ -107,7 +107,7 @@ def qc_page_rows(rec: SessionRecord) -> list[list]:
 
 def _missing_record(key: str, pipelines) -> SessionRecord:
     """The row of a planned session without a readable record: never lose a row."""
-    from cohortseg.workflow.discovery import split_session_key
+    from cohortseg.workflow.rows import split_session_key
 
     pid, sid = split_session_key(key)
     return SessionRecord(pid, sid, pipelines={
