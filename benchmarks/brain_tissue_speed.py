@@ -146,14 +146,14 @@ def profile(a) -> dict:
 
 def snakemake_run(a) -> dict:
     """One T1 through ``snakemake --cores N 'pipelines=[brain_tissue]'``: wall of the run and of each job."""
-    with tempfile.TemporaryDirectory(prefix="cohortseg-bt-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cohortseg-bt-", dir=os.environ.get("BT_KEEP")) as tmp:
         tmp = Path(tmp)
         bids = tmp / "bids" / "sub-01" / "anat"
         bids.mkdir(parents=True)
         (tmp / "bids" / "dataset_description.json").write_text(json.dumps({"Name": "bt", "BIDSVersion": "1.9.0"}))
         shutil.copy(a.t1, bids / "sub-01_T1w.nii.gz")
         extra = [f"brain_tissue={a.cfg}"] if a.cfg else []
-        cmd = ["snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp), "--cores", str(a.threads),
+        cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp), "--cores", str(a.threads),
                "--config", f"bids_dir={tmp / 'bids'}", f"output_dir={tmp / 'out'}", f"model_dir={SHARED / 'models'}",
                "pipelines=[brain_tissue]", *extra]
         r0 = os.times()
@@ -190,18 +190,20 @@ def main() -> None:
     ap.add_argument("--t1", default=str(SHARED / "data/brain/t1_crop.nii.gz"))
     ap.add_argument("--cfg", default="", help="brain_tissue settings as JSON, e.g. '{\"box\": \"head\"}'")
     ap.add_argument("--no-onednn", action="store_true", help="TensorFlow's plain kernels (inference.onednn: false)")
+    ap.add_argument("--no-profile", action="store_true", help="only the snakemake run")
     ap.add_argument("--snakemake", action="store_true", help="also time the one-T1 snakemake run")
     ap.add_argument("--save-arrays", help="write predict's arrays to this .npz (to compare two settings)")
     ap.add_argument("--out")
     a = ap.parse_args()
     result = {"load_before": [round(x, 2) for x in os.getloadavg()]}
-    prof = profile(a)
-    arrays = prof.pop("_arrays")
-    if a.save_arrays:
-        import numpy as np
+    if not a.no_profile:
+        prof = profile(a)
+        arrays = prof.pop("_arrays")
+        if a.save_arrays:
+            import numpy as np
 
-        np.savez_compressed(a.save_arrays, **arrays)
-    result["profile"] = prof
+            np.savez_compressed(a.save_arrays, **arrays)
+        result["profile"] = prof
     if a.snakemake:
         result["snakemake"] = snakemake_run(a)
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]

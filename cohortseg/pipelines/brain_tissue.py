@@ -216,7 +216,7 @@ class BrainTissue(Pipeline):
             img = nib.Nifti1Image(data.astype(np.uint8), img.affine)
         grid = _grid(cards)
         conformed, info = conform(img, shape=grid["shape"], voxel_mm=grid["voxel_mm"], orientation=grid["orientation"],
-                                  order=_ORDER[cfg.get("interpolation", "cubic")])
+                                  order=_ORDER[cfg.get("interpolation", "cubic")], snap=cfg.get("snap_to_native", False))
         if info["fov_clipped"]:
             warnings.append(f"field of view larger than the {grid['shape']} mm conformed cube: what lies outside "
                             "it is not segmented")
