@@ -182,7 +182,7 @@ class BrainTissue(Pipeline):
     anatomy = "brain"
     description = ("Brain mask, GM/WM/CSF and 18 subcortical labels of a T1w with brainchop MeshNets "
                    "(mindgrab, model5_gw_ae, model30chan18cls) on a FreeSurfer-conformed grid; volumes and eTIV")
-    roles = {"image": Role(filters={"suffix": "T1w"}, description="T1-weighted head (any grid; conformed to 256^3 1 mm)")}
+    roles = {"image": Role(description="T1-weighted head (any grid; conformed to 256^3 1 mm)")}
     group_tables = {"tissue_volumes.csv": "desc-tissue_volumes.tsv"}
 
     def methods(self, cards, cfg):

@@ -498,7 +498,7 @@ def estimate_etiv(t1_img, brain_mask: np.ndarray | None = None, resolution: int 
         mask_img = nib.Nifti1Image(m, t1_img.affine)
     tr = registration.affine_to_mni(t1_img, brain_mask=mask_img, resolution=resolution, **reg_kw)
     det = float(np.linalg.det(np.asarray(tr.matrix, dtype=float)[:3, :3]))
-    if not 0.2 < det < 5.0:
+    if not registration.MNI_DET_RANGE[0] < det < registration.MNI_DET_RANGE[1]:
         raise InputError(f"eTIV: implausible affine scaling to MNI152 (det {det:.3f}); registration failed?")
     icv_t = template_icv_ml()
     return {"etiv_ml": icv_t / det, "det": det, "template_icv_ml": icv_t,
