@@ -236,7 +236,7 @@ def _infer_pipeline(pipeline: str, recs: dict, config: dict) -> dict:
                 continue
             todo.append((key, name, it.prep, it.stamp, out))
     if todo:
-        configure_tensorflow(threads=int(inf.get("threads", 0) or 0))  # the same seed for every pipeline
+        configure_tensorflow(threads=int(inf.get("threads", 0) or 0), onednn=bool(inf.get("onednn", True)))  # the same seed for every pipeline
         cards = pipeline_cards(config, pipeline)
         store = ModelStore.from_config(config)
         models = load_models(cards, store)
