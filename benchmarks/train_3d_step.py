@@ -34,10 +34,10 @@ def main() -> None:
     from cohortseg.training import brain3d as b3
     from cohortseg.training import load_config
     from cohortseg.training.augment import draw_warp3d
-    from cohortseg.training.train import _setup_tf
+    from cohortseg.training.train import setup_tf
 
     cfg = b3.merge_config(load_config(a.config))
-    _setup_tf(a.threads)
+    setup_tf(a.threads)
     src = b3.source_net(cfg["init_from"])
     t0 = time.perf_counter()
     subj = b3.load_subject(cfg["data"]["items"][0], b3.expand_path(cfg["data"]["root"]), cfg["protocol"],

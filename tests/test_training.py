@@ -389,7 +389,7 @@ def test_fine_tune_from_bundle_and_determinism(ci_bundle, shared_dir, tmp_path):
     path = ci_bundle
     cfg = tr.merge_config({**_ci_config(), "init_from": str(path),
                            "train": {**_ci_config()["train"], "epochs": 1, "slices_per_epoch": 16}})
-    tr._setup_tf(cfg["threads"])
+    tr.setup_tf(cfg["threads"])
     pairs = ds.pairs_from_config(cfg["data"])
     vols = [ds.load_volume(p, 1.0, (64, 64), cfg["label"]["type"]) for p in pairs]
     sel = [(1, np.arange(10, 40))]

@@ -176,7 +176,7 @@ def test_fine_tuning_learns_an_added_class(shared_dir):
     the brain: CSF Dice 0. After 32 steps of 32^3 patches on random contrasts the held-out toy's CSF
     (T1-like contrast) is found (measured 0.66)."""
     from cohortseg.training import brain3d as b3
-    from cohortseg.training.train import _setup_tf
+    from cohortseg.training.train import setup_tf
 
     cfg = yaml.safe_load(CI_RECIPE.read_text())
     cfg["augment"]["copies"] = 4
@@ -184,7 +184,7 @@ def test_fine_tuning_learns_an_added_class(shared_dir):
     cfg["eval"].update(contrasts=1, box=None)
     cfg["synth"]["gain"] = [1, 1]
     cfg = b3.merge_config(cfg)
-    _setup_tf(2)
+    setup_tf(2)
     source = b3.source_net(cfg["init_from"])
     g = np.sqrt(((np.indices((40, 40, 40)) - 19.5) ** 2).sum(axis=0))
 

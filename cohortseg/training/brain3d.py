@@ -490,12 +490,12 @@ def train_bundle(config: dict, out_dir, progress=None) -> Path:
     """Train one fine-tuned MeshNet per leave-one-subject-out fold and write the bundle (module doc)."""
     import tempfile
 
-    from cohortseg.training.train import _jsonable, _setup_tf, _versions
+    from cohortseg.training.train import jsonable, setup_tf, software_versions
 
     t_start = time.perf_counter()
     cfg = merge_config(config)
     say = progress or log.info
-    _setup_tf(int(cfg["threads"]))
+    setup_tf(int(cfg["threads"]))
     data = cfg["data"]
     root = expand_path(data["root"]) if data.get("root") else None
     with tempfile.TemporaryDirectory(prefix="cohortseg-train3d-") as tmpd:
@@ -558,7 +558,7 @@ def train_bundle(config: dict, out_dir, progress=None) -> Path:
                      for s in subjects],
             "epochs": [h["epochs_run"] for h in histories],
             "cv_dice": cv["summary"]["dice"],
-            "config": _jsonable(cfg), "software": _versions(),
+            "config": jsonable(cfg), "software": software_versions(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         card = build_card(cfg, src_card, fold_entries, training)

@@ -137,7 +137,7 @@ def merge_config(cfg: dict) -> dict:
 _TF_READY = False
 
 
-def _setup_tf(threads: int):
+def setup_tf(threads: int):
     global _TF_READY
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -388,7 +388,7 @@ def evaluate_volume(model, vol: ds.Volume, cfg: dict, batch_size: int = 32, trai
     return res
 
 
-def _versions() -> dict:
+def software_versions() -> dict:
     import keras
     import tensorflow as tf
 
@@ -553,8 +553,8 @@ def _provenance(cfg: dict, pairs, synth, histories: list, cv: dict) -> dict:
         "epochs": [h["epochs_run"] for h in histories],
         "best_epochs": [h["best_epoch"] for h in histories],
         "cv_dice_mean": cv["summary"]["dice_mean"],
-        "config": _jsonable(cfg),
-        "software": _versions(),
+        "config": jsonable(cfg),
+        "software": software_versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -569,7 +569,7 @@ def train_bundle(config: dict, out_dir, progress=None) -> Path:
     t_start = time.perf_counter()
     cfg = merge_config(config)
     say = progress or log.info
-    _setup_tf(int(cfg["threads"]))
+    setup_tf(int(cfg["threads"]))
     pairs, volumes, synth = _load_data(cfg, say)
     folds = ds.kfold_splits(pairs, cfg["split"].get("k"), by=cfg["split"]["by"], seed=int(cfg["seed"]))
     # each CV fold trains the ensemble that ships (final.models models, averaged), so the CV figures
@@ -600,11 +600,11 @@ def _mean_by(rows, key):
     return {k: round(float(np.mean(v)), 4) for k, v in sorted(groups.items())}
 
 
-def _jsonable(o):
+def jsonable(o):
     if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
+        return {str(k): jsonable(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
+        return [jsonable(v) for v in o]
     if isinstance(o, (np.generic,)):
         return o.item()
     return o
