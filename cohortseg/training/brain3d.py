@@ -20,7 +20,7 @@ Recipe (Svanera et al. 2021, fine-tuning experiment; defaults in ``DEFAULTS``):
   (``augment.draw_warp3d``: translation, rotation, elastic morphing; upstream: 30 per volume), drawn
   from (seed, fold, subject, copy); every training step cuts a patch from one of them and gives it a
   fresh random contrast, so an epoch (one patch of each augmented volume) sees every deformation;
-* **patches**: ``train.patch`` voxels cubed, the loss (cross-entropy + mean soft Dice over the
+* **patches**: ``train.patch`` voxels cubed (64; 96 on a GPU), the loss (cross-entropy + mean soft Dice over the
   classes present, inside the brain mask) on the patch minus ``train.loss_margin`` voxels per side, where the net's
   receptive field (93 voxels for the 9 dilated layers) sees real neighbours: memory stays at a few
   hundred MB on a CPU and fits any GPU;
@@ -68,7 +68,7 @@ DEFAULTS: dict = {
     "augment": {"copies": 30, "translate_vox": 8.0, "rotate_deg": 10.0, "elastic_vox": 3.0,
                 "control_points": 6},
     "synth": {"sd_max": 0.06, "blur_max": 1.0, "bias_sd": 0.15, "noise_max": 0.04, "gain": [0.8, 1.2]},
-    "train": {"epochs": 10, "patch": 96, "loss_margin": 16, "batch_size": 1, "learning_rate": 1e-3,
+    "train": {"epochs": 6, "patch": 64, "loss_margin": 12, "batch_size": 1, "learning_rate": 1e-3,
               "head_noise": 0.01},
     "eval": {"contrasts": 3, "t1_means": None, "box": None},
     "crop_padding": 18,
