@@ -257,3 +257,48 @@ def test_profile_slurm_dryrun_from_repo_root(tmp_path, shared_dir):
     # the rules' time, 15 + 3 min x the shard's 4 sessions (job_minutes), is not overridden by the profile
     assert {rule: resources[rule].get("runtime") for rule in ("prepare", "infer", "finalize")} == dict.fromkeys(
         ("prepare", "infer", "finalize"), str(15 + 3 * 4)), resources
+
+
+def test_status_outage_keeps_the_jobs_then_stops_with_what_to_set(monkeypatch):
+    """No cluster: the SLURM plugin's status check when every query fails (a controller restart
+    where slurmdbd is absent). The plugin alone yields nothing, so snakemake forgets the jobs and
+    waits for ever; guarded, the jobs stay active, and after COHORTSEG_SLURM_BLIND_MINUTES without
+    an answer the run stops with an error saying what to set."""
+    import asyncio
+    import contextlib
+    import logging
+    from types import SimpleNamespace
+
+    plugin = pytest.importorskip("snakemake_executor_plugin_slurm")
+    from snakemake.exceptions import WorkflowError
+
+    from cohortseg.workflow.slurm import guard_slurm_executor
+
+    queries = []
+
+    async def no_answer(command, logger):
+        queries.append(command)
+        return None, None
+
+    monkeypatch.setattr(plugin, "query_job_status", no_answer)
+    monkeypatch.setattr(plugin, "get_min_job_age", lambda: None)  # scontrol cannot reach slurmctld
+    monkeypatch.setattr(plugin, "is_query_tool_available", lambda tool: True)
+    ex = plugin.Executor.__new__(plugin.Executor)  # only what check_active_jobs reads
+    ex.workflow = SimpleNamespace(executor_settings=SimpleNamespace(
+        init_seconds_before_status_checks=5, status_attempts=3, status_command="squeue"))
+    ex.logger, ex.run_uuid = logging.getLogger("slurm-test"), "run"
+    ex.status_rate_limiter = contextlib.nullcontext()
+    ex._status_query_failures = ex._status_query_calls = 0
+    jobs = [SimpleNamespace(external_jobid="7", aux={}), SimpleNamespace(external_jobid="8", aux={})]
+
+    async def check():
+        return [j async for j in ex.check_active_jobs(jobs)]
+
+    if not getattr(plugin.Executor, "_cohortseg_guarded", False):  # guarded once per process
+        assert asyncio.run(check()) == []  # the plugin 2.8 alone: both jobs forgotten
+        assert len(queries) == 3 and all(q.startswith("sacct") for q in queries)  # its sacct fallback
+    assert guard_slurm_executor()
+    assert asyncio.run(check()) == jobs  # kept for the next check
+    monkeypatch.setenv("COHORTSEG_SLURM_BLIND_MINUTES", "0")
+    with pytest.raises(WorkflowError, match=r"jobs 7, 8.*slurm-status-command: squeue.*MinJobAge"):
+        asyncio.run(check())
