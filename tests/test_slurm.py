@@ -302,3 +302,18 @@ def test_status_outage_keeps_the_jobs_then_stops_with_what_to_set(monkeypatch):
     monkeypatch.setenv("COHORTSEG_SLURM_BLIND_MINUTES", "0")
     with pytest.raises(WorkflowError, match=r"jobs 7, 8.*slurm-status-command: squeue.*MinJobAge"):
         asyncio.run(check())
+
+
+def test_unknown_plugin_release_runs_unguarded_with_a_warning(monkeypatch, capsys):
+    """A plugin release without the methods the guard wraps: no crash, no patch, a warning."""
+    import sys
+    from types import SimpleNamespace
+
+    from cohortseg.workflow.slurm import guard_slurm_executor
+
+    bare = type("Executor", (), {"run_job": lambda self, job: None})
+    monkeypatch.setitem(sys.modules, "snakemake_executor_plugin_slurm", SimpleNamespace(Executor=bare))
+    assert guard_slurm_executor() is False
+    assert not hasattr(bare, "_cohortseg_guarded")
+    err = capsys.readouterr().err
+    assert "check_active_jobs" in err and "not guarded" in err

@@ -25,9 +25,13 @@ and changes nothing else:
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
+# the plugin release whose source the wrappers below were written against (requirements/cpu.lock)
+TESTED_PLUGIN = "2.8"
+PATCHED = ("check_active_jobs", "run_job", "_report_job_error_threadsafe")
 BLIND_MINUTES = 10.0
 SUBMIT_RETRY_MINUTES = 10.0
 # sbatch errors worth a later try: the controller is unreachable or busy, or the queue is full
@@ -60,6 +64,15 @@ def guard_slurm_executor() -> bool:
         return False
     if getattr(Executor, "_cohortseg_guarded", False):
         return True
+    missing = [n for n in PATCHED if not hasattr(Executor, n)]
+    if missing:  # another plugin release: run unguarded rather than fail every run
+        print(f"cohortseg: warning: snakemake-executor-plugin-slurm {_plugin_version()} has no "
+              f"{', '.join(missing)}; SLURM outages are not guarded (tested with {TESTED_PLUGIN}.x)",
+              file=sys.stderr)
+        return False
+    if not _plugin_version().startswith(TESTED_PLUGIN + "."):
+        print(f"cohortseg: warning: the SLURM outage guard was tested with plugin {TESTED_PLUGIN}.x, "
+              f"this is {_plugin_version()}", file=sys.stderr)
     check, run_job, report = Executor.check_active_jobs, Executor.run_job, Executor._report_job_error_threadsafe
 
     async def check_active_jobs(self, active_jobs):
@@ -131,3 +144,11 @@ def _recording(method, answered: list):
         answered.append(job_info)
         return method(job_info, *args, **kwargs)
     return call
+
+
+def _plugin_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("snakemake-executor-plugin-slurm")
+    except PackageNotFoundError:
+        return "unknown"
