@@ -21,7 +21,7 @@ from collections import Counter
 import pandas as pd
 import pytest
 
-from helpers import REPO, job_counts, write_config
+from helpers import REPO, job_counts, output_path, write_config
 
 RUN_TIMEOUT_S = 900
 START_HINT = "start it with `sudo tests/slurm/start_cluster.sh` (needs Debian slurm-wlm + munge)"
@@ -125,10 +125,9 @@ class TestWorkflowOnSlurm:
         df = pd.read_csv(out / "group/summary.csv", dtype=str, keep_default_na=False)
         assert len(df) == 4 and set(df.status) == {"ok"}, df[["participant_id", "session_id", "status", "error"]]
         for pid, ses in zip(df.participant_id, df.session_id):
-            folder = out / "sc_gm" / pid / ses / "anat"
             stem = "_".join(x for x in (pid, ses) if x) + "_T2starw"
-            assert (folder / f"{stem}_label-GM_mask.nii.gz").is_file(), (pid, ses)
-            assert (folder / f"{stem}_label-GM_probseg.nii.gz").is_file(), (pid, ses)
+            assert output_path(out, "sc_gm", stem, "label-GM_mask.nii.gz").is_file(), (pid, ses)
+            assert output_path(out, "sc_gm", stem, "label-GM_probseg.nii.gz").is_file(), (pid, ses)
         assert (out / "qc/index.html").is_file()
 
     def test_only_infer_requests_a_gpu(self, slurm_run):

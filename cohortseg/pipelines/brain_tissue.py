@@ -409,7 +409,6 @@ class BrainTissue(Pipeline):
                            "18-class net, etiv_ml = atlas-scaling eTIV (MNI152 ICV / det(affine)), etiv_icv_ml = measured "
                            "intracranial volume (deep-T1-WMH head net, desc-ICV_mask, native grid), wm_gain = "
                            "white-matter rescaling of the GM/WM net's input (1 = none)",
-            "Sources": [f"bids:raw:{native.get_filename().rsplit('/', 1)[-1]}"],
             "models": [{"name": c.name, "task": c.get("task"),
                         "folds": [{"file": f["file"], "sha256": f.get("sha256")} for f in c.folds]} for c in cards],
             "inference": info,
@@ -419,11 +418,7 @@ class BrainTissue(Pipeline):
             "etiv_icv": icv_info,
             "brain_mask_crop": info.get("brain_mask_crop"),
         }
-        from cohortseg.io import write_json_atomic
-
-        sp = out.path("desc-tissue_volumes.json")
-        write_json_atomic(sp, side)
-        out.files["desc-tissue_volumes.json"] = str(sp)
+        out.sidecar("desc-tissue_volumes.json", side)
 
         # -- QC
         self._qc(item, data, naff, mask_n, tissue_n, aseg_n, out)

@@ -304,13 +304,10 @@ class ShivaLesions(Pipeline):
 
     def _sidecar(self, item: Item, meta: dict, cards, out: OutputWriter, params: dict, mask_source: str, box,
                  mni: dict) -> None:
-        from cohortseg.io import write_json_atomic
-
         t = self.target
         side = {
             "Description": f"{t} lesions (SHIVA 3D U-Net fold ensemble), numbered 1..n in scan order; "
                            "see the census TSV for one row per lesion",
-            "Sources": [f"bids:raw:{os.path.basename(p)}" for p in item.inputs.values()],
             "postprocessing": params,
             "models": [{"name": c.name, "folds": [{"file": f["file"], **{k: f[k] for k in ("md5", "sha256") if k in f}}
                                                   for f in c.folds]} for c in cards
@@ -320,9 +317,7 @@ class ShivaLesions(Pipeline):
             "mni": {k: mni.get(k) for k in ("from", "det", "error", "tool", "fixed", "etiv_method")},
             "registration": meta.get("registration", {}),
         }
-        sp = out.path(f"label-{t}_dseg.json")
-        write_json_atomic(sp, side)
-        out.files[f"label-{t}_dseg.json"] = str(sp)
+        out.sidecar(f"label-{t}_dseg.json", side)
 
     def _qc(self, item, data, aff, labels, mask, out: OutputWriter) -> None:
         from cohortseg.qc.snapshots import lesion_crops, mosaic

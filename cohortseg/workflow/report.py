@@ -21,8 +21,8 @@ def qc_rows(summary_csv, record_paths, page_dir) -> list[dict]:
         pid, sid = rec.participant_id, rec.session_id
         for pipeline, items in rec.pipelines.items():
             for name, it in items.items():
-                png = next((f for k, f in sorted(it.files.items()) if k.endswith("_qc.png")), "")
-                thumb = png[: -len(".png")] + "_thumb.png" if png else ""
+                key = next((k for k in sorted(it.files) if k.endswith("_qc.png")), "")
+                png, thumb = it.files.get(key, ""), it.files.get(key.replace(".png", "_thumb.png"), "")
                 thumb = thumb if thumb and os.path.isfile(thumb) else ""
                 rows.append({
                     "participant_id": pid, "session_id": sid, "pipeline": pipeline, "item": name,
