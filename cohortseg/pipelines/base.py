@@ -199,9 +199,9 @@ def made_by(pipeline: str, cards, cfg: dict) -> dict:
     (folds by checksum) and the thresholds and cluster limits of its settings."""
     from cohortseg.pipelines import code_version
 
+    sums = ("file", "sha256", "md5", "git_blob_sha1")
     return {"CodeVersion": code_version(pipeline),
-            "Models": [{"Name": c.name, "Folds": [{k: f[k] for k in ("file", "sha256", "md5", "git_blob_sha1") if k in f}
-                                                  for f in c.folds],
+            "Models": [{"Name": c.name, "Folds": [{k: f[k] for k in sums if k in f} for f in c.folds],
                         **({"Thresholds": c.get("thresholds")} if c.get("thresholds") else {})} for c in cards],
             "Thresholds": {k: v for k, v in (cfg or {}).items()
                            if any(w in k for w in ("threshold", "min_cluster", "max_outside"))}}

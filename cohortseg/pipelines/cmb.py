@@ -40,9 +40,10 @@ Steps and where they run
       dropped, clusters with more than ``max_outside_fraction`` of their voxels outside the brain mask
       dropped (:func:`cohortseg.science.lesions.lesion_census`); the values used are written to the dseg sidecar
       JSON and the session record;
-    * outputs: ``<stem>_label-CMB_probseg.nii.gz``, ``_label-CMB_dseg.nii.gz`` (lesions numbered 1..n)
-      + ``.json`` sidecar, ``_desc-brain_mask.nii.gz``, ``_desc-CMB_census.tsv`` (one row per lesion),
-      ``_desc-CMB_regions.tsv``; ``WMH`` likewise; QC mosaic + lesion crops + brain-mask mosaic;
+    * outputs (keys; file names from :func:`cohortseg.pipelines.base.bids_name`, e.g.
+      ``sub-01_space-swi_seg-CMB_dseg.nii.gz``): ``label-CMB_probseg.nii.gz``, ``label-CMB_dseg.nii.gz``
+      (lesions numbered 1..n) + ``.json`` sidecar, ``desc-brain_mask.nii.gz``, ``desc-CMB_census.tsv`` (one
+      row per lesion), ``desc-CMB_regions.tsv``; ``WMH`` likewise; QC mosaic + lesion crops + brain-mask mosaic;
     * regions: cmb: MARS-like ``lobar`` / ``deep`` / ``infratentorial`` from each lesion's MNI centroid
       (:func:`cohortseg.science.lesions.cmb_location_mni`, coarse MNI boxes); wmh: ``periventricular`` /
       ``deep_white`` / ``infracortical`` voxel-wise from the MNI152 template region map
