@@ -108,3 +108,24 @@ def test_pybids_indexes_the_derivatives_and_finds_the_masks_by_entities(csa_run)
         f = layout.get(scope="cohortseg", subject="01", space=contrast, suffix="mask", extension=".nii.gz")
         assert len(f) == 1
         assert f[0].get_metadata()["SpatialReference"] == f"bids:raw:sub-01/anat/sub-01_{contrast}.nii.gz"
+
+
+def test_a_rerun_removes_the_outputs_an_older_version_named_otherwise(tmp_path):
+    """After an upgrade that renames outputs, the recomputed item's old files would linger (and make
+    the dataset invalid): the writer removes those of its previous record, and nothing outside the
+    pipeline's dataset."""
+    import numpy as np
+
+    from cohortseg.pipelines.base import Item, OutputWriter
+
+    item = Item("sub-01", "ses-01", "sc_gm", "sub-01_ses-01_T2starw", {})
+    writer = OutputWriter(tmp_path / "out", item)
+    old = writer.anat / "sub-01_ses-01_T2starw_label-GM_mask.nii.gz"  # the name before #26
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"")
+    elsewhere = tmp_path / "notes.txt"
+    elsewhere.write_text("mine")
+    new = writer.nifti("label-GM_mask.nii.gz", np.zeros((2, 2, 2), np.uint8), np.eye(4))
+    writer.remove_stale([str(old), str(elsewhere), str(new)])
+    assert not old.exists() and elsewhere.exists() and new.is_file()
+    assert new.with_name(new.name.replace(".nii.gz", ".json")).is_file()

@@ -219,11 +219,12 @@ class OutputWriter:
 
     def __init__(self, output_dir, item: Item):
         self.item = item
-        sub = Path(output_dir) / item.pipeline / item.participant_id
+        self.root = Path(output_dir) / item.pipeline  # the pipeline's derivative dataset
+        sub = self.root / item.participant_id
         if item.session_id:
             sub = sub / item.session_id
         self.anat = sub / "anat"
-        self.figures = Path(output_dir) / item.pipeline / item.participant_id / "figures"
+        self.figures = self.root / item.participant_id / "figures"
         self.files: dict[str, str] = {}
         self.flags: list[str] = []  # sanity flags for QC (empty, edge, volume_low, ...)
         self.checks: dict = {}  # anatomy criteria measured on the outputs (cohortseg.science.anatomy)
@@ -264,6 +265,15 @@ class OutputWriter:
         write_json_atomic(p, side)
         self.files[key] = str(p)
         return p
+
+    def remove_stale(self, paths) -> None:
+        """Delete the outputs an earlier run of this item wrote (`paths`, from its record) that this run
+        did not write again, e.g. under names of an older version: they would linger in the dataset."""
+        keep = set(self.files.values())
+        for f in paths:
+            p = Path(f)
+            if f not in keep and p.is_file() and self.root in p.parents:
+                p.unlink()
 
     def table(self, key: str, df) -> Path:
         p = self.path(key)

@@ -330,6 +330,7 @@ def finalize_session(rows: list[dict], prep_record, config: dict, record_path) -
                 it.status, it.stage, it.error = fail.status, fail.stage, fail.error
             # outputs, flags and anatomy checks are kept for QC whatever the outcome
             it.files, it.sanity_flags = writer.files, writer.flags
+            writer.remove_stale(prev.files.values() if prev else ())
             it.checks = {**it.checks, **writer.checks}
             it.finalize_seconds = round(time.perf_counter() - t0, 2)
     if old is not None and rec == dataclasses.replace(old, finished=""):
