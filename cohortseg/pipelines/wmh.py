@@ -21,7 +21,8 @@ affine / rois / wmh, e.g. a stand-in) - precisely, when one of them is the ``wmh
     file; QC mosaics.
 
 Outputs (keys; file names from :func:`cohortseg.pipelines.base.bids_name`, e.g.
-``sub-01_space-T1w_label-WMH_mask.nii.gz``): ``label-WMH_probseg.nii.gz``, ``label-WMH_mask.nii.gz`` (+ ``.json``),
+``sub-01_space-T1w_label-WMH_mask.nii.gz``): ``label-WMH_probseg.nii.gz``, ``label-WMH_mask.nii.gz``
+(+ ``.json``),
 ``desc-WMHregions_dseg.nii.gz`` (+ ``.tsv`` label names), ``desc-ICV_mask.nii.gz``,
 ``desc-cerebrum_mask.nii.gz``, ``desc-MNI_affine.txt``, ``desc-WMH_regions.tsv`` (one row, the
 upstream ``*_wmh_in_lrois.csv`` columns, values truncated to integers as upstream prints them, plus
