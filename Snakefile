@@ -15,6 +15,7 @@ configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 from cohortseg.errors import CohortsegError
 from cohortseg.workflow.overrides import validate_config
+from cohortseg.workflow.slurm import guard_slurm_executor
 
 # nested --config values arrive as strings: '3' -> 3 where the schema wants a number; then the
 # schema's checks (main process) and defaults (every process)
@@ -22,6 +23,8 @@ try:
     validate_config(config, check=not workflow.remote_exec)
 except CohortsegError as e:
     raise WorkflowError(f"cohortseg: {e}") from None
+if not workflow.remote_exec:  # the SLURM plugin's status checks and sbatch calls (main process)
+    guard_slurm_executor()
 
 
 include: "rules/common.smk"

@@ -24,6 +24,15 @@ def defaults(*keys: str) -> dict:
     return copy.deepcopy(_defaults(keys))
 
 
+def with_defaults(pipeline: str, cfg: dict | None) -> dict:
+    """A pipeline's config section with the schema's defaults under it (an object such as `filters`
+    merged key by key): the workflow passes a complete section, tests and benchmarks may pass a part."""
+    out = defaults(pipeline)
+    for k, v in (cfg or {}).items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def _defaults(keys: tuple) -> dict:
     node = _cached()

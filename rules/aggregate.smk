@@ -3,7 +3,8 @@ localrules:
 
 
 rule aggregate:
-    """Cohort tables, written once (no concurrent appends): one row per participant/session."""
+    """Cohort tables assembled from the shards' parts (finalize), written once (no concurrent
+    appends): one row per planned participant/session; every group table as CSV + Parquet."""
     input:
         records=PLAN.all_finalize_records(),
         ratings=PLAN.ratings_input(),

@@ -1,6 +1,7 @@
 rule finalize:
     """Back to native space, thresholds, metrics, QC snapshots and BIDS-derivatives outputs for
-    every pipeline of one shard of sessions (a process per thread)."""
+    every pipeline of one shard of sessions (a process per thread), then the shard's part of the
+    cohort tables and of the QC page (work/shards/tables/shard-<k>/, beside the declared record)."""
     input:
         prep=PLAN.shard_record("prepare", "{shard}"),
         infer=PLAN.shard_infer_inputs_wc,

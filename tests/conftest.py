@@ -8,6 +8,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("COHORTSEG_SHARED", REPO.parent / "shared")).resolve()
+# the workflow's default (inference.onednn): TensorFlow reads it at its first import, so tests that
+# import it in-process compute as the infer jobs do
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 SHARED_MISSING = "../shared (real MRI + pretrained models) is absent; see README 'Tests'"
 
 

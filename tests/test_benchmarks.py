@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO
 
 from cohortseg.workflow.plan import auto_shard_size
@@ -15,6 +17,7 @@ def _sessions(n, every=3):
     return sum(2 if i % every == 0 else 1 for i in range(n))
 
 
+@pytest.mark.slow  # several snakemake plans per size: minutes on a loaded 2-core machine
 def test_plan_cohort_scaling_curve(tmp_path):
     """Two sizes, automatic shard size: the JSON schema, the job counts of the shard formula, a
     cached re-plan that lists no subject folder, one-job remote plans, and the docs table."""
@@ -51,6 +54,7 @@ def test_plan_cohort_scaling_curve(tmp_path):
     assert model is None or (model and f"CPU cores ({model})," in text)
 
 
+@pytest.mark.slow  # three runs of each figure
 def test_plan_cohort_pinned_shard_size(tmp_path):
     out = tmp_path / "plan.json"
     subprocess.run([sys.executable, str(REPO / "benchmarks/plan_cohort.py"), "--n", "12", "--pipelines", "sc_gm",

@@ -222,10 +222,17 @@ def test_mni152_gm_wm_dice(tmp_path, gw_model, shared_dir):
     native = _out(res, "dseg.nii.gz")  # the plugin's output on the template grid: 1 GM, 2 WM, 3 CSF
     assert native.shape == mni.shape
     gm, wm = dice(native == 1, gm_ref), dice(native == 2, wm_ref)
+    v = res["metrics"]
     print(f"MNI152 model5_gw_ae through brain_tissue: GM Dice {gm:.3f}, WM Dice {wm:.3f}, "
-          f"wm_gain {res['metrics']['wm_gain']}")
+          f"wm_gain {v['wm_gain']}, GM {v['gm_ml']} / WM {v['wm_ml']} mL, template (> 0.5) "
+          f"{gm_ref.sum() / 1000} / {wm_ref.sum() / 1000} mL")
     assert gm >= 0.80
     assert wm >= 0.86
+    # the volumes against the template's own maps (> 0.5; 1 mm voxels: mL = voxels / 1000, 1080 / 632 mL):
+    # WM within 5 % (measured -2.8 %); the net calls less GM than the GM map's 0.5 level (-18 %), so
+    # GM + WM within 15 % (measured -12.6 %)
+    assert v["wm_ml"] == pytest.approx(wm_ref.sum() / 1000, rel=0.05)
+    assert v["brain_ml"] == pytest.approx((gm_ref | wm_ref).sum() / 1000, rel=0.15)
 
 
 @pytest.mark.shared
@@ -233,7 +240,6 @@ def test_t1_crop_brain_volume(t1_crop_result):
     res = t1_crop_result
     v = res["metrics"]
     print(f"t1_crop: {v}")
-    assert 1000.0 <= v["brain_ml"] <= 1800.0
     assert v["brain_ml"] == pytest.approx(v["gm_ml"] + v["wm_ml"], abs=0.002)
     assert 0.3 < v["wm_ml"] / v["brain_ml"] < 0.6
     # brainchop's sample is a FreeSurfer-conformed head: WM sits near half the range

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from cohortseg.workflow import discovery
+from cohortseg.workflow import discovery, manifest as manifest_store
 from cohortseg.fakebids import make_fake_bids
 
 ROLES = {"sc_gm": {"image": ({"suffix": "T2starw"}, True, False)}}
@@ -288,7 +288,7 @@ def test_corrupt_or_stale_index_falls_back_to_the_tsv(tmp_path, caplog):
     got = m.rows(m.keys)
     assert [r for rs in got.values() for r in rs] == rows
     idx = discovery.index_from_tsv(man)
-    assert idx["keys"] == list(got) and idx["tsv"] == discovery._stamp(man) and idx["rows"] == len(rows)
+    assert idx["keys"] == list(got) and idx["tsv"] == discovery.tsv_stamp(man) and idx["rows"] == len(rows)
     # the main process notices the TSV changed and lists everything again (with a note)
     m = discovery.load_or_build(bids, man, ROLES2)
     assert m.stats["listed"] == sorted(p.name for p in bids.glob("sub-*"))
@@ -395,7 +395,7 @@ def test_session_shapes_decided_once_give_the_rows_of_each_session(tmp_path, see
     shared = discovery.SessionRows(roles, routers, routing=ROUTING)
     files = [f for name, path in discovery.subject_folders(bids)
              for f in discovery.subject_files(path, discovery.scan_subject(path, sidecar_keys=("BodyPartExamined",)))]
-    sessions = discovery._sessions(files)
+    sessions = discovery.sessions_of(files)
     statuses = set()
     for (pid, sid), sfiles in sessions:
         fresh = discovery.SessionRows(roles, routers, routing=ROUTING).rows(pid, sid, sfiles)
@@ -409,7 +409,7 @@ def test_session_shapes_decided_once_give_the_rows_of_each_session(tmp_path, see
     m = discovery.load_or_build(bids, tmp_path / "out" / "manifest.tsv", roles, routing=ROUTING)
     rows = m.rows(m.keys)
     for k in m.keys:
-        assert m.inputs(k) == discovery._session_inputs(rows[k])
+        assert m.inputs(k) == manifest_store._session_inputs(rows[k])
 
 
 def test_map_io_gives_the_same_results_serially_and_in_threads():

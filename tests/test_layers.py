@@ -89,12 +89,14 @@ def test_no_two_modules_share_a_name():
     assert sorted(s for s in stems if stems.count(s) > 1) == []
 
 
-def test_every_default_card_loader_is_counted_in_its_pipelines_code_version():
-    """Loaders are imported by name, so code_version counts the loader modules LOADERS_USED names."""
-    from cohortseg.models.cards import find_card
+def test_every_default_or_shipped_card_loader_is_counted_in_its_pipelines_code_version():
+    """Loaders are imported by name, so code_version counts the loader modules LOADERS_USED names: those
+    of every pipeline's default cards and of the shipped cards that name the pipeline."""
+    from cohortseg.models.cards import REPO_ROOT, find_card, load_card
     from cohortseg.pipelines import LOADERS_USED, REGISTRY
     from cohortseg.schema import defaults
 
-    for p in REGISTRY:
-        for name in defaults(p)["models"]:
-            assert find_card(name)["architecture"]["loader"] in LOADERS_USED[p], (p, name)
+    cards = [(p, find_card(name)) for p in REGISTRY for name in defaults(p)["models"]]
+    cards += [(c["pipeline"], c) for c in map(load_card, (REPO_ROOT / "config" / "models").rglob("*.yaml"))]
+    assert {c["pipeline"] for _, c in cards} <= set(REGISTRY)
+    assert [(p, c.name) for p, c in cards if c["architecture"]["loader"] not in LOADERS_USED[p]] == []

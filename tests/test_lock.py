@@ -84,9 +84,20 @@ def test_sync_envs_rewrites_a_stale_pin(tmp_path):
 
 
 def test_readme_installs_the_lock():
+    """The README's install block is, line for line, what CI runs (.ci/run builds the tested
+    environment with it), and every lock or tool the README names exists."""
     readme = (REPO / "README.md").read_text()
-    assert "pip install --require-hashes -r requirements/cpu.lock && pip install --no-deps --no-build-isolation -e ." in readme
-    assert "requirements/gpu.lock" in readme and "requirements/lock" in readme
+    install = readme.split("\n## Install", 1)[1] if "\n## Install" in readme else readme
+    block = re.search(r"```bash\n(.*?)```", install, re.S)
+    assert block, "README: no ```bash install block"
+    cmds = [ln.strip() for ln in block.group(1).splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    ci = [ln.strip() for ln in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert cmds and all(c in ci for c in cmds), (cmds, "not run by .ci/run")
+    assert any("--require-hashes -r requirements/cpu.lock" in c for c in cmds)  # the hash-locked install
+    named = set(re.findall(r"\brequirements/\w+(?:\.[a-z]+)?", readme))
+    assert {"requirements/cpu.lock", "requirements/gpu.lock", "requirements/lock"} <= named
+    assert [n for n in named if not (REPO / n).is_file()] == []
+    assert (REPO / "requirements" / "lock").stat().st_mode & 0o111  # `requirements/lock` runs as written
 
 
 @pytest.mark.skipif(Path(sys.prefix).resolve() != (REPO / ".venv").resolve(),

@@ -211,7 +211,9 @@ def test_cmb_census_recovers_planted_microbleeds(run):
     assert list(census.lesion_id) == list(range(1, len(CMB_SITES) + 1))
     for t, row, dist in _match(census, run["truth"]["cmb"]):
         assert dist < 1.5, (t, row.to_dict())
-        assert row.volume_mm3 == pytest.approx(t["volume"], rel=0.3), (t, row.to_dict())
+        # the SWI's 0.9 x 0.9 x 1.6 mm oblique grid -> 1 mm conformed -> back: 0.92-1.0 of the planted
+        # volume measured (a voxel-volume or one-voxel dilation error is 1.8x / 2x)
+        assert 0.87 * t["volume"] < row.volume_mm3 < 1.03 * t["volume"], (t, row.to_dict())
         assert row.region == t["region"], (t, row.to_dict())
         assert row.prob_max > 0.8 and row.outside_brain_frac == 0
         # MNI coordinates through SWI -> T1 (rigid) -> MNI (affine): near the site's MNI coordinates
@@ -227,7 +229,8 @@ def test_wmh_census_and_regions(run):
     assert len(census) == len(WMH_SITES)
     for t, row, dist in _match(census, run["truth"]["wmh"]):
         assert dist < 1.5, (t, row.to_dict())
-        assert row.volume_mm3 == pytest.approx(t["volume"], rel=0.3), (t, row.to_dict())
+        # on the T1's own grid (already 1 mm RAS-conformable): 0.98-1.0 of the planted volume measured
+        assert row.volume_mm3 == pytest.approx(t["volume"], rel=0.04), (t, row.to_dict())
         assert row.region == t["region"], (t, row.to_dict())
     regions = pd.read_csv(output_path(run["out"], "wmh", "sub-01_T1w", "desc-WMH_regions.tsv"), sep="\t").set_index("region")
     assert regions.volume_mm3.sum() == pytest.approx(census.volume_mm3.sum(), rel=1e-6)
@@ -241,7 +244,7 @@ def test_wmh_without_flair_uses_the_t1_only_card(run):
     census = pd.read_csv(output_path(run["out"], "wmh", "sub-03_T1w", "desc-WMH_census.tsv"), sep="\t")
     assert len(census) == len(WMH_SITES)
     for t, row, dist in _match(census, run["truth"]["wmh"]):  # same T1w grid as sub-01
-        assert dist < 1.5 and row.volume_mm3 == pytest.approx(t["volume"], rel=0.3), (t, row.to_dict())
+        assert dist < 1.5 and row.volume_mm3 == pytest.approx(t["volume"], rel=0.04), (t, row.to_dict())
     t1_only, t1_flair = (f"shiva-{m}-wmh-standin" for m in ("t1", "t1-flair"))
     side = json.loads(output_path(run["out"], "wmh", "sub-03_T1w", "label-WMH_dseg.json").read_text())
     assert [m["name"] for m in side["models"]] == [t1_only]
@@ -305,7 +308,7 @@ def test_summary_tables_and_provenance(run):
     assert float(row.cmb_count) == 5 and float(row.cmb_count_infratentorial) == 2 and float(row.cmb_count_deep) == 1
     assert float(row.wmh_count) == 2  # (a float column: sub-02 has no wmh value)
     truth_wmh = sum(t["volume"] for t in run["truth"]["wmh"])
-    assert float(row.wmh_volume_mm3) == pytest.approx(truth_wmh, rel=0.3)
+    assert float(row.wmh_volume_mm3) == pytest.approx(truth_wmh, rel=0.04)  # 0.99 measured
     assert 900 < float(row.wmh_etiv_ml) < 2000 and float(row.cmb_etiv_ml) == float(row.wmh_etiv_ml)
     assert 900 < float(row.wmh_brain_mask_ml) < 2000
     # sub-02: SWI only -> CMBs found with an SWI -> MNI registration; no T1 for wmh: no input, no error
@@ -458,8 +461,10 @@ def test_predict_and_finalize_directly(tmp_path, t1_base):
     data, aff = t1_base
     t1 = data.copy()
     sites = list(WMH_SITES)
+    planted = np.zeros(t1.shape, bool)
     for v in sites:
-        t1[_ball_world(t1.shape, aff, nib.affines.apply_affine(aff, v), 3.0)] = 0
+        planted |= _ball_world(t1.shape, aff, nib.affines.apply_affine(aff, v), 3.0)
+    t1[planted] = 0
     native = tmp_path / "sub-01_T1w.nii.gz"
     nib.save(nib.Nifti1Image(t1.astype(np.uint8), aff), native)
     conf = conform_ras(nib.Nifti1Image(t1, aff))
@@ -484,8 +489,8 @@ def test_predict_and_finalize_directly(tmp_path, t1_base):
     metrics = pipe.finalize(item, prep, prob, [card], {"threshold": 0.2, "min_cluster_voxels": 1,
                                                        "max_outside_fraction": 0.25}, Context(), out)
     assert metrics["count"] == 2 and "etiv_ml" not in metrics
-    expected = 2 * 4 / 3 * np.pi * 27
-    assert metrics["volume_mm3"] == pytest.approx(expected, rel=0.25)
+    expected = planted.sum() * abs(np.linalg.det(aff[:3, :3]))  # t1_crop: 1 mm voxels on the conformed grid
+    assert metrics["volume_mm3"] == pytest.approx(expected, rel=0.01)  # measured: exactly the planted voxels
     assert metrics["volume_unassigned_mm3"] == pytest.approx(metrics["volume_mm3"])  # no MNI: no regions
     assert "mni_registration_failed" in out.flags
     dseg = nib.load(out.files["label-WMH_dseg.nii.gz"])

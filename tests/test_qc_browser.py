@@ -222,3 +222,74 @@ def test_status_filter_documents_the_vocabulary(browser, tmp_path):
     page.select_option("#f-status", "refused")
     assert page.locator("#list .row .pid").all_inner_texts() == ["sub-2"]
     page.close()
+
+
+def _cohort_rows(n_sessions, pipelines=("sc_gm", "sc_csa", "brain_tissue")):
+    rng = np.random.default_rng(1)
+    return [{"participant_id": f"sub-{i:06d}", "session_id": "", "pipeline": p,
+             "status": "ok" if i % 53 else "failed", "error": "" if i % 53 else "image is all zeros",
+             "qc_flags": "outlier:x" if i % 41 == 0 else "", "metrics": {"volume_mm3": float(rng.normal(700, 50)),
+                                                                          "n_slices": 9}}
+            for p in pipelines for i in range(n_sessions)]
+
+
+def test_a_large_cohort_gets_pages_that_share_ratings_and_export(browser, tmp_path):
+    """Past page_rows the cohort page is an index of pages of one pipeline each; a rating given on
+    one page and one on another come out of one export (from file://)."""
+    from cohortseg.qc.page import write_qc_pages
+    from cohortseg.qc.ratings import read_ratings
+
+    index = write_qc_pages(_cohort_rows(700), tmp_path / "qc", page_rows=500)
+    ctx = browser.new_context(accept_downloads=True)
+    page = ctx.new_page()
+    page.goto(index.as_uri())
+    links = page.locator("#pages a").all_inner_texts()
+    assert links == [f"page-{p}-00{n}.html" for p in ("sc_gm", "sc_csa", "brain_tissue") for n in (1, 2)]
+    page.click("text=page-sc_csa-002.html")
+    page.wait_for_selector("body[data-ready='1']")
+    assert "showing 200 of 200 rows" in page.inner_text("#counts") and page.is_visible("#index-link")
+    page.keyboard.press("j")
+    page.keyboard.press("f")  # sub-000500 sc_csa
+    page.click("#index-link")
+    page.click("text=page-sc_gm-001.html")
+    page.wait_for_selector("body[data-ready='1']")
+    page.keyboard.press("j")
+    page.keyboard.press("p")  # sub-000000 sc_gm
+    assert "rated 2 (pass 1 \u00b7 fail 1" in page.inner_text("#counts")
+    with page.expect_download() as dl:
+        page.keyboard.press("e")
+    tsv = tmp_path / "qc_ratings.tsv"
+    dl.value.save_as(str(tsv))
+    got = read_ratings(tsv)[["participant_id", "pipeline", "rating"]].values.tolist()
+    assert sorted(got) == [["sub-000000", "sc_gm", "pass"], ["sub-000500", "sc_csa", "fail"]]
+    ctx.close()
+
+
+@pytest.mark.slow
+def test_qc_pages_of_100000_sessions(browser, tmp_path):
+    """Benchmark figures (printed, not asserted): 100,000 sessions x 3 pipelines written as pages,
+    the largest opened from file:// and filtered."""
+    import time
+
+    from cohortseg.qc.page import PAGE_ROWS, write_qc_pages
+
+    rows = _cohort_rows(100_000)
+    t0 = time.perf_counter()
+    index = write_qc_pages(rows, tmp_path / "qc")
+    written = time.perf_counter() - t0
+    pages = sorted((tmp_path / "qc").glob("page-*.html"))
+    assert len(pages) == 3 * -(-100_000 // PAGE_ROWS)
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    t0 = time.perf_counter()
+    page.goto(pages[0].as_uri())
+    page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+    opened = time.perf_counter() - t0
+    assert page.evaluate("window.cohortsegQC.rows.length") == PAGE_ROWS
+    page.fill("#q", "sub-001")
+    page.wait_for_function("window.cohortsegQC.view().length === 1000")  # sub-001000 .. sub-001999
+    filter_ms = page.evaluate("window.cohortsegQC.lastFilterMs")
+    print(f"\n300,000 rows: written in {written:.2f} s ({sum(p.stat().st_size for p in pages) / 1e6:.0f} MB, "
+          f"{len(pages)} pages); a page of {PAGE_ROWS:,} rows ({pages[0].stat().st_size / 1e6:.1f} MB) opened in "
+          f"{opened:.2f} s, filtered in {filter_ms:.0f} ms (load {os.getloadavg()[0]:.1f})")
+    assert index.read_text().count("<a href=") == len(pages)
+    page.close()

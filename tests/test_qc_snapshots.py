@@ -148,18 +148,28 @@ def test_side_labels_per_view(tmp_path):
     assert (rad.sides["left"], rad.sides["right"]) == ("R", "L")
 
 
-def test_side_letters_are_drawn(tmp_path):
-    """The L/R/A/P letters are on the first panel: the image differs from a letter-less render."""
+def test_side_letters_are_drawn(tmp_path, monkeypatch):
+    """The L/R/A/P letters are on the panel, one box at the middle of each border: the pixels that
+    differ from a letter-less render form exactly four blobs, there."""
+    from scipy import ndimage
+
     img, aff, grid = _volume()
     mask = _blob_mask(grid, (24, 24))
-    a = S.mosaic(img, mask, aff, tmp_path / "a.png", n=1, zoom=None)
-    rgb = _rgb(a.path)
-    # the white letter boxes sit at the middle of the left and right borders of the panel
+    rgb = _rgb(S.mosaic(img, mask, aff, tmp_path / "a.png", n=1, zoom=None).path)
+    monkeypatch.setattr(S, "_side_labels", lambda *a, **k: None)
+    bare = _rgb(S.mosaic(img, mask, aff, tmp_path / "b.png", n=1, zoom=None).path)
+    assert rgb.shape == bare.shape
+    lab, n = ndimage.label(ndimage.binary_closing((rgb != bare).any(axis=-1), iterations=2))
+    assert n == 4
     h, w = rgb.shape[:2]
-    mid = (32 + h) // 2
-    left_strip = rgb[mid - 8:mid + 8, 0:20]
-    right_strip = rgb[mid - 8:mid + 8, w - 20:w]
-    assert (left_strip.min(axis=-1) > 230).any() and (right_strip.min(axis=-1) > 230).any()
+    cy, cx = np.array(ndimage.center_of_mass(np.ones_like(lab), lab, range(1, 5))).T
+    left, right, top, bottom = np.argmin(cx), np.argmax(cx), np.argmin(cy), np.argmax(cy)
+    assert len({left, right, top, bottom}) == 4
+    assert cx[left] < 0.1 * w and cx[right] > 0.9 * w and abs(cy[left] - cy[right]) < 3
+    assert abs(cx[top] - w / 2) < 0.05 * w and abs(cx[bottom] - w / 2) < 0.05 * w and cy[bottom] > 0.9 * h
+    assert cy[top] < cy[left] < cy[bottom]
+    sizes = ndimage.sum(np.ones_like(lab), lab, range(1, 5))
+    assert sizes.max() < 0.01 * h * w  # letter boxes, not a shifted panel
 
 
 def test_labels_get_distinct_colours(tmp_path):

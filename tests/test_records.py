@@ -55,12 +55,15 @@ def cohort(tmp_path):
         path = tmp_path / "work" / "records" / f"{pid}.json"
         rec.write(path)
         paths.append(path)
-    df = aggregate(paths, tmp_path / "group", config).set_index("participant_id")
-    return df, paths, tmp_path
+    shard = tmp_path / "work" / "shards" / "finalize" / "shard-00000.json"
+    shard.parent.mkdir(parents=True)
+    shard.write_text(json.dumps({"step": "finalize", "sessions": {p.stem: str(p) for p in paths}}))
+    df = aggregate([shard], tmp_path / "group", config).set_index("participant_id")  # (builds the shard's part)
+    return df, paths, tmp_path, config
 
 
 def test_no_input_is_no_error_and_not_counted_in_the_overall_status(cohort):
-    df, _, _ = cohort
+    df = cohort[0]
     s1 = df.loc["sub-01"]
     assert s1["sc_gm_status"] == "no_input" and s1["sc_csa_status"] == "ok"
     assert s1["status"] == "ok" and s1["error"] == ""  # nothing to say: the cord T2*w was never acquired
@@ -71,7 +74,7 @@ def test_no_input_is_no_error_and_not_counted_in_the_overall_status(cohort):
 
 
 def test_refused_and_partial(cohort):
-    df, _, _ = cohort
+    df = cohort[0]
     s3 = df.loc["sub-03"]
     assert s3["status"] == "refused" and s3["sc_csa_status"] == "refused" and s3["sc_gm_status"] == "no_input"
     assert s3["error"] == ("sc_csa/sub-03_T1w: finalize: no spinal cord in the field of view: the cord is on 30% of "
@@ -83,19 +86,20 @@ def test_refused_and_partial(cohort):
 
 
 def test_records_round_trip_and_qc_rows(cohort):
-    _, paths, tmp = cohort
+    _, paths, tmp, config = cohort
+    shard = [tmp / "work" / "shards" / "finalize" / "shard-00000.json"]
     rec = SessionRecord.read(paths[2])
     assert rec == SessionRecord.from_dict(json.loads(paths[2].read_text()))
     assert rec.items("sc_csa")["sub-03_T1w"].status == "refused"
     assert rec.items("sc_gm")["-"] == ItemRecord("no_input", stage="discovery")
-    rows = {(r["participant_id"], r["pipeline"]): r for r in qc_rows(tmp / "group" / "summary.csv", paths, tmp)}
+    rows = {(r["participant_id"], r["pipeline"]): r for r in qc_rows(tmp / "group" / "summary.csv", shard, config)}
     assert rows[("sub-01", "sc_gm")]["status"] == "no_input" and rows[("sub-01", "sc_gm")]["error"] == ""
     assert rows[("sub-03", "sc_csa")]["status"] == "refused"
     assert "no spinal cord in the field of view" in rows[("sub-03", "sc_csa")]["error"]
     # the QC page's status filter lists the vocabulary with its meaning
     from test_qc_page import read_blob
 
-    blob, _ = read_blob(write_cohort_qc_page(tmp / "group" / "summary.csv", paths, tmp / "qc"))
+    blob, _ = read_blob(write_cohort_qc_page(tmp / "group" / "summary.csv", shard, tmp / "qc", config))
     assert list(blob["statuses"]) == ["ok", "partial", "failed", "refused", "no_input"]
     assert "not an error" in blob["statuses"]["no_input"] and "anatomy" in blob["statuses"]["refused"]
     st = {(r[0], r[2]): r[3] for r in blob["rows"]}

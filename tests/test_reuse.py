@@ -109,7 +109,7 @@ def test_new_code_of_one_pipeline_recomputes_its_items_only(tmp_path, shared_dir
     gm, csa = stamps("sc_gm"), stamps("sc_csa")
     assert len(gm) >= 4 and len(csa) >= 4
     with open(wf / "cohortseg" / "pipelines" / "sc_csa.py", "a") as f:
-        f.write("\n# a new release of sc_csa\n")
+        f.write("\nRELEASE = 2  # new code (a comment or docstring alone changes no version)\n")
     second = run()
     assert second["sc_gm"] == first["sc_gm"] and second["sc_csa"] != first["sc_csa"]
     assert stamps("sc_gm") == gm  # reused: not one file rewritten

@@ -129,6 +129,20 @@ def test_tables_provenance_and_bids_derivatives(run):
     assert_bids_valid(out / "sc_gm")
 
 
+def test_tables_assembled_from_shard_parts_equal_a_from_scratch_aggregate(run):
+    """The rules' tables (each finalize job's part, assembled by the aggregate rule) are those of
+    today's algorithm: every record and every per-session table read at once (test_aggregate)."""
+    from test_aggregate import assert_same_tables
+
+    work = run["out"] / "work"
+    config = json.loads(next((work / "config").glob("*.json")).read_text())
+    shards = sorted((work / "shards" / "finalize").glob("shard-*.json"))
+    assert len(shards) == 4 and all((work / "shards" / "tables" / s.stem / "part.json").is_file() for s in shards)
+    assert len(assert_same_tables(run["out"] / "group", shards, config)) == 8
+    per = pd.read_parquet(run["out"] / "group" / "sc_gm_perslice.parquet")
+    assert set(per.participant_id) == {"sub-01", "sub-02", "sub-03"} and per.gm_area_mm2.dtype == float
+
+
 def test_inputs_untouched(run):
     assert _tree_state(run["bids"]) == run["before"]
 

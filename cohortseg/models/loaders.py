@@ -4,7 +4,7 @@ Each loader takes (fold_path, card, fold_entry, extra_paths) and returns a Keras
 with `predict(batch) -> np.ndarray`. The table names each loader by its dotted ``module:function``
 and the module is imported only when a card names it: loading a gmseg card never imports the
 deep-T1-WMH or SHIVA code, and :func:`cohortseg.pipelines.code_version` counts a family's module
-only for the pipelines that declare its loader (``Pipeline.loaders``). TensorFlow is imported lazily:
+only for the pipelines that accept its loader (``cohortseg.pipelines.LOADERS_USED``). TensorFlow is imported lazily:
 planning never pays for it.
 """
 from __future__ import annotations

@@ -17,9 +17,8 @@ from cohortseg.io import save_nifti_atomic, write_text_atomic
 
 @dataclass(frozen=True)
 class Role:
-    """One input of a pipeline. `filters` are BIDS entity filters (value or list of values)."""
+    """One input of a pipeline. Its default BIDS filters are the schema's (`<pipeline>.filters.<role>`)."""
 
-    filters: dict
     required: bool = True
     multiple: bool = False  # several matching images -> one item each (e.g. CSA per contrast)
     description: str = ""

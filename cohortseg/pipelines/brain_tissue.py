@@ -182,7 +182,7 @@ class BrainTissue(Pipeline):
     anatomy = "brain"
     description = ("Brain mask, GM/WM/CSF and 18 subcortical labels of a T1w with brainchop MeshNets "
                    "(mindgrab, model5_gw_ae, model30chan18cls) on a FreeSurfer-conformed grid; volumes and eTIV")
-    roles = {"image": Role(filters={"suffix": "T1w"}, description="T1-weighted head (any grid; conformed to 256^3 1 mm)")}
+    roles = {"image": Role(description="T1-weighted head (any grid; conformed to 256^3 1 mm)")}
     group_tables = {"tissue_volumes.csv": "desc-tissue_volumes.tsv"}
 
     def methods(self, cards, cfg):
@@ -216,7 +216,7 @@ class BrainTissue(Pipeline):
             img = nib.Nifti1Image(data.astype(np.uint8), img.affine)
         grid = _grid(cards)
         conformed, info = conform(img, shape=grid["shape"], voxel_mm=grid["voxel_mm"], orientation=grid["orientation"],
-                                  order=_ORDER[cfg.get("interpolation", "cubic")])
+                                  order=_ORDER[cfg.get("interpolation", "cubic")], snap=cfg.get("snap_to_native", False))
         if info["fov_clipped"]:
             warnings.append(f"field of view larger than the {grid['shape']} mm conformed cube: what lies outside "
                             "it is not segmented")
@@ -238,94 +238,33 @@ class BrainTissue(Pipeline):
 
     # -- predict ---------------------------------------------------------------------------------
     def predict(self, models, prepared, cards, cfg, batch_size):
-        from cohortseg.science import brain
-
         roles = card_roles(cards)
         vol = conformed_volume(prepared)
-        shape = vol.shape
-        crop_mode = cfg.get("crop", "brain_mask")
-        info: dict = {"crop": crop_mode, "models": {r: cards[i].name for r, (i, _) in roles.items()}, "boxes": {},
-                      "seconds": {}}
-        t0 = time.perf_counter()
-
-        # 0. the deep-T1-WMH intracranial prior (native T1's head box), on the conformed grid: the crop of
-        #    the mask net and, in finalize, the measured eTIV
+        info: dict = {"crop": cfg.get("crop", "brain_mask"), "models": {r: cards[i].name for r, (i, _) in roles.items()},
+                      "boxes": {}, "seconds": {}}
+        clock = _Clock(info["seconds"])
         out: dict = {}
-        mask_crop = {}
-        if ICV_ROLE in roles and "head_box" in prepared.arrays:
-            from cohortseg.models.nets.deepwmh_torch import head_priors
-            from cohortseg.science.deepwmh import PRIOR_THRESHOLD, native_prior
-
-            pri = head_priors(models[roles[ICV_ROLE][0]], np.asarray(prepared.arrays["head_box"])[None, ..., None])
-            nat = prepared.meta["native"]
-            caff = np.asarray(prepared.meta["conform"]["conformed_affine"], float)
-            icv = native_prior(pri[..., 0], nat["affine"], nat["shape"], target=(shape, caff)) > PRIOR_THRESHOLD
-            out["icv_prior"] = pri[..., 0].astype(np.float32)
-            if icv.any() and cfg.get("fast_crop", True):
-                mask_crop = {"mask": icv}
-            info["seconds"][ICV_ROLE], t0 = round(time.perf_counter() - t0, 2), time.perf_counter()
+        # 0. the deep-T1-WMH intracranial prior: the crop of the mask net and, in finalize, the measured eTIV
+        mask_crop = _icv_crop(models, roles, prepared, vol.shape, cfg, out)
+        if "icv_prior" in out:
+            clock(ICV_ROLE)
         info["brain_mask_crop"] = ("deep-T1-WMH intracranial mask + padding" if mask_crop else
                                    "head box (intensity threshold, brainchop)")
-
-        # 1. brain mask: brainchop's recipe on the head box, or on the intracranial mask's box when the
-        #    head net ran (same padding); brain probability > 0.5, largest component
-        i, spec = roles["brain_mask"]
-        box, p = _run_folds(models[i], vol, spec, **mask_crop)
-        mask = np.zeros(shape, bool)
-        mask[box] = p[..., 1] > 0.5
-        del p
-        mask = brain.largest_component(mask)
-        if not mask.any():
-            raise AnatomyError(f"{NOT_BRAIN}: the brain mask is empty")
+        # 1. brain mask (mindgrab) on that box; brain probability > 0.5, largest component
+        mask, box = _brain_mask(models, roles, vol, mask_crop)
         info["boxes"]["brain_mask"] = _box_list(box)
-        info["seconds"]["brain_mask"], t0 = round(time.perf_counter() - t0, 2), time.perf_counter()
+        clock("brain_mask")
         lo, hi = bounding_box(mask)
         mbox = _slices(lo, hi)
         out.update({"box": np.array(lo + hi, np.int32), "brain_mask": mask[mbox].astype(np.uint8)})
-
-        def crop_kw(s):
-            if crop_mode == "head":
-                return {"padding": s.crop_padding, "threshold": s.crop_threshold}
-            return {"padding": s.crop_padding, "mask": mask}
-
         # 2. GM/WM with the white-matter-anchored input gain (brain.wm_gain)
         if "tissue" in roles:
-            i, spec = roles["tissue"]
-            names = [n.lower() for n in spec.labels]
-            wm_i = next(k for k, n in enumerate(names) if n.startswith("white"))
-            gm_i = next(k for k, n in enumerate(names) if n.startswith("gr"))
-            target = cfg.get("wm_target", brain.WM_TARGET)
-            level, gain = brain.wm_gain(_model(models[i][0]), vol, spec, target)
-            box, p = _run_folds(models[i], vol, spec, gain=gain, **crop_kw(spec))
-            gw = np.zeros(shape, np.uint8)
-            gw[box] = brain.argmax(p)
-            probs = {}
-            for key, k in (("prob_gm", gm_i), ("prob_wm", wm_i)):
-                full = np.zeros(shape, np.float16)
-                full[box] = p[..., k]
-                probs[key] = (full[mbox] * out["brain_mask"]).astype(np.float16)
-            del p
-            gw = brain.keep_largest_foreground(gw)
-            out["tissue"] = brain.tissue_dseg(gw, mask, spec.labels)[mbox]
-            out.update(probs)
-            info["tissue"] = {"wm_level": level, "gain": gain, "wm_target": target}
-            info["boxes"]["tissue"] = _box_list(box)
-            info["seconds"]["tissue"], t0 = round(time.perf_counter() - t0, 2), time.perf_counter()
-
+            out.update(_tissue(models, roles, vol, mask, mbox, cfg, info))
+            clock("tissue")
         # 3. the 18 classes: brainchop's plain recipe (gain-insensitive net)
         if "aseg" in roles:
-            i, spec = roles["aseg"]
-            gain = info.get("tissue", {}).get("gain", 1.0) if brain.ASEG_USES_WM_GAIN else 1.0
-            box, p = _run_folds(models[i], vol, spec, gain=gain, **crop_kw(spec))
-            a = np.zeros(shape, np.uint8)
-            a[box] = brain.argmax(p)
-            del p
-            a = brain.keep_largest_foreground(a)
-            a[~mask] = 0
-            out["aseg"] = a[mbox]
-            info["aseg_labels"] = list(spec.labels)
-            info["boxes"]["aseg"] = _box_list(box)
-            info["seconds"]["aseg"] = round(time.perf_counter() - t0, 2)
+            out["aseg"] = _aseg(models, roles, vol, mask, mbox, cfg, info)
+            clock("aseg")
         out["info"] = np.array(json.dumps(info))
         return Predicted(out)
 
@@ -334,93 +273,30 @@ class BrainTissue(Pipeline):
                  out: OutputWriter) -> dict:
         import nibabel as nib
 
-        from cohortseg.science import brain
-
         if "box" not in prob or "brain_mask" not in prob:
             raise InputError("inference output lacks the brain_tissue arrays (stale work files? rerun infer)")
-        meta = prepared.meta
-        caff = np.asarray(meta["conform"]["conformed_affine"], float)
-        b = [int(v) for v in prob["box"]]
-        lo = b[:3]
+        caff = np.asarray(prepared.meta["conform"]["conformed_affine"], float)
+        lo = [int(v) for v in prob["box"]][:3]
         info = json.loads(str(prob["info"])) if "info" in prob else {}
         native = nib.load(item.inputs["image"])
         naff = np.asarray(native.affine, float)
-        grid = (tuple(native.shape[:3]), naff)
-
         mask_c = np.asarray(prob["brain_mask"]).astype(bool)
-        tissue_c = np.asarray(prob["tissue"]) if "tissue" in prob else None
-        aseg_c = np.asarray(prob["aseg"]) if "aseg" in prob else None
-
-        # -- volumes, in the conformed 1 mm grid (exact label counts of the nets' output)
-        vols = conformed_volumes(mask_c, tissue_c, aseg_c, caff, info.get("aseg_labels"))
-
-        # -- native grid outputs
-        mask_n = crop_to_native(mask_c.astype(np.float32), lo, caff, grid, "prob") > 0.5
-        out.nifti("desc-brain_mask.nii.gz", mask_n.astype(np.uint8), naff)
-        tissue_n = None
-        if tissue_c is not None:
-            tissue_n = crop_to_native(tissue_c, lo, caff, grid, "labels")
-            tissue_n[~mask_n] = 0
-            tissue_n[mask_n & (tissue_n == 0)] = 3  # CSF = mask minus GM/WM, as in the conformed grid
-            out.nifti("dseg.nii.gz", tissue_n.astype(np.uint8), naff)
-            out.table("dseg.tsv", brain.dseg_table(brain.TISSUE_DSEG))
-            for label in ("GM", "WM"):
-                p = np.clip(crop_to_native(np.asarray(prob[f"prob_{label.lower()}"], np.float32), lo, caff, grid,
-                                           "prob"), 0.0, 1.0) * mask_n
-                out.nifti(f"label-{label}_probseg.nii.gz", p.astype(np.float32), naff)
-                del p
-        aseg_n = None
-        if aseg_c is not None:
-            aseg_n = crop_to_native(aseg_c, lo, caff, grid, "labels")
-            aseg_n[~mask_n] = 0
-            out.nifti("desc-aseg_dseg.nii.gz", aseg_n.astype(np.uint8), naff)
-            out.table("desc-aseg_dseg.tsv", brain.dseg_table(_aseg_table(info.get("aseg_labels"))))
-
-        # -- eTIV (atlas scaling) on the conformed T1, skull-stripped by the brain mask
-        data = np.asarray(native.dataobj, dtype=np.float32)
-        if data.ndim > 3:
-            data = data.reshape(data.shape[:3] + (-1,))[..., 0]
+        # volumes, in the conformed 1 mm grid (exact label counts of the nets' output)
+        vols = conformed_volumes(mask_c, prob.get("tissue"), prob.get("aseg"), caff, info.get("aseg_labels"))
+        mask_n, tissue_n, aseg_n = _native_outputs(prob, lo, caff, (tuple(native.shape[:3]), naff), info, out)
         etiv = {}
-        if cfg.get("etiv", True):
+        if cfg.get("etiv", True):  # atlas scaling on the conformed T1, skull-stripped by the brain mask
             etiv = self._etiv(item, prepared, mask_c, lo, caff, out)
             if "etiv_ml" in etiv:
                 vols["etiv_ml"] = etiv["etiv_ml"]
-        icv_info = {}
-        if "icv_prior" in prob:  # measured eTIV: the head net's intracranial prior > 0.5 on the native grid
-            from cohortseg.science.deepwmh import ICV_METHOD
-            from cohortseg.science.deepwmh import PRIOR_THRESHOLD, native_prior
-
-            icv_n = native_prior(np.asarray(prob["icv_prior"], np.float32), naff, grid[0]) > PRIOR_THRESHOLD
-            out.nifti("desc-ICV_mask.nii.gz", icv_n.astype(np.uint8), naff)
-            vols["etiv_icv_ml"] = float(icv_n.sum()) * abs(float(np.linalg.det(naff[:3, :3]))) / 1000.0
-            icv_info = {"method": ICV_METHOD, "file": "desc-ICV_mask.nii.gz"}
+        icv_info = _icv_output(prob, native, vols, out)
         metrics = {k: round(float(v), 3) for k, v in vols.items()}
         if "tissue" in info:
             metrics["wm_gain"] = round(float(info["tissue"]["gain"]), 4)
-
-        # -- the per-session table (one row) and its sidecar
-        import pandas as pd
-
-        out.table("desc-tissue_volumes.tsv", pd.DataFrame([metrics]))
-        side = {
-            "Description": "Volumes (mL) in the conformed 256^3 1 mm grid the networks ran on (label counts); "
-                           "brain_mask_ml = mindgrab mask (brain + CSF), brain_ml = GM + WM, csf_ml = mask minus "
-                           "GM/WM, ventricles_ml = " + " + ".join(VENTRICLES) + ", aseg_<structure>_ml = "
-                           "18-class net, etiv_ml = atlas-scaling eTIV (MNI152 ICV / det(affine)), etiv_icv_ml = measured "
-                           "intracranial volume (deep-T1-WMH head net, desc-ICV_mask, native grid), wm_gain = "
-                           "white-matter rescaling of the GM/WM net's input (1 = none)",
-            "models": [{"name": c.name, "task": c.get("task"),
-                        "folds": [{"file": f["file"], "sha256": f.get("sha256")} for f in c.folds]} for c in cards],
-            "inference": info,
-            "conform": {k: meta["conform"].get(k) for k in ("native_orientation", "native_zooms", "intensity_rescaled",
-                                                             "interpolation_order", "fov_clipped")},
-            "etiv": {k: v for k, v in etiv.items() if k != "etiv_ml"},
-            "etiv_icv": icv_info,
-            "brain_mask_crop": info.get("brain_mask_crop"),
-        }
-        out.sidecar("desc-tissue_volumes.json", side)
-
-        # -- QC
+        _volume_table(metrics, native, cards, info, prepared.meta, etiv, icv_info, out)
+        data = np.asarray(native.dataobj, dtype=np.float32)
+        if data.ndim > 3:
+            data = data.reshape(data.shape[:3] + (-1,))[..., 0]
         self._qc(item, data, naff, mask_n, tissue_n, aseg_n, out)
         out.flags += self._flags(mask_n, naff, vols, cfg, etiv)
         # a plausible intracranial volume, not touching the field of view on most sides, or refused
@@ -498,6 +374,170 @@ class BrainTissue(Pipeline):
             elif not MASK_ETIV_RANGE[0] <= vols["brain_mask_ml"] / etiv["etiv_ml"] <= MASK_ETIV_RANGE[1]:
                 flags.append("brain_mask_etiv_mismatch")
         return flags
+
+
+class _Clock:
+    """Wall seconds of each step of predict into ``seconds[step]``, CPU seconds (all threads of the
+    process) into ``seconds['cpu'][step]``: on a shared machine the CPU time is the steadier figure."""
+
+    def __init__(self, seconds: dict):
+        self.seconds, self.t0, self.c0 = seconds, time.perf_counter(), time.process_time()
+        seconds["cpu"] = {}
+
+    def __call__(self, step: str) -> None:
+        now, cpu = time.perf_counter(), time.process_time()
+        self.seconds[step], self.seconds["cpu"][step] = round(now - self.t0, 2), round(cpu - self.c0, 2)
+        self.t0, self.c0 = now, cpu
+
+
+def _icv_crop(models, roles, prepared, shape, cfg, out: dict) -> dict:
+    """The deep-T1-WMH head net on the native T1's head box: its intracranial prior goes into ``out``
+    (``icv_prior``, for the measured eTIV); returns the brain-mask net's crop ({'mask': prior > 0.5 on the
+    conformed grid}, or {} for brainchop's head box)."""
+    if ICV_ROLE not in roles or "head_box" not in prepared.arrays:
+        return {}
+    from cohortseg.models.nets.deepwmh_torch import head_priors
+    from cohortseg.science.deepwmh import PRIOR_THRESHOLD, native_prior
+
+    pri = head_priors(models[roles[ICV_ROLE][0]], np.asarray(prepared.arrays["head_box"])[None, ..., None])
+    nat = prepared.meta["native"]
+    caff = np.asarray(prepared.meta["conform"]["conformed_affine"], float)
+    out["icv_prior"] = pri[..., 0].astype(np.float32)
+    if not cfg.get("fast_crop", True):
+        return {}
+    icv = native_prior(pri[..., 0], nat["affine"], nat["shape"], target=(shape, caff)) > PRIOR_THRESHOLD
+    return {"mask": icv} if icv.any() else {}
+
+
+def _brain_mask(models, roles, vol, mask_crop: dict):
+    """(brain mask on the conformed grid, the box the net ran on): brain probability > 0.5, largest component."""
+    from cohortseg.science.metrics import largest_component
+
+    i, spec = roles["brain_mask"]
+    box, p = _run_folds(models[i], vol, spec, **mask_crop)
+    mask = np.zeros(vol.shape, bool)
+    mask[box] = p[..., 1] > 0.5
+    del p
+    mask = largest_component(mask)
+    if not mask.any():
+        raise AnatomyError(f"{NOT_BRAIN}: the brain mask is empty")
+    return mask, box
+
+
+def _crop_kw(spec, mask, cfg) -> dict:
+    if cfg.get("crop", "brain_mask") == "head":
+        return {"padding": spec.crop_padding, "threshold": spec.crop_threshold}
+    return {"padding": spec.crop_padding, "mask": mask}
+
+
+def _tissue(models, roles, vol, mask, mbox, cfg, info) -> dict:
+    """GM/WM net with the WM-anchored gain: {'tissue' (1 GM, 2 WM, 3 CSF), 'prob_gm', 'prob_wm'} on the
+    mask's box ``mbox`` (probabilities float16, zero outside the mask)."""
+    from cohortseg.science import brain
+
+    i, spec = roles["tissue"]
+    names = [n.lower() for n in spec.labels]
+    wm_i = next(k for k, n in enumerate(names) if n.startswith("white"))
+    gm_i = next(k for k, n in enumerate(names) if n.startswith("gr"))
+    target = cfg.get("wm_target", brain.WM_TARGET)
+    level, gain = brain.wm_gain(_model(models[i][0]), vol, spec, target)
+    box, p = _run_folds(models[i], vol, spec, gain=gain, **_crop_kw(spec, mask, cfg))
+    gw = np.zeros(vol.shape, np.uint8)
+    gw[box] = brain.argmax(p)
+    out = {}
+    inside = mask[mbox]
+    for key, k in (("prob_gm", gm_i), ("prob_wm", wm_i)):
+        full = np.zeros(vol.shape, np.float16)
+        full[box] = p[..., k]
+        out[key] = (full[mbox] * inside).astype(np.float16)
+    del p
+    out["tissue"] = brain.tissue_dseg(brain.keep_largest_foreground(gw), mask, spec.labels)[mbox]
+    info["tissue"] = {"wm_level": level, "gain": gain, "wm_target": target}
+    info["boxes"]["tissue"] = _box_list(box)
+    return out
+
+
+def _aseg(models, roles, vol, mask, mbox, cfg, info) -> np.ndarray:
+    """The 18-class net on the mask's box ``mbox``: largest foreground component, zero outside the mask."""
+    from cohortseg.science import brain
+
+    i, spec = roles["aseg"]
+    gain = info.get("tissue", {}).get("gain", 1.0) if brain.ASEG_USES_WM_GAIN else 1.0
+    box, p = _run_folds(models[i], vol, spec, gain=gain, **_crop_kw(spec, mask, cfg))
+    a = np.zeros(vol.shape, np.uint8)
+    a[box] = brain.argmax(p)
+    del p
+    a = brain.keep_largest_foreground(a)
+    a[~mask] = 0
+    info["aseg_labels"] = list(spec.labels)
+    info["boxes"]["aseg"] = _box_list(box)
+    return a[mbox]
+
+
+def _native_outputs(prob, lo, caff, grid, info, out: OutputWriter):
+    """The maps on the native grid ``grid = (shape, affine)``: brain mask, dseg (+ tsv), GM/WM probseg,
+    aseg (+ tsv); returns (mask, tissue, aseg) there (None for a part that did not run)."""
+    from cohortseg.science import brain
+
+    naff = grid[1]
+    mask_n = crop_to_native(np.asarray(prob["brain_mask"], np.float32), lo, caff, grid, "prob") > 0.5
+    out.nifti("desc-brain_mask.nii.gz", mask_n.astype(np.uint8), naff)
+    tissue_n = aseg_n = None
+    if "tissue" in prob:
+        tissue_n = crop_to_native(np.asarray(prob["tissue"]), lo, caff, grid, "labels")
+        tissue_n[~mask_n] = 0
+        tissue_n[mask_n & (tissue_n == 0)] = 3  # CSF = mask minus GM/WM, as in the conformed grid
+        out.nifti("dseg.nii.gz", tissue_n.astype(np.uint8), naff)
+        out.table("dseg.tsv", brain.dseg_table(brain.TISSUE_DSEG))
+        for label in ("GM", "WM"):
+            p = np.clip(crop_to_native(np.asarray(prob[f"prob_{label.lower()}"], np.float32), lo, caff, grid,
+                                       "prob"), 0.0, 1.0) * mask_n
+            out.nifti(f"label-{label}_probseg.nii.gz", p.astype(np.float32), naff)
+            del p
+    if "aseg" in prob:
+        aseg_n = crop_to_native(np.asarray(prob["aseg"]), lo, caff, grid, "labels")
+        aseg_n[~mask_n] = 0
+        out.nifti("desc-aseg_dseg.nii.gz", aseg_n.astype(np.uint8), naff)
+        out.table("desc-aseg_dseg.tsv", brain.dseg_table(_aseg_table(info.get("aseg_labels"))))
+    return mask_n, tissue_n, aseg_n
+
+
+def _icv_output(prob, native, vols: dict, out: OutputWriter) -> dict:
+    """Measured eTIV: the head net's intracranial prior > 0.5 on the native grid (desc-ICV_mask,
+    ``vols['etiv_icv_ml']``); the sidecar's ``etiv_icv`` entry ({} without the head net)."""
+    if "icv_prior" not in prob:
+        return {}
+    from cohortseg.science.deepwmh import ICV_METHOD, PRIOR_THRESHOLD, native_prior
+
+    naff = np.asarray(native.affine, float)
+    icv_n = native_prior(np.asarray(prob["icv_prior"], np.float32), naff, tuple(native.shape[:3])) > PRIOR_THRESHOLD
+    out.nifti("desc-ICV_mask.nii.gz", icv_n.astype(np.uint8), naff)
+    vols["etiv_icv_ml"] = float(icv_n.sum()) * abs(float(np.linalg.det(naff[:3, :3]))) / 1000.0
+    return {"method": ICV_METHOD, "file": "desc-ICV_mask.nii.gz"}
+
+
+def _volume_table(metrics, native, cards, info, meta, etiv, icv_info, out: OutputWriter) -> None:
+    """desc-tissue_volumes.tsv (one row) and its sidecar."""
+    import pandas as pd
+
+    out.table("desc-tissue_volumes.tsv", pd.DataFrame([metrics]))
+    side = {
+        "Description": "Volumes (mL) in the conformed 256^3 1 mm grid the networks ran on (label counts); "
+                       "brain_mask_ml = mindgrab mask (brain + CSF), brain_ml = GM + WM, csf_ml = mask minus "
+                       "GM/WM, ventricles_ml = " + " + ".join(VENTRICLES) + ", aseg_<structure>_ml = "
+                       "18-class net, etiv_ml = atlas-scaling eTIV (MNI152 ICV / det(affine)), etiv_icv_ml = measured "
+                       "intracranial volume (deep-T1-WMH head net, desc-ICV_mask, native grid), wm_gain = "
+                       "white-matter rescaling of the GM/WM net's input (1 = none)",
+        "models": [{"name": c.name, "task": c.get("task"),
+                    "folds": [{"file": f["file"], "sha256": f.get("sha256")} for f in c.folds]} for c in cards],
+        "inference": info,
+        "conform": {k: meta["conform"].get(k) for k in ("native_orientation", "native_zooms", "intensity_rescaled",
+                                                         "interpolation_order", "fov_clipped")},
+        "etiv": {k: v for k, v in etiv.items() if k != "etiv_ml"},
+        "etiv_icv": icv_info,
+        "brain_mask_crop": info.get("brain_mask_crop"),
+    }
+    out.sidecar("desc-tissue_volumes.json", side)
 
 
 def conformed_volumes(mask, tissue, aseg, affine, aseg_labels=None) -> dict[str, float]:

@@ -89,6 +89,7 @@ from cohortseg.models.lesion_cards import (
     split_cards,
 )
 from cohortseg.pipelines.base import Context, Item, OutputWriter, Pipeline, Predicted, Prepared, Role
+from cohortseg.schema import with_defaults
 from cohortseg.science.anatomy import NOT_BRAIN, limits
 from cohortseg.science.lesion_input import CONFORM_SHAPE, FALLBACK_MASK, INTERP_ORDER
 
@@ -235,7 +236,7 @@ class ShivaLesions(Pipeline):
     def mni_and_etiv(meta: dict, prob: Predicted) -> tuple[dict, float | None]:
         """The session's MNI record and eTIV: the deep-T1-WMH affine and intracranial prior of its T1
         when ``predict`` gave them, else those of ``prepare`` (antspyx)."""
-        from cohortseg.science.lesion_input import MNI_DET_RANGE
+        from cohortseg.science.registration import MNI_DET_RANGE
 
         mni = dict(meta.get("mni") or {})
         etiv = meta.get("etiv_ml")
@@ -266,9 +267,8 @@ class ShivaLesions(Pipeline):
         box, p_native, mask_native = self.native(prepared, prob)
         naff = np.asarray(meta["native_affine"], float)
         nshape = tuple(meta["native_shape"])
-        thr = float(cfg.get("threshold", 0.5))
-        min_vox = int(cfg.get("min_cluster_voxels", 1))
-        max_out = float(cfg.get("max_outside_fraction", 0.25))
+        cfg = with_defaults(self.name, cfg)
+        thr, min_vox, max_out = float(cfg["threshold"]), int(cfg["min_cluster_voxels"]), float(cfg["max_outside_fraction"])
         mni, etiv = self.mni_and_etiv(meta, prob)
         matrix = np.asarray(mni["matrix"], float) if mni.get("matrix") else None
         regions, region_vol = self._regions(nshape, naff, matrix, ctx)
@@ -379,8 +379,8 @@ class Cmb(ShivaLesions):
     description = ("Cerebral microbleeds on SWI (SHIVA-CMB 3D U-Net fold ensemble, Boutinaud et al.), "
                    "per-lesion census with MARS-like lobar/deep/infratentorial locations")
     roles = {
-        "image": Role(filters={"suffix": "swi"}, description="susceptibility-weighted image (SWI/SWAN magnitude)"),
-        "t1": Role(filters={"suffix": "T1w"}, required=False,
+        "image": Role(description="susceptibility-weighted image (SWI/SWAN magnitude)"),
+        "t1": Role(required=False,
                    description="T1w of the same session: better MNI registration for locations and eTIV"),
     }
     group_tables = {"cmb_census.csv": "desc-CMB_census.tsv", "cmb_regions.csv": "desc-CMB_regions.tsv"}
@@ -391,7 +391,7 @@ class Cmb(ShivaLesions):
         from cohortseg.science import registration
         from cohortseg.science.lesion_input import etiv_from_mni, mni_record
 
-        order = INTERP_ORDER[cfg.get("interpolation", "cubic")]
+        order = INTERP_ORDER[with_defaults(self.name, cfg)["interpolation"]]
         channels = card_channels(cards, self.modality_roles, self.name)
         anatomy = limits(self.name, cfg)
         swi, warnings, conf, mask = self.conformed_with_mask(item.inputs["image"], ctx, order, anatomy)

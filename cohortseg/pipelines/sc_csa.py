@@ -37,6 +37,7 @@ import numpy as np
 
 from cohortseg.errors import InputError, ModelError
 from cohortseg.pipelines.base import Context, Item, OutputWriter, Pipeline, Predicted, Prepared, Role
+from cohortseg.schema import with_defaults
 from cohortseg.science.anatomy import check_cord, limits
 
 PERSLICE = "desc-csa_perslice.tsv"
@@ -122,12 +123,13 @@ def levels_on_image(level_img, target_shape, target_affine, kind: str = "auto",
 def find_levels_file(item: Item, cfg: dict) -> str | None:
     """The level image of an item: ``levels_dir`` per-image derivative first, then the session's
     ``levels`` role input."""
-    root = cfg.get("levels_dir")
+    cfg = with_defaults("sc_csa", cfg)
+    root = cfg["levels_dir"]
     if root:
         sub = Path(root) / item.participant_id
         if item.session_id:
             sub = sub / item.session_id
-        for suffix in cfg.get("levels_suffixes") or ["labels-disc-manual", "labels-disc", "labels"]:
+        for suffix in cfg["levels_suffixes"]:
             for ext in (".nii.gz", ".nii"):
                 p = sub / "anat" / f"{item.name}_{suffix}{ext}"
                 if p.is_file():
@@ -141,9 +143,9 @@ class ScCsa(Pipeline):
     description = ("Spinal cord segmentation (cohortseg's own 2D U-Net, soft output) and cross-sectional "
                    "area per slice and vertebral level, per contrast")
     roles = {
-        "image": Role(filters={"suffix": ["T1w", "T2w", "T2starw"]}, required=True, multiple=True,
+        "image": Role(required=True, multiple=True,
                       description="every T1w/T2w/T2starw of the cervical cord (one item each)"),
-        "levels": Role(filters={"suffix": "labels"}, required=False, multiple=False,
+        "levels": Role(required=False, multiple=False,
                        description="vertebral labels of the session (points, centreline or map), carried "
                                    "to every contrast through scanner coordinates"),
     }
@@ -166,12 +168,13 @@ class ScCsa(Pipeline):
                             f"({', '.join(trained)}): check the QC snapshot")
         arrays = {}
         meta = {"grid": grid, "warnings": warnings, "levels_file": None}
+        cfg = with_defaults(self.name, cfg)
         lfile = find_levels_file(item, cfg)
         if lfile:
             try:
                 lv_img = nib.load(lfile)
-                lv = levels_on_image(lv_img, img.shape, img.affine, kind=cfg.get("levels_kind", "auto"),
-                                     convention=cfg.get("levels_convention", "body"))
+                lv = levels_on_image(lv_img, img.shape, img.affine, kind=cfg["levels_kind"],
+                                     convention=cfg["levels_convention"])
                 if not np.isfinite(lv).any():
                     raise InputError("no labelled level falls inside the image")
                 arrays["levels"] = lv.astype(np.float32)
@@ -206,7 +209,8 @@ class ScCsa(Pipeline):
         native, _ = ctx.load_image(item.inputs["image"])
         aff = native.affine
         grid = prepared.meta["grid"]
-        thr = float(cfg.get("threshold", cards[0].get("thresholds", {}).get("mask", 0.5)))
+        cfg = with_defaults(self.name, cfg)
+        thr = float(cfg["threshold"])
         p = np.asarray(predicted.prob, dtype=np.float32)
         if p.ndim == 4:
             p = p[..., 0]
@@ -228,7 +232,7 @@ class ScCsa(Pipeline):
         check_cord(mask, aff, limits(self.name, cfg), item.contrast, item.inputs["image"], out.flags, out.checks)
 
         levels = prepared.arrays.get("levels")
-        perslice = csa.csa_per_slice(soft, aff, angle_correction=bool(cfg.get("angle_correction", True)),
+        perslice = csa.csa_per_slice(soft, aff, angle_correction=bool(cfg["angle_correction"]),
                                      levels=None if levels is None else np.asarray(levels, dtype=float))
         has_levels = bool(perslice["VertLevel"].notna().any())
         if has_levels:

@@ -5,6 +5,7 @@ import numpy as np
 
 from cohortseg.errors import InputError
 from cohortseg.pipelines.base import Context, Item, OutputWriter, Pipeline, Predicted, Prepared, Role
+from cohortseg.schema import with_defaults
 from cohortseg.science.anatomy import check_cord, limits
 
 
@@ -12,7 +13,7 @@ class ScGm(Pipeline):
     name = "sc_gm"
     anatomy = "spine"
     description = "Spinal cord gray matter segmentation (Perone et al. 2017 dilated convolutions, fold ensemble)"
-    roles = {"image": Role(filters={"suffix": "T2starw"}, description="axial T2*w of the cervical cord")}
+    roles = {"image": Role(description="axial T2*w of the cervical cord")}
     group_tables = {"sc_gm_perslice.csv": "desc-GM_perslice.tsv"}
 
     def prepare(self, item: Item, cards: list, cfg: dict, ctx: Context) -> Prepared:
@@ -32,11 +33,11 @@ class ScGm(Pipeline):
     def predict(self, models, prepared, cards, cfg, batch_size):
         from cohortseg.models.ensemble import fold_average
 
-        x = prepared.x
+        x, cfg = prepared.x, with_defaults(self.name, cfg)
         per_card = []
         for card, folds in zip(cards, models):
             for fold in folds:
-                if cfg.get("standardise", "model") == "volume":
+                if cfg["standardise"] == "volume":
                     mean, std = prepared.meta["volume_mean"], prepared.meta["volume_std"]
                     if not std > 0:
                         raise InputError("constant image inside the field of view: cannot standardise it")
@@ -46,7 +47,7 @@ class ScGm(Pipeline):
                 xs = (x - mean) / std
                 # flip_tta: left-right mirror of each slice (axis 1 of the slice grid runs R->L)
                 per_card.append(fold_average([fold.predict], xs, batch_size,
-                                             mirror_axis=1 if cfg.get("flip_tta") else None))
+                                             mirror_axis=1 if cfg["flip_tta"] else None))
         return Predicted({"prob": np.mean(per_card, axis=0).astype(np.float32)})
 
     def finalize(self, item: Item, prepared: Prepared, predicted: Predicted, cards, cfg, ctx: Context,
@@ -57,15 +58,15 @@ class ScGm(Pipeline):
         from cohortseg.science.metrics import area_per_slice, volume_mm3
         from cohortseg.models.nets.gmseg import fine_to_native
 
-        native = nib.load(item.inputs["image"])
+        native, cfg = nib.load(item.inputs["image"]), with_defaults(self.name, cfg)
         prob = predicted.prob
         fine = prob[..., 0] if prob.ndim == 4 else prob
         grid = prepared.meta["grid"]
         # binarise at threshold_fine in the 0.25 mm grid, map back linearly: probseg is the GM
         # fraction of each native voxel and the mask is exactly probseg > threshold_native
         prob_native, mask_native = fine_to_native(fine, grid, native,
-                                                  threshold_fine=float(cfg.get("threshold_fine", 0.999)),
-                                                  threshold_native=float(cfg.get("threshold_native", 0.5)))
+                                                  threshold_fine=float(cfg["threshold_fine"]),
+                                                  threshold_native=float(cfg["threshold_native"]))
         mask_native = mask_native.astype(bool)
         aff = native.affine
         out.nifti("label-GM_probseg.nii.gz", np.clip(prob_native, 0, 1).astype(np.float32), aff)

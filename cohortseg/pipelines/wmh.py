@@ -48,6 +48,7 @@ from cohortseg.models.lesion_cards import (
 )
 from cohortseg.pipelines.base import Context, Item, OutputWriter, Predicted, Prepared, Role
 from cohortseg.pipelines.cmb import ShivaLesions
+from cohortseg.schema import with_defaults
 from cohortseg.science import deepwmh as W
 from cohortseg.science.anatomy import limits
 from cohortseg.science.lesion_input import INTERP_ORDER
@@ -60,8 +61,8 @@ class Wmh(ShivaLesions):
                    "hyperintensities with the SHIVA-WMH 3D U-Net fold ensemble on T1 [+ FLAIR] (Boutinaud et al.); "
                    "per-lesion census and regional volumes")
     roles = {
-        "image": Role(filters={"suffix": "T1w"}, description="T1w (the output grid)"),
-        "flair": Role(filters={"suffix": "FLAIR"}, required=False,
+        "image": Role(description="T1w (the output grid)"),
+        "flair": Role(required=False,
                       description="FLAIR of the same session (needed by T1+FLAIR models such as shiva_wmh)"),
     }
     group_tables = {"wmh_census.csv": "desc-WMH_census.tsv", "wmh_regions.csv": "desc-WMH_regions.tsv"}
@@ -96,13 +97,14 @@ class Wmh(ShivaLesions):
         from cohortseg.science import registration
         from cohortseg.science.lesion_input import etiv_from_mni
 
-        order = INTERP_ORDER[cfg.get("interpolation", "cubic")]
+        cfg = with_defaults(self.name, cfg)
+        order = INTERP_ORDER[cfg["interpolation"]]
         available = {"t1"} | ({"flair"} if item.inputs.get("flair") else set())
         chosen, choice_warnings = choose_cards(cards, available, self.modality_roles, self.name)
         if not chosen:
             need = [c.name for c in cards if not is_mask_card(c) and "flair" in card_modalities(c)]
             raise InputError(f"model(s) {', '.join(need)} need a FLAIR but the session has none (role 'flair', "
-                             f"filters {(cfg.get('filters') or {}).get('flair', self.roles['flair'].filters)}); add "
+                             f"filters {cfg['filters']['flair']}); add "
                              "the FLAIR, or list a T1-only WMH model card beside it in wmh.models")
         channels = card_channels(cards, self.modality_roles, self.name, only=chosen)
         t1 = self.t1_entry(item.inputs["image"], ctx, order, limits(self.name, cfg), antspyx_mni=not deep_mni(cards))

@@ -2,7 +2,7 @@
 
 * :mod:`.snapshots` - orientation-labelled PNG mosaics, lesion crops, registration checks, thumbnails
 * :mod:`.outliers`  - Tukey IQR outlier flags and per-mask sanity flags -> ``qc_flags``
-* :mod:`.page`      - ``qc/index.html`` (static, virtualised, keyboard rating, TSV export)
+* :mod:`.page`      - ``qc/index.html`` (static, virtualised, keyboard rating, TSV export; pages + index past 50,000 rows)
 * :mod:`.ratings`   - ``qc_ratings.tsv`` -> ``qc_rating`` column of ``summary.csv``
 
 Submodules are imported lazily so that ``import cohortseg.qc.ratings`` does not pull matplotlib.
@@ -16,7 +16,7 @@ _EXPORTS = {
     "thumbnail": "snapshots",
     "tukey_flags": "outliers", "tukey_fences": "outliers", "sanity_flags": "outliers",
     "combine_flags": "outliers", "add_qc_flags": "outliers",
-    "write_qc_page": "page",
+    "write_qc_page": "page", "write_qc_pages": "page",
     "read_ratings": "ratings", "apply_ratings": "ratings",
 }
 __all__ = sorted(_EXPORTS)

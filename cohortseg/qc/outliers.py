@@ -172,17 +172,16 @@ def combine_flags(df: pd.DataFrame, metrics: Iterable[str] | None = None, *, k: 
     flags = tukey_flags(df, metrics, k=k, min_n=min_n, by=by) if metrics else None
     cols = [sanity_col] if isinstance(sanity_col, str) else list(sanity_col or [])
     cols = [c for c in cols if c in df.columns]
-    out = []
-    for pos, idx in enumerate(df.index):
-        tokens: list[str] = []
-        for c in cols:
-            for t in split_flags(df[c].iloc[pos]):
-                if not t.startswith("outlier:") and t not in tokens:
-                    tokens.append(t)
-        if flags is not None:
-            row = flags.iloc[pos]
-            tokens += [f"outlier:{m}" for m in metrics if bool(row[m])]
-        out.append(";".join(tokens))
+    tokens: list[list[str]] = [[] for _ in range(len(df))]
+    for c in cols:  # column by column (a cohort has 100,000 rows)
+        for row, value in zip(tokens, df[c].tolist()):
+            for t in split_flags(value):
+                if not t.startswith("outlier:") and t not in row:
+                    row.append(t)
+    if flags is not None:
+        for r, j in zip(*np.nonzero(flags.to_numpy(dtype=bool))):  # row by row, metrics in order
+            tokens[r].append(f"outlier:{metrics[j]}")
+    out = [";".join(t) for t in tokens]
     return pd.Series(out, index=df.index, name="qc_flags", dtype=object)
 
 

@@ -64,11 +64,14 @@
   $("rater").value = prefs.rater || "";
   $("advance").checked = prefs.advance !== false;
   $("help-key").textContent = STORE_KEY;
+  if (DATA.index) { $("index-link").href = DATA.index; $("index-link").hidden = false; }  // one of several pages
 
   // ---------------------------------------------------------------- filter + sort
   var view = [], cur = -1;
   function metricValue(o, j) { for (var t = 0; t < o.m.length; t += 2) { if (o.m[t] === j) { return o.m[t + 1]; } } return null; }
+  var lastFilterMs = null;
   function applyFilter(keepKey) {
+    var t0 = performance.now();
     var q = $("q").value.toLowerCase().split(/\s+/).filter(Boolean);
     var inc = q.filter(function (t) { return t[0] !== "-" || t.length === 1; });
     var exc = q.filter(function (t) { return t[0] === "-" && t.length > 1; }).map(function (t) { return t.slice(1); });
@@ -104,6 +107,7 @@
     clearRendered();
     render();
     counts();
+    lastFilterMs = performance.now() - t0;
   }
 
   // ---------------------------------------------------------------- virtualised rendering
@@ -322,6 +326,7 @@
   loadRatings();
   applyFilter(null);
   list.focus({ preventScroll: true });
-  window.cohortsegQC = { rows: rows, view: function () { return view; }, current: function () { return cur; }, ratings: function () { return ratings; }, storageKey: STORE_KEY };
+  window.cohortsegQC = { rows: rows, view: function () { return view; }, current: function () { return cur; }, ratings: function () { return ratings; }, storageKey: STORE_KEY,
+                       get lastFilterMs() { return lastFilterMs; } };
   document.body.dataset.ready = "1";
 })();

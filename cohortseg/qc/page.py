@@ -6,6 +6,10 @@ rendered client-side by a virtualised list, so 10,000 participants x 5 pipelines
 thumbnails are ``loading="lazy"`` and only exist for the rows in view.  Image paths are written
 relative to the page, so the output directory can be moved or served as is.
 
+A cohort of more than :data:`PAGE_ROWS` rows (100,000 sessions x 3-5 pipelines: 300,000-500,000)
+gets :func:`write_qc_pages`: ``index.html`` lists pages of one pipeline and at most PAGE_ROWS rows
+each, which share one ratings store, so a page stays a few MB and opens in about a second.
+
 Keys: ``j``/``k`` (arrows) move, ``Enter``/``o`` open the full-size snapshot, ``p``/``f``/``a``
 rate pass/fail/artifact, ``u`` clears, ``e`` exports ``qc_ratings.tsv``, ``/`` filters, ``?`` help.
 Ratings stay in the browser's localStorage (key ``cohortseg-qc:v1:<page_id>``) until exported;
@@ -29,7 +33,11 @@ import pandas as pd
 
 from cohortseg.io import write_text_atomic
 
-__all__ = ["write_qc_page", "page_rows", "FIELDS", "PAGE_TEMPLATE_FILES"]
+__all__ = ["write_qc_page", "write_qc_pages", "page_rows", "FIELDS", "PAGE_TEMPLATE_FILES", "PAGE_ROWS"]
+
+#: rows per page of a large cohort (write_qc_pages): at ~250 bytes a row, a page of 50,000 rows
+#: (~12 MB) opens in about a second in headless Chromium and filters in tens of ms (docs/BENCHMARKS.md)
+PAGE_ROWS = 50_000
 
 FIELDS = ["participant_id", "session_id", "pipeline", "status", "qc_flags", "thumb", "img",
           "metrics", "error"]
@@ -45,24 +53,35 @@ def _asset(name: str) -> str:
     return resources.files("cohortseg.qc").joinpath(name).read_text(encoding="utf-8")
 
 
+_BLANKS = frozenset(("", "nan", "n/a", "none"))
+
+
 def _blank(v) -> bool:
+    if v.__class__ is str:  # the common case first (300,000 rows x 10 fields)
+        return v.strip().lower() in _BLANKS
     if v is None or v is pd.NA:
         return True
     if isinstance(v, float) and math.isnan(v):
         return True
-    return isinstance(v, str) and v.strip().lower() in ("", "nan", "n/a", "none")
+    return isinstance(v, str) and v.strip().lower() in _BLANKS
 
 
 def _text(v) -> str:
+    if v.__class__ is str:
+        s = v.strip()
+        return "" if s.lower() in _BLANKS else s
     return "" if _blank(v) else str(v).strip()
 
 
 def _number(v):
     """Finite number rounded to 6 significant digits, else None (bools are not metrics)."""
-    if isinstance(v, (bool, np.bool_)) or _blank(v):
-        return None
-    if isinstance(v, (int, np.integer)):
-        return int(v)
+    if v.__class__ is int:
+        return v
+    if v.__class__ is not float:
+        if isinstance(v, (bool, np.bool_)) or _blank(v):
+            return None
+        if isinstance(v, (int, np.integer)):
+            return int(v)
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -84,6 +103,9 @@ class _Linker:
         self.out_parts = self.out.split(os.sep)
         self.base = os.path.normpath(os.path.abspath(base_dir if base_dir is not None else "."))
         self.drive = os.path.splitdrive(self.out)[0]
+        # (levels up, ancestor + separator): the page's folder, its parent, ... (not the root)
+        self.prefixes = [(up, os.sep.join(self.out_parts[:len(self.out_parts) - up]) + os.sep)
+                         for up in range(len(self.out_parts) - 1)]
 
     def __call__(self, p) -> str:
         if _blank(p):
@@ -91,6 +113,10 @@ class _Linker:
         s = str(p)
         if _URL.match(s):
             return s
+        for up, prefix in self.prefixes:  # fast path: a plain absolute path below an ancestor of the page
+            if s.startswith(prefix) and "/." not in s and "//" not in s:
+                rel = "../" * up + s[len(prefix):].replace(os.sep, "/")
+                return rel if _SAFE.fullmatch(rel) else quote(rel, safe="/._-~")
         full = os.path.normpath(s if os.path.isabs(s) else os.path.join(self.base, s))
         if os.path.splitdrive(full)[0] != self.drive:  # another drive on Windows
             return Path(full).as_uri()
@@ -104,13 +130,14 @@ class _Linker:
         return quote("/".join(x for x in rel if x), safe="/._-~")
 
 
+_SAFE = re.compile(r"[A-Za-z0-9/._~-]*")
 _URL = re.compile(r"^(https?|data|file):")
 
 
 def _records(rows) -> list[dict]:
     if isinstance(rows, pd.DataFrame):
         return rows.to_dict(orient="records")
-    return [dict(r) for r in rows]
+    return [r if r.__class__ is dict else dict(r) for r in rows]  # (read only)
 
 
 def page_rows(rows, out_dir, *, metrics: Iterable[str] | None = None, base_dir=None,
@@ -150,14 +177,21 @@ def page_rows(rows, out_dir, *, metrics: Iterable[str] | None = None, base_dir=N
             pairs = sorted(zip(flat[::2], flat[1::2]))
             flat = [x for pr in pairs for x in pr]
         thumb = (thumbs or {}).get(n) or r.get("thumbnail")
+        snap = r.get("snapshot")
+        img = link(snap)
+        if img and thumb.__class__ is str and snap.__class__ is str and thumb == snap[:-4] + "_thumb.png" \
+                and img.endswith(".png"):  # (the writer's thumbnail beside its snapshot: one path to link)
+            th = img[:-4] + "_thumb.png"
+        else:
+            th = link(thumb)
         out.append([
             _text(r.get("participant_id")),
             _text(r.get("session_id")),
             _text(r.get("pipeline")),
             _text(r.get("status")),
             _text(r.get("qc_flags")),
-            link(thumb),
-            link(r.get("snapshot")),
+            th,
+            img,
             flat,
             _text(r.get("error"))[:500],
         ])
@@ -194,7 +228,8 @@ def _json_for_html(obj) -> str:
 def write_qc_page(rows, out_dir, *, title: str = "cohortseg QC", page_id: str | None = None,
                   metrics: Iterable[str] | None = None, max_metrics: int = 6, base_dir=None,
                   make_thumbnails: bool = False, thumb_width: int = 160,
-                  statuses: Mapping[str, str] | None = None) -> Path:
+                  statuses: Mapping[str, str] | None = None, filename: str = "index.html",
+                  index: str | None = None) -> Path:
     """Write ``out_dir/index.html`` and return its path.
 
     rows: list of dicts or a DataFrame, one per participant x pipeline, with keys
@@ -209,6 +244,8 @@ def write_qc_page(rows, out_dir, *, title: str = "cohortseg QC", page_id: str | 
     make_thumbnails: create missing thumbnails under ``out_dir/thumbs/`` (``width`` px).
     statuses: the status vocabulary, status -> meaning; the status filter lists it (with the
         meanings) before any other status found in the rows.
+    filename: the page's name in `out_dir`; index: the page that lists this one and its siblings
+        (a link in the header), for the pages of :func:`write_qc_pages`.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -223,6 +260,7 @@ def write_qc_page(rows, out_dir, *, title: str = "cohortseg QC", page_id: str | 
         "metrics": names,
         "max_metrics": int(max_metrics),
         "statuses": dict(statuses or {}),
+        "index": index or "",
         "rows": data,
     }
     parts = {
@@ -232,6 +270,69 @@ def write_qc_page(rows, out_dir, *, title: str = "cohortseg QC", page_id: str | 
         "DATA": _json_for_html(blob),
     }
     page = _MARK.sub(lambda m: parts[m.group(1)], _asset("page.html"))
+    target = out_dir / filename
+    write_text_atomic(target, page)
+    return target
+
+
+def write_qc_pages(rows: list[dict], out_dir, *, title: str = "cohortseg QC", page_rows: int = PAGE_ROWS,
+                   statuses: Mapping[str, str] | None = None) -> Path:
+    """``out_dir/index.html``: the QC page itself when there are at most `page_rows` rows; else an
+    index of pages ``page-<pipeline>-<n>.html`` of at most `page_rows` rows each (one pipeline per
+    page, in input order), which share one ratings store (their page_id is `out_dir`): a rating
+    given on any page is exported from every page, and the export keeps every rating."""
+    out_dir = Path(out_dir)
+    if len(rows) <= page_rows:
+        for old in out_dir.glob("page-*.html"):  # of a larger cohort before
+            old.unlink()
+        return write_qc_page(rows, out_dir, title=title, statuses=statuses)
+    page_id = str(out_dir.resolve())
+    by: dict[str, list] = {}
+    for r in rows:
+        by.setdefault(_text(r.get("pipeline")), []).append(r)
+    entries, written = [], set()
+    for pipeline, prows in by.items():
+        for n, start in enumerate(range(0, len(prows), page_rows), start=1):
+            chunk = prows[start:start + page_rows]
+            name = f"page-{re.sub(r'[^A-Za-z0-9_.-]', '_', pipeline) or 'none'}-{n:03d}.html"
+            first, last = (f"{_text(chunk[i].get('participant_id'))} {_text(chunk[i].get('session_id'))}".strip()
+                           for i in (0, -1))
+            write_qc_page(chunk, out_dir, title=f"{title}: {pipeline} {first} .. {last}", page_id=page_id,
+                          statuses=statuses, filename=name, index="index.html")
+            counts: dict[str, int] = {}
+            for r in chunk:
+                st = _text(r.get("status"))
+                counts[st] = counts.get(st, 0) + 1
+            flagged = sum(1 for r in chunk if _text(r.get("qc_flags")))
+            entries.append((name, pipeline, first, last, len(chunk), counts, flagged))
+            written.add(name)
+    for old in out_dir.glob("page-*.html"):
+        if old.name not in written:
+            old.unlink()
+    return _write_index(entries, out_dir, title, len(rows))
+
+
+def _write_index(entries, out_dir: Path, title: str, n_rows: int) -> Path:
+    e = html.escape
+
+    def status(counts):
+        return e(", ".join(f"{k or '-'} {v:,}" for k, v in counts.items()))
+
+    body = "".join(
+        f'<tr><td><a href="{quote(name)}">{e(name)}</a></td><td>{e(pipeline)}</td><td>{e(first)}</td>'
+        f'<td>{e(last)}</td><td class="n">{n:,}</td><td>{status(counts)}</td>'
+        f'<td class="n">{flagged:,}</td></tr>\n'
+        for name, pipeline, first, last, n, counts, flagged in entries)
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="generator" '
+            f'content="cohortseg QC page"><title>{e(title)}</title><style>'
+            "body{font:14px/1.4 system-ui,sans-serif;margin:16px;color:#1f2328}"
+            "table{border-collapse:collapse}td,th{border-bottom:1px solid #dde1e6;padding:4px 10px;text-align:left}"
+            "td.n{text-align:right}</style></head><body>"
+            f"<h1>{e(title)}</h1><p>{n_rows:,} rows (participant x pipeline x image) on {len(entries)} pages of "
+            "one pipeline each. Ratings given on any page are kept in this browser for all of them; "
+            "<b>Export</b> on any page writes every rating to one <code>qc_ratings.tsv</code>.</p>"
+            '<table id="pages"><tr><th>page</th><th>pipeline</th><th>first</th><th>last</th><th>rows</th>'
+            f"<th>status</th><th>flagged</th></tr>\n{body}</table></body></html>\n")
     target = out_dir / "index.html"
     write_text_atomic(target, page)
     return target

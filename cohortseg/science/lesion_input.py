@@ -21,8 +21,6 @@ from cohortseg.errors import InputError
 from cohortseg.science.metrics import bounding_box
 
 CONFORM_SHAPE = 256
-#: plausible range of det(native -> MNI affine); outside it the registration is treated as failed
-MNI_DET_RANGE = (0.4, 2.5)
 INTERP_ORDER = {"linear": 1, "cubic": 3}
 FALLBACK_MASK = "otsu-morphology (cohortseg.science.lesion_input.fallback_brain_mask)"
 
@@ -113,7 +111,7 @@ def mni_record(conf, mask, source: str) -> dict:
     det = float(np.linalg.det(np.asarray(tr.matrix)[:3, :3]))
     out = {"matrix": np.asarray(tr.matrix).tolist(), "det": det, "from": source, "error": "",
            "tool": tr.info.get("tool", ""), "fixed": tr.info.get("fixed", "")}
-    if not MNI_DET_RANGE[0] < det < MNI_DET_RANGE[1]:
+    if not registration.MNI_DET_RANGE[0] < det < registration.MNI_DET_RANGE[1]:
         out.update(matrix=None, error=f"implausible scaling to MNI152 (det {det:.3f}); registration failed?")
     return out
 

@@ -31,6 +31,11 @@ from scipy import ndimage
 from cohortseg.errors import InputError
 
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: plausible det of a subject -> MNI152 affine (eTIV = the template's ~1.6 L / det: 0.3-8 L); outside it
+#: the registration failed (a collapsed or exploded scale). A failure check only: whether the head is
+#: plausible is the anatomy checks' question (e.g. brain_tissue's brain_mask_range_ml, 500-2500 mL by
+#: default, which a tighter range such as (0.4, 2.5) would contradict below 640 mL)
+MNI_DET_RANGE = (0.2, 5.0)
 DEFAULT_SEED = 20240229
 _INTERP = {"nearest": 0, "nearestneighbor": 0, "label": 0, "genericlabel": 0, "linear": 1,
            "cubic": 3, "bspline": 3}

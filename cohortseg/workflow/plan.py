@@ -15,6 +15,7 @@ from functools import cached_property
 from pathlib import Path
 
 from cohortseg.errors import ConfigError
+from cohortseg.schema import defaults
 from cohortseg.workflow.discovery import map_io, replace_atomic
 
 #: the automatic shard size (inference.shard_size unset) starts here and doubles while the cohort
@@ -60,8 +61,8 @@ class Plan:
         roles, anatomy = {}, {}
         for name in config["pipelines"]:
             p = get_pipeline(name)
-            user = (config.get(name) or {}).get("filters", {})
-            roles[name] = {r: (user.get(r, spec.filters), spec.required, spec.multiple) for r, spec in p.roles.items()}
+            filters = {**defaults(name)["filters"], **((config.get(name) or {}).get("filters") or {})}
+            roles[name] = {r: (filters[r], spec.required, spec.multiple) for r, spec in p.roles.items()}
             anatomy[name] = p.anatomy
         routing = {**(config.get("body_part") or {}), "anatomy": anatomy}
         manifest = discovery.load_or_build(
@@ -222,9 +223,11 @@ class Plan:
         return str(self.out / "group" / name)
 
     def group_tables(self) -> list[str]:
+        """Every pipeline's cohort tables: CSV and its Parquet copy."""
         from cohortseg.pipelines import get_pipeline
 
-        return [self.group(t) for p in self.pipelines for t in get_pipeline(p).group_tables]
+        return [self.group(t[: -len(".csv")] + ext) for p in self.pipelines for t in get_pipeline(p).group_tables
+                for ext in (".csv", ".parquet")]
 
     def qc_page(self) -> str:
         return str(self.out / "qc" / "index.html")

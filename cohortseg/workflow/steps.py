@@ -41,15 +41,6 @@ def rows_by_session(config: dict, keys) -> dict[str, list[dict]]:
     return open_manifest(Path(config["output_dir"]) / "manifest.tsv").rows(keys)  # their byte ranges only
 
 
-def shard_sessions(shard_records) -> dict[str, str]:
-    """{session key: per-session record path} of every session the shard records list (a shard
-    record lists each of its sessions, failed ones too: the aggregate's rows)."""
-    out = {}
-    for path in shard_records:
-        out.update(json.loads(Path(path).read_text())["sessions"])
-    return out
-
-
 def _work(config: dict) -> Path:
     return Path(config["output_dir"]) / "work"
 
@@ -245,7 +236,7 @@ def _infer_pipeline(pipeline: str, recs: dict, config: dict) -> dict:
                 continue
             todo.append((key, name, it.prep, it.stamp, out))
     if todo:
-        configure_tensorflow(threads=int(inf.get("threads", 0) or 0))  # the same seed for every pipeline
+        configure_tensorflow(threads=int(inf.get("threads", 0) or 0), onednn=bool(inf.get("onednn", True)))  # the same seed for every pipeline
         cards = pipeline_cards(config, pipeline)
         store = ModelStore.from_config(config)
         models = load_models(cards, store)
@@ -283,11 +274,16 @@ def _is_fatal(e: BaseException) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 def finalize_shard(prep_shard_record, config: dict, record_path, workers: int = 1) -> dict:
-    """Finalize every session of a shard; the shard record lists their per-session records."""
+    """Finalize every session of a shard, then write the shard's part of the cohort tables
+    (`aggregate.write_shard_tables`); the shard record lists their per-session records."""
+    from cohortseg.workflow.aggregate import shard_tables_dir, write_shard_tables
+
     sessions = json.loads(Path(prep_shard_record).read_text())["sessions"]
     by = rows_by_session(config, list(sessions))
     jobs = [(by[k], prep, config, str(session_record_path(config, k))) for k, prep in sessions.items()]
-    return _run_shard("finalize", finalize_session, jobs, workers, record_path)
+    shard = _run_shard("finalize", finalize_session, jobs, workers, record_path)
+    write_shard_tables(shard["sessions"], config, shard_tables_dir(record_path))
+    return shard
 
 
 def finalize_session(rows: list[dict], prep_record, config: dict, record_path) -> SessionRecord:
