@@ -59,12 +59,15 @@ def _json_default(o):
 
 
 def save_nifti_atomic(data: np.ndarray, affine: np.ndarray, path, header=None, dtype=None) -> Path:
-    """Save `data` with `affine` (sform and qform set, code 1 = scanner) atomically."""
+    """Save `data` with `affine` (sform and qform set, code 1 = scanner) atomically. Units the header
+    leaves unknown are set to mm and s (BIDS validators warn on unknown units; affines are in mm)."""
     data = np.asarray(data if dtype is None else data.astype(dtype))
     import nibabel as nib  # here, not at import: the workflow's parse imports this module
 
     img = nib.Nifti1Image(data, affine, header=header)
     img.set_data_dtype(data.dtype)
+    xyz, t = img.header.get_xyzt_units()
+    img.header.set_xyzt_units(xyz if xyz != "unknown" else "mm", t if t != "unknown" else "sec")
     img.set_sform(affine, code=1)
     img.set_qform(affine, code=1)
     with atomic_path(path) as tmp:

@@ -33,3 +33,6 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def repo_dir() -> Path:
     return REPO
+
+
+from runs import csa_run  # noqa: E402,F401  (session-scoped workflow runs shared by test modules)

@@ -74,6 +74,45 @@ def run_item(pipeline: str, inputs: dict, out_dir, settings: dict | None = None,
     p.predict(models, prepared, cards, config[pipeline], batch).save(work / f"{item.name}_prob.npz")
     predicted = Predicted.load(work / f"{item.name}_prob.npz")
     out = OutputWriter(out_dir, item)
+    out.describe(cards, config[pipeline])
     metrics = p.finalize(item, prepared, predicted, cards, config[pipeline], ctx, out)
     return {"prepared": prepared, "predicted": predicted, "metrics": metrics, "files": out.files, "flags": out.flags,
             "cards": cards, "models": models}
+
+
+def output_path(out_dir, pipeline: str, stem: str, key: str, figure: bool = False) -> Path:
+    """Where the workflow writes output `key` of the item whose source image is `stem` (the one naming
+    rule, cohortseg.pipelines.base.bids_name), e.g. ('sc_gm', 'sub-03_ses-01_T2starw', 'label-GM_mask.nii.gz')."""
+    from cohortseg.pipelines.base import Item, OutputWriter
+
+    ents = dict(p.split("-", 1) for p in stem.split("_") if "-" in p)
+    item = Item(f"sub-{ents['sub']}", f"ses-{ents['ses']}" if "ses" in ents else "", pipeline, stem, {})
+    return OutputWriter(out_dir, item).path(key, figure=figure)
+
+
+#: validator warnings the derivative datasets keep, with the reason (README "BIDS validity" lists them)
+KEPT_WARNINGS = {
+    "TOO_FEW_AUTHORS": "the authors of a derivative dataset are the people who ran it: cohortseg cannot know them",
+}
+
+
+def bids_validator(folder) -> list[dict]:
+    """The issues bids-validator-deno (pinned in the lock's test extras; runs offline) reports on `folder`."""
+    import json
+    import shutil
+
+    exe = Path(sys.executable).parent / "bids-validator-deno"
+    exe = str(exe) if exe.is_file() else shutil.which("bids-validator-deno")
+    assert exe, "bids-validator-deno is not installed: install the lock's test extras (README 'Tests')"
+    res = subprocess.run([exe, "--format", "json", str(folder)], capture_output=True, text=True, timeout=600)
+    assert res.stdout.strip(), f"bids-validator-deno gave no report ({res.returncode}): {res.stderr[-2000:]}"
+    return json.loads(res.stdout)["issues"]["issues"]
+
+
+def assert_bids_valid(folder) -> list[dict]:
+    """No validator error on the derivative dataset `folder`, and no warning beyond KEPT_WARNINGS."""
+    issues = bids_validator(folder)
+    bad = [i for i in issues if i["severity"] == "error" or i["code"] not in KEPT_WARNINGS]
+    assert not bad, f"{folder}: " + "\n".join(
+        f"{i['severity']} {i['code']} {i.get('subCode', '')} {i.get('location', '')}" for i in bad[:40])
+    return issues

@@ -25,7 +25,7 @@ from cohortseg.errors import InputError, ModelError
 from cohortseg.pipelines import get_pipeline
 from cohortseg.pipelines.base import Context, Item, OutputWriter, Predicted, Prepared
 from cohortseg.pipelines.brain_tissue import conformed_volume
-from helpers import snakemake, write_config
+from helpers import assert_bids_valid, output_path, snakemake, write_config
 
 CARDS = ["brainchop_mindgrab", "brainchop_gw", "brainchop_subcortical"]
 
@@ -325,8 +325,8 @@ def run(tmp_path_factory, shared_dir):
     return {"tmp": tmp, "bids": bids, "out": out, "res": res}
 
 
-def _anat(run, sub):
-    return run["out"] / "brain_tissue" / sub / "anat"
+def _anat(run, sub, key, figure=False):
+    return output_path(run["out"], "brain_tissue", f"{sub}_T1w", key, figure=figure)
 
 
 @pytest.mark.shared
@@ -335,22 +335,28 @@ def test_e2e_outputs_on_each_native_grid(run):
     for sub in ("sub-01", "sub-02"):
         src = nib.load(run["bids"] / sub / "anat" / f"{sub}_T1w.nii.gz")
         for suffix in ("desc-brain_mask", "dseg", "desc-aseg_dseg", "label-GM_probseg", "label-WM_probseg"):
-            img = nib.load(_anat(run, sub) / f"{sub}_T1w_{suffix}.nii.gz")
+            img = nib.load(_anat(run, sub, f"{suffix}.nii.gz"))
             assert img.shape == src.shape and np.allclose(img.affine, src.affine, atol=1e-5), (sub, suffix)
-        dseg = np.asarray(nib.load(_anat(run, sub) / f"{sub}_T1w_dseg.nii.gz").dataobj)
+        dseg = np.asarray(nib.load(_anat(run, sub, "dseg.nii.gz")).dataobj)
         assert set(np.unique(dseg)) == {0, 1, 2, 3}
-        aseg = np.asarray(nib.load(_anat(run, sub) / f"{sub}_T1w_desc-aseg_dseg.nii.gz").dataobj)
+        aseg = np.asarray(nib.load(_anat(run, sub, "desc-aseg_dseg.nii.gz")).dataobj)
         assert {3, 7, 13, 14} <= set(np.unique(aseg))  # lateral ventricles, thalamus, brain stem, hippocampus
-        tsv = pd.read_csv(_anat(run, sub) / f"{sub}_T1w_dseg.tsv", sep="\t")
+        tsv = pd.read_csv(_anat(run, sub, "dseg.tsv"), sep="\t")
         assert tsv.set_index("index")["name"].to_dict() == {0: "background", 1: "GM", 2: "WM", 3: "CSF"}
-        atsv = pd.read_csv(_anat(run, sub) / f"{sub}_T1w_desc-aseg_dseg.tsv", sep="\t")
+        atsv = pd.read_csv(_anat(run, sub, "desc-aseg_dseg.tsv"), sep="\t")
         assert len(atsv) == 18 and atsv.set_index("index").loc[3, "name"] == "Lateral-Ventricle"
-        png = run["out"] / "brain_tissue" / sub / "figures" / f"{sub}_T1w_desc-tissue_qc.png"
+        png = _anat(run, sub, "desc-tissue_qc.png", figure=True)
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the conformed input is used as is: its native brain mask is the conformed one, voxel for voxel
-    m1 = nib.load(_anat(run, "sub-01") / "sub-01_T1w_desc-brain_mask.nii.gz")
+    m1 = nib.load(_anat(run, "sub-01", "desc-brain_mask.nii.gz"))
     assert np.asarray(m1.dataobj).sum() / 1000 == pytest.approx(_summary(run).loc["sub-01", "brain_tissue_brain_mask_ml"],
                                                                  abs=0.01)
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_e2e_outputs_are_valid_bids_derivatives(run):
+    assert_bids_valid(run["out"] / "brain_tissue")
 
 
 def _summary(run):
@@ -397,9 +403,9 @@ def test_e2e_cohort_tables(run):
     assert vols.set_index("participant_id").loc["sub-01", "gm_ml"] == df.loc["sub-01", "brain_tissue_gm_ml"]
     prov = json.loads((run["out"] / "group/summary.json").read_text())
     assert set(prov["models"]) == set(CARDS) | {"deepwmh_head"}  # the default adds the head net
-    side = json.loads((_anat(run, "sub-01") / "sub-01_T1w_desc-tissue_volumes.json").read_text())
+    side = json.loads((_anat(run, "sub-01", "desc-tissue_volumes.json")).read_text())
     assert side["etiv"]["det"] > 0 and side["inference"]["crop"] == "brain_mask"
-    assert (run["out"] / "brain_tissue/sub-01/figures/sub-01_T1w_desc-MNI_regcheck.png").is_file()
+    assert _anat(run, "sub-01", "desc-MNI_regcheck.png", figure=True).is_file()
     assert (run["out"] / "qc/index.html").is_file()
     # the anatomy checks on these real heads, with their margins to the thresholds
     from cohortseg.science.anatomy import limits

@@ -1,16 +1,15 @@
 """sc_csa end to end through the real Snakefile with the committed bundle (config/models/sc_csa).
 
-Cohort: sub-01 has the shared T1w and T2w of one session plus the vertebral labels drawn on the T2w
-(`t2/labels.nii.gz`: C3 and C5 body centres) as `sub-01_labels.nii.gz`, carried to the T1w through
-scanner coordinates; sub-02 has only the T2*w and no labels (VertLevel n/a, whole-cord row); sub-03
-a brain T1w (refused: no cord).
-One module-scoped run (~1 min on 2 cores) is checked from several angles; the pure helpers
+Cohort (tests/runs.py, `csa_run`): sub-01 has the shared T1w and T2w of one session plus the
+vertebral labels drawn on the T2w, carried to the T1w through scanner coordinates; sub-02 has only
+the T2*w (session ses-01, acq-axial) and no labels (VertLevel n/a, whole-cord row); sub-03 a brain
+T1w (refused: no cord).
+One run (~1 min on 2 cores) is checked from several angles; the pure helpers
 (levels carried across grids, session_metrics) are tested without TensorFlow.
 """
 from __future__ import annotations
 
 import json
-import shutil
 
 import nibabel as nib
 import numpy as np
@@ -18,7 +17,8 @@ import pandas as pd
 import pytest
 
 from cohortseg.science import csa
-from helpers import snakemake, write_config
+from helpers import output_path, snakemake
+from runs import CSA_SUB02
 
 SCT_PERSLICE = list(csa.PER_SLICE_COLUMNS)
 SCT_PERLEVEL = ["Slice (I->S)", "VertLevel", "N slices", "MEAN(area)", "STD(area)", "SUM(length)"]
@@ -71,38 +71,19 @@ def test_levels_carried_across_grids_by_world_position(shared_dir):
 
 # ------------------------------------------------------------------------------ the workflow
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, shared_dir):
-    import time
-
-    tmp = tmp_path_factory.mktemp("csa")
-    bids = tmp / "bids"
-    spine = shared_dir / "data/spine"
-    (bids / "sub-01/anat").mkdir(parents=True)
-    (bids / "sub-02/anat").mkdir(parents=True)
-    (bids / "dataset_description.json").write_text(json.dumps({"Name": "csa", "BIDSVersion": "1.9.0"}))
-    shutil.copy(spine / "t1/t1w.nii.gz", bids / "sub-01/anat/sub-01_T1w.nii.gz")
-    shutil.copy(spine / "t2/t2.nii.gz", bids / "sub-01/anat/sub-01_T2w.nii.gz")
-    shutil.copy(spine / "t2/labels.nii.gz", bids / "sub-01/anat/sub-01_labels.nii.gz")
-    shutil.copy(spine / "t2s/t2s.nii.gz", bids / "sub-02/anat/sub-02_T2starw.nii.gz")
-    (bids / "sub-03/anat").mkdir(parents=True)  # a brain T1w: the default filters take every T1w
-    shutil.copy(shared_dir / "data/brain/deep-T1-WMH/t1_image.nii.gz", bids / "sub-03/anat/sub-03_T1w.nii.gz")
-    out = tmp / "out"
-    cfg = write_config(tmp / "cfg.yaml", bids_dir=str(bids), output_dir=str(out),
-                       model_dir=str(shared_dir / "models"), pipelines=["sc_csa"])
-    t0 = time.perf_counter()
-    res = snakemake(tmp, "--cores", "2", configfile=cfg)
-    print(f"sc_csa workflow run: {time.perf_counter() - t0:.1f}s")
-    return {"tmp": tmp, "bids": bids, "out": out, "cfg": cfg, "res": res}
+def run(csa_run):
+    """The sc_csa run of tests/runs.py (shared with test_bids_validator)."""
+    return csa_run
 
 
-def _anat(run, sub, stem, suffix):
-    return run["out"] / "sc_csa" / sub / "anat" / f"{stem}_{suffix}"
+def _anat(run, sub, stem, key):
+    return output_path(run["out"], "sc_csa", stem, key)
 
 
 @pytest.mark.shared
 @pytest.mark.slow
 def test_outputs_on_native_grid_and_soft_binary_consistency(run):
-    for sub, stem in [("sub-01", "sub-01_T1w"), ("sub-01", "sub-01_T2w"), ("sub-02", "sub-02_T2starw")]:
+    for sub, stem in [("sub-01", "sub-01_T1w"), ("sub-01", "sub-01_T2w"), ("sub-02/ses-01", CSA_SUB02)]:
         native = nib.load(run["bids"] / sub / "anat" / f"{stem}.nii.gz")
         prob_img = nib.load(_anat(run, sub, stem, "label-SC_probseg.nii.gz"))
         mask_img = nib.load(_anat(run, sub, stem, "label-SC_mask.nii.gz"))
@@ -130,7 +111,7 @@ def test_outputs_on_native_grid_and_soft_binary_consistency(run):
         soft_mean, bin_mean = np.nanmean(tsv["MEAN(area)"]), np.nanmean(binary["MEAN(area)"])
         print(f"{stem}: mean CSA soft {soft_mean:.1f} mm2, binary {bin_mean:.1f} mm2")
         assert abs(soft_mean - bin_mean) / bin_mean < 0.08, (stem, soft_mean, bin_mean)
-        png = run["out"] / "sc_csa" / sub / "figures" / f"{stem}_desc-SC_qc.png"
+        png = output_path(run["out"], "sc_csa", stem, "desc-SC_qc.png", figure=True)
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -192,9 +173,9 @@ def test_group_tables_have_ids_and_sct_columns(run):
     assert len(sub2) == 1 and sub2.VertLevel.isna().all() and sub2.contrast.tolist() == ["T2starw"]
     assert per_slice[per_slice.participant_id == "sub-02"].VertLevel.isna().all()
     assert per_slice[per_slice.participant_id == "sub-01"].VertLevel.notna().any()
-    assert (per_slice.session_id.isna() | (per_slice.session_id == "")).all()
+    assert (per_slice.session_id.fillna("") == per_slice.participant_id.map({"sub-01": "", "sub-02": "ses-01"})).all()
     # the per-item TSV (SCT layout) writes unknown levels as n/a
-    tsv = (run["out"] / "sc_csa/sub-02/anat/sub-02_T2starw_desc-csa_perlevel.tsv").read_text()
+    tsv = _anat(run, "sub-02", CSA_SUB02, "desc-csa_perlevel.tsv").read_text()
     assert "\tn/a\t" in tsv.splitlines()[1]
 
 
@@ -234,7 +215,7 @@ def test_a_brain_t1w_is_refused_not_measured(run):
     assert r["error"].startswith("sc_csa/sub-03_T1w: finalize: no spinal cord in the field of view: ")
     assert "anatomy.min_continuity" in r["error"] and "sub-03_T1w.nii.gz" in r["error"]
     assert r["sc_csa_T1w_csa_mean_mm2"] == ""
-    assert (run["out"] / "sc_csa/sub-03/figures/sub-03_T1w_desc-SC_qc.png").is_file()
+    assert output_path(run["out"], "sc_csa", "sub-03_T1w", "desc-SC_qc.png", figure=True).is_file()
     assert "sub-03" not in set(pd.read_csv(run["out"] / "group/csa_perlevel.csv").participant_id)
     rec = json.loads((run["out"] / "work/records/sub-03.json").read_text())["pipelines"]["sc_csa"]["sub-03_T1w"]
     assert rec["status"] == "refused" and rec["checks"]["cord"]["continuity"] < 0.5

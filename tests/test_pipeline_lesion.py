@@ -39,7 +39,7 @@ from cohortseg.models.lesion_cards import card_channels, split_cards
 from cohortseg.models.lesion_nets import meshnet_brain_mask
 from cohortseg.science.conform import conform_ras
 from cohortseg.science.lesion_input import fallback_brain_mask, full_volume, unpack_mask
-from helpers import snakemake, write_config
+from helpers import assert_bids_valid, output_path, snakemake, write_config
 from standins import crude_brain_mask, make_shiva_bundle, reference_prediction
 
 pytestmark = [pytest.mark.shared]
@@ -206,8 +206,7 @@ def _match(census: pd.DataFrame, truth: list[dict]):
 
 @pytest.mark.slow
 def test_cmb_census_recovers_planted_microbleeds(run):
-    anat = run["out"] / "cmb" / "sub-01" / "anat"
-    census = pd.read_csv(anat / "sub-01_swi_desc-CMB_census.tsv", sep="\t")
+    census = pd.read_csv(output_path(run["out"], "cmb", "sub-01_swi", "desc-CMB_census.tsv"), sep="\t")
     assert len(census) == len(CMB_SITES)
     assert list(census.lesion_id) == list(range(1, len(CMB_SITES) + 1))
     for t, row, dist in _match(census, run["truth"]["cmb"]):
@@ -219,22 +218,21 @@ def test_cmb_census_recovers_planted_microbleeds(run):
         assert row.prob_max > 0.8 and row.outside_brain_frac == 0
         # MNI coordinates through SWI -> T1 (rigid) -> MNI (affine): near the site's MNI coordinates
         assert np.linalg.norm(row[["mni_x", "mni_y", "mni_z"]].to_numpy(float) - t["mni"]) < 8, (t, row.to_dict())
-    regions = pd.read_csv(anat / "sub-01_swi_desc-CMB_regions.tsv", sep="\t").set_index("region")
+    regions = pd.read_csv(output_path(run["out"], "cmb", "sub-01_swi", "desc-CMB_regions.tsv"), sep="\t").set_index("region")
     assert regions.loc["infratentorial", "count"] == 2 and regions.loc["lobar", "count"] == 2
     assert regions.loc["deep", "count"] == 1 and regions.loc["unassigned", "count"] == 0
 
 
 @pytest.mark.slow
 def test_wmh_census_and_regions(run):
-    anat = run["out"] / "wmh" / "sub-01" / "anat"
-    census = pd.read_csv(anat / "sub-01_T1w_desc-WMH_census.tsv", sep="\t")
+    census = pd.read_csv(output_path(run["out"], "wmh", "sub-01_T1w", "desc-WMH_census.tsv"), sep="\t")
     assert len(census) == len(WMH_SITES)
     for t, row, dist in _match(census, run["truth"]["wmh"]):
         assert dist < 1.5, (t, row.to_dict())
         # on the T1's own grid (already 1 mm RAS-conformable): 0.98-1.0 of the planted volume measured
         assert row.volume_mm3 == pytest.approx(t["volume"], rel=0.04), (t, row.to_dict())
         assert row.region == t["region"], (t, row.to_dict())
-    regions = pd.read_csv(anat / "sub-01_T1w_desc-WMH_regions.tsv", sep="\t").set_index("region")
+    regions = pd.read_csv(output_path(run["out"], "wmh", "sub-01_T1w", "desc-WMH_regions.tsv"), sep="\t").set_index("region")
     assert regions.volume_mm3.sum() == pytest.approx(census.volume_mm3.sum(), rel=1e-6)
     assert regions.loc["periventricular", "volume_mm3"] > 100 and regions.loc["deep_white", "volume_mm3"] > 80
 
@@ -243,15 +241,14 @@ def test_wmh_census_and_regions(run):
 def test_wmh_without_flair_uses_the_t1_only_card(run):
     """FLAIR is optional: sub-03 (sub-01's T1w, no FLAIR) runs the T1-only card listed beside the
     T1+FLAIR one, finds the same planted WMHs, and says which model it used; sub-01 used T1+FLAIR."""
-    anat = run["out"] / "wmh" / "sub-03" / "anat"
-    census = pd.read_csv(anat / "sub-03_T1w_desc-WMH_census.tsv", sep="\t")
+    census = pd.read_csv(output_path(run["out"], "wmh", "sub-03_T1w", "desc-WMH_census.tsv"), sep="\t")
     assert len(census) == len(WMH_SITES)
     for t, row, dist in _match(census, run["truth"]["wmh"]):  # same T1w grid as sub-01
         assert dist < 1.5 and row.volume_mm3 == pytest.approx(t["volume"], rel=0.04), (t, row.to_dict())
     t1_only, t1_flair = (f"shiva-{m}-wmh-standin" for m in ("t1", "t1-flair"))
-    side = json.loads((anat / "sub-03_T1w_label-WMH_dseg.json").read_text())
+    side = json.loads(output_path(run["out"], "wmh", "sub-03_T1w", "label-WMH_dseg.json").read_text())
     assert [m["name"] for m in side["models"]] == [t1_only]
-    side1 = json.loads((run["out"] / "wmh/sub-01/anat/sub-01_T1w_label-WMH_dseg.json").read_text())
+    side1 = json.loads(output_path(run["out"], "wmh", "sub-01_T1w", "label-WMH_dseg.json").read_text())
     assert [m["name"] for m in side1["models"]] == [t1_flair]
     rec = json.loads((run["out"] / "work" / "records" / "sub-03.json").read_text())
     item = rec["pipelines"]["wmh"]["sub-03_T1w"]
@@ -259,14 +256,19 @@ def test_wmh_without_flair_uses_the_t1_only_card(run):
 
 
 @pytest.mark.slow
+def test_outputs_are_valid_bids_derivatives(run):
+    for pipe in ("cmb", "wmh"):
+        assert_bids_valid(run["out"] / pipe)
+
+
+@pytest.mark.slow
 def test_outputs_on_the_native_grids(run):
     truth = run["truth"]
     for pipe, stem, grid in [("cmb", "sub-01_swi", truth["swi_grid"]), ("wmh", "sub-01_T1w", truth["t1_grid"])]:
-        anat = run["out"] / pipe / "sub-01" / "anat"
         t = pipe.upper()
-        prob = nib.load(anat / f"{stem}_label-{t}_probseg.nii.gz")
-        dseg = nib.load(anat / f"{stem}_label-{t}_dseg.nii.gz")
-        mask = nib.load(anat / f"{stem}_desc-brain_mask.nii.gz")
+        prob = nib.load(output_path(run["out"], pipe, stem, f"label-{t}_probseg.nii.gz"))
+        dseg = nib.load(output_path(run["out"], pipe, stem, f"label-{t}_dseg.nii.gz"))
+        mask = nib.load(output_path(run["out"], pipe, stem, "desc-brain_mask.nii.gz"))
         for img in (prob, dseg, mask):
             assert img.shape == tuple(grid[0]) and np.allclose(img.affine, grid[1], atol=1e-4)
         p = prob.get_fdata()
@@ -274,12 +276,11 @@ def test_outputs_on_the_native_grids(run):
         assert 0 <= p.min() and p.max() <= 1 and lab.max() == len(CMB_SITES if pipe == "cmb" else WMH_SITES)
         thr = 0.5 if pipe == "cmb" else 0.2
         assert np.all(p[lab > 0] > thr)
-        side = json.loads((anat / f"{stem}_label-{t}_dseg.json").read_text())
+        side = json.loads(output_path(run["out"], pipe, stem, f"label-{t}_dseg.json").read_text())
         assert side["postprocessing"]["threshold"] == thr and side["postprocessing"]["min_cluster_voxels"] == 1
         assert side["postprocessing"]["max_outside_fraction"] == 0.25 and side["brain_mask"].startswith("otsu")
-        fig = run["out"] / pipe / "sub-01" / "figures"
         for key in (f"desc-{t}_qc.png", f"desc-{t}_lesions.png", "desc-brain_mask.png"):
-            assert (fig / f"{stem}_{key}").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert output_path(run["out"], pipe, stem, key, figure=True).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the WMH registration FLAIR -> T1 recovered the simulated head motion (its inverse): points of
     # the head mapped T1 -> FLAIR (motion) -> T1 (registration) land within 1 mm of where they started
     rec = json.loads((run["out"] / "work" / "records" / "sub-01.json").read_text())

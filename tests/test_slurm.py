@@ -22,7 +22,7 @@ from collections import Counter
 import pandas as pd
 import pytest
 
-from helpers import REPO, job_counts, write_config
+from helpers import REPO, job_counts, output_path, write_config
 
 RUN_TIMEOUT_S = 900
 START_HINT = "start it with `sudo tests/slurm/start_cluster.sh` (needs Debian slurm-wlm + munge)"
@@ -70,7 +70,7 @@ def check_sc_gm_rows(out, shared_dir, n: int, dice_min: float = 0.84):
     manual = nib.as_closest_canonical(nib.load(shared_dir / "data/spine/t2s/t2s_gmseg_manual.nii.gz")).get_fdata() > 0
     for pid, ses, vol in zip(df.participant_id, df.session_id, df.sc_gm_gm_volume_mm3):
         stem = "_".join(x for x in (pid, ses) if x) + "_T2starw"
-        mask = nib.load(out / "sc_gm" / pid / ses / "anat" / f"{stem}_label-GM_mask.nii.gz")
+        mask = nib.load(output_path(out, "sc_gm", stem, "label-GM_mask.nii.gz"))
         voxels = np.asarray(mask.dataobj) > 0
         assert float(vol) == pytest.approx(voxels.sum() * abs(np.linalg.det(mask.affine[:3, :3])), rel=1e-3), (pid, ses)
         d = dice(nib.as_closest_canonical(mask).get_fdata() > 0, manual)

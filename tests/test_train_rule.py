@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from helpers import job_counts, snakemake, write_config
+from helpers import job_counts, output_path, snakemake, write_config
 
 pytestmark = [pytest.mark.shared, pytest.mark.slow]
 
@@ -81,10 +81,9 @@ def test_train_is_up_to_date_and_stays_out_of_the_default_target(trained):
 def test_workflow_runs_with_the_trained_bundle(trained):
     tmp, bundle = trained["tmp"], trained["bundle"]
     out = tmp / "out"
-    anat = out / "sc_csa/sub-01/anat"
     native = nib.load(trained["bids"] / "sub-01/anat/sub-01_T2w.nii.gz")
-    prob = nib.load(anat / "sub-01_T2w_label-SC_probseg.nii.gz")
-    mask = nib.load(anat / "sub-01_T2w_label-SC_mask.nii.gz")
+    prob = nib.load(output_path(out, "sc_csa", "sub-01_T2w", "label-SC_probseg.nii.gz"))
+    mask = nib.load(output_path(out, "sc_csa", "sub-01_T2w", "label-SC_mask.nii.gz"))
     assert prob.shape == native.shape and np.allclose(prob.affine, native.affine, atol=1e-5)
     p = prob.get_fdata()
     assert 0 <= p.min() and p.max() <= 1 and np.array_equal(p > 0.5, mask.get_fdata() > 0)
@@ -104,17 +103,17 @@ def test_workflow_runs_with_the_trained_bundle(trained):
         error = refused = None
     except InputError as e:
         direct, error, refused = None, e.reason, isinstance(e, AnatomyError)
-    again = nib.load(tmp / "direct/sc_csa/sub-01/anat/sub-01_T2w_label-SC_probseg.nii.gz").get_fdata()
+    again = nib.load(output_path(tmp / "direct", "sc_csa", "sub-01_T2w", "label-SC_probseg.nii.gz")).get_fdata()
     np.testing.assert_array_equal(again, p)
     if error is None:
         assert row["status"] == "ok"
         assert row["sc_csa_T2w_csa_mean_mm2"] == pytest.approx(direct["metrics"]["csa_mean_mm2"], abs=1e-3)
-        assert (anat / "sub-01_T2w_desc-csa_perslice.tsv").is_file()
-        assert (anat / "sub-01_T2w_desc-csa_perlevel.tsv").is_file()
+        assert output_path(out, "sc_csa", "sub-01_T2w", "desc-csa_perslice.tsv").is_file()
+        assert output_path(out, "sc_csa", "sub-01_T2w", "desc-csa_perlevel.tsv").is_file()
     else:  # refused: wrong anatomy (no cord found), failed: another data problem
         assert row["status"] == ("refused" if refused else "failed") and error in str(row["error"])
     assert (out / "group/csa_perslice.csv").is_file() and (out / "group/csa_perlevel.csv").is_file()
-    assert (out / "sc_csa/sub-01/figures/sub-01_T2w_desc-SC_qc.png").is_file()
+    assert output_path(out, "sc_csa", "sub-01_T2w", "desc-SC_qc.png", figure=True).is_file()
     prov = json.loads((out / "group/summary.json").read_text())
     model = prov["models"]["sc_csa"]
     assert model["source"] == str(bundle / "card.yaml")

@@ -17,7 +17,7 @@ import pytest
 from badinputs import make_bad
 from cohortseg.demo import build_demo
 from cohortseg.science.metrics import dice
-from helpers import snakemake, write_config
+from helpers import assert_bids_valid, output_path, snakemake, write_config
 from test_anatomy import _brain_gre_slab
 
 pytestmark = [pytest.mark.shared, pytest.mark.slow]
@@ -52,10 +52,8 @@ def run(tmp_path_factory, shared_dir):
 
 
 def _mask(run, key, stem):
-    sub = key.split("_")[0]
-    ses = key.split("_")[1] if "_" in key else ""
-    folder = run["out"] / "sc_gm" / sub / ses / "anat"
-    return folder / f"{stem}_label-GM_mask.nii.gz", folder / f"{stem}_label-GM_probseg.nii.gz"
+    return (output_path(run["out"], "sc_gm", stem, "label-GM_mask.nii.gz"),
+            output_path(run["out"], "sc_gm", stem, "label-GM_probseg.nii.gz"))
 
 
 def test_dice_against_manual_labels(run, shared_dir):
@@ -100,12 +98,12 @@ def test_summary_one_row_per_session_with_failures_explained(run):
     assert "no spinal cord in the field of view: no gray matter segmented on any of the" in err["sub-07"]
     assert err["sub-08"].startswith("sc_gm/sub-08_T2starw: finalize: no spinal cord in the field of view: ")
     assert "anatomy.min_extent_fraction" in err["sub-08"] and "sub-08_T2starw.nii.gz" in err["sub-08"]
-    assert (run["out"] / "sc_gm/sub-08/figures/sub-08_T2starw_desc-GM_qc.png").is_file()
-    assert (run["out"] / "sc_gm/sub-07/figures/sub-07_T2starw_desc-GM_qc.png").is_file()  # kept for QC
+    assert output_path(run["out"], "sc_gm", "sub-08_T2starw", "desc-GM_qc.png", figure=True).is_file()
+    assert output_path(run["out"], "sc_gm", "sub-07_T2starw", "desc-GM_qc.png", figure=True).is_file()  # kept for QC
     vol = df.set_index("participant_id")["sc_gm_gm_volume_mm3"]
     assert 500 < float(vol["sub-01"]) < 2000 and vol["sub-04"] == ""
     # the shard holding sub-04 still segmented sub-03
-    assert (run["out"] / "sc_gm/sub-03/ses-01/anat/sub-03_ses-01_T2starw_label-GM_mask.nii.gz").is_file()
+    assert _mask(run, "sub-03_ses-01", "sub-03_ses-01_T2starw")[0].is_file()
 
 
 def test_tables_provenance_and_bids_derivatives(run):
@@ -120,13 +118,15 @@ def test_tables_provenance_and_bids_derivatives(run):
     per = pd.read_csv(out / "group/sc_gm_perslice.csv")
     assert {"participant_id", "session_id", "contrast", "slice", "gm_area_mm2"} <= set(per.columns)
     assert set(per.participant_id) == {"sub-01", "sub-02", "sub-03"}  # failed sessions add no rows
-    tsv = pd.read_csv(out / "sc_gm/sub-01/anat/sub-01_T2starw_desc-GM_perslice.tsv", sep="\t")
+    tsv = pd.read_csv(output_path(out, "sc_gm", "sub-01_T2starw", "desc-GM_perslice.tsv"), sep="\t")
     mask = nib.load(_mask(run, "sub-01", "sub-01_T2starw")[0])
     z = np.sqrt((mask.affine[:3, :3] ** 2).sum(0))
     assert np.isclose(tsv.gm_area_mm2.sum() * z[2], mask.get_fdata().sum() * np.prod(z), rtol=1e-3)
-    png = out / "sc_gm/sub-01/figures/sub-01_T2starw_desc-GM_qc.png"
+    png = output_path(out, "sc_gm", "sub-01_T2starw", "desc-GM_qc.png", figure=True)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "qc/index.html").is_file()
+    # a valid BIDS-derivatives dataset, refused and failed sessions' kept outputs included
+    assert_bids_valid(out / "sc_gm")
 
 
 def test_tables_assembled_from_shard_parts_equal_a_from_scratch_aggregate(run):

@@ -126,32 +126,153 @@ class Predicted:
             return cls({k: z[k] for k in z.files})
 
 
+#: BIDS entities in the order file names carry them (the schema's rules.entities, short names)
+ENTITY_ORDER = ("sub", "tpl", "ses", "cohort", "sample", "task", "tracksys", "acq", "nuc", "voi", "ce", "trc", "stain",
+                "rec", "dir", "run", "mod", "echo", "flip", "inv", "mt", "part", "proc", "hemi", "space", "split",
+                "recording", "chunk", "atlas", "seg", "scale", "res", "den", "label", "desc")
+#: the derivative image suffixes BIDS defines for what the pipelines write
+BIDS_SUFFIXES = ("mask", "probseg", "dseg")
+#: outputs BIDS does not define (tables, transforms, figures): declared in each dataset's .bidsignore,
+#: as fMRIPrep declares its figures/ and transforms
+BIDSIGNORE = ("sub-*/figures", "*_perslice.tsv", "*_perlevel.tsv", "*_census.tsv", "*_regions.tsv", "*_volumes.tsv",
+              "*_volumes.json", "*_affine.txt")
+#: the BIDS ``Type`` of a mask (an enum: Brain, Lesion, Face, ROI), by its label-/desc- entity; ROI otherwise
+MASK_TYPES = {"brain": "Brain", "ICV": "Brain", "WMH": "Lesion", "CMB": "Lesion", "PVS": "Lesion", "L": "Lesion"}
+_WHAT = {"mask": "binary mask", "probseg": "probabilistic segmentation (0-1)",
+         "dseg": "discrete segmentation (label names in the .tsv beside it)"}
+#: where the pipelines' code lives (GeneratedBy.CodeURL)
+CODE_URL = "https://github.com/cohortseg/cohortseg"
+
+
+def _entities(stem: str) -> tuple[list[tuple[str, str]], str]:
+    """'sub-01_ses-01_acq-brain_T1w' -> ([('sub', '01'), ('ses', '01'), ('acq', 'brain')], 'T1w'); the
+    parts without '-' form the suffix."""
+    ents, rest = [], []
+    for part in stem.split("_"):
+        k, sep, v = part.partition("-")
+        if sep and not rest:
+            ents.append((k, v))
+        else:
+            rest.append(part)
+    return ents, "_".join(rest)
+
+
+def bids_name(source_stem: str, key: str) -> str:
+    """The file name of output `key` of the item whose source image is `source_stem` (the one naming rule).
+
+    Keys name outputs inside cohortseg (records, cohort tables, QC): ``label-GM_mask.nii.gz``. The
+    file name keeps the source's entities, adds ``space-<source suffix>`` and the key's entities,
+    in the specification's entity order: ``sub-01_ses-01_acq-brain_space-T1w_desc-brain_mask.nii.gz``.
+    The source suffix (T1w, T2w, T2starw) is no BIDS entity, so it becomes the space label: every
+    output lies on the grid of its source image, and ``SpatialReference`` names that image (the
+    way fMRIPrep names its T1w reference space ``space-T1w``); T1w, T2w and T2*w outputs of one
+    session stay apart. A discrete segmentation takes no ``label-`` in BIDS: ``label-CMB_dseg`` is
+    written ``seg-CMB_dseg``."""
+    ents, suffix = _entities(source_stem)
+    stem, dot, ext = key.partition(".")
+    kents, ksuffix = _entities(stem)
+    if ksuffix == "dseg":
+        kents = [("seg" if k == "label" else k, v) for k, v in kents]
+    have = {k for k, _ in ents}
+    ents = ents + ([("space", suffix)] if "space" not in have and suffix else []) + kents
+    names = [k for k, _ in ents]
+    unknown = sorted(set(names) - set(ENTITY_ORDER))
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(f"output {key!r} of {source_stem!r}: entities {names} are unknown to BIDS or repeated")
+    ents.sort(key=lambda kv: ENTITY_ORDER.index(kv[0]))
+    return "_".join([f"{k}-{v}" for k, v in ents] + ([ksuffix] if ksuffix else [])) + dot + ext
+
+
+def bids_uri(path) -> str:
+    """``bids:raw:sub-01/anat/sub-01_T2w.nii.gz`` for a file of the raw dataset (the folder above its
+    ``sub-`` folder; ``raw`` is in each dataset_description's DatasetLinks), a file URI otherwise."""
+    p = Path(path).absolute()
+    subs = [i for i, part in enumerate(p.parts) if part.startswith("sub-")]
+    if not subs:
+        return p.as_uri()
+    return "bids:raw:" + "/".join(p.parts[subs[0]:])
+
+
+def made_by(pipeline: str, cards, cfg: dict) -> dict:
+    """What made an item's outputs, for their sidecars: the pipeline's code version, its models
+    (folds by checksum) and the thresholds and cluster limits of its settings."""
+    from cohortseg.pipelines import code_version
+
+    sums = ("file", "sha256", "md5", "git_blob_sha1")
+    return {"CodeVersion": code_version(pipeline),
+            "Models": [{"Name": c.name, "Folds": [{k: f[k] for k in sums if k in f} for f in c.folds],
+                        **({"Thresholds": c.get("thresholds")} if c.get("thresholds") else {})} for c in cards],
+            "Thresholds": {k: v for k, v in (cfg or {}).items()
+                           if any(w in k for w in ("threshold", "min_cluster", "max_outside"))}}
+
+
 class OutputWriter:
     """Names and writes one item's BIDS-derivatives outputs under `<output_dir>/<pipeline>/`.
 
-    `path("label-GM_probseg.nii.gz")` -> .../sub-01/ses-01/anat/sub-01_ses-01_T2starw_label-GM_probseg.nii.gz
-    Every write is atomic and remembered in `files` (for the record and the QC page).
+    `path("label-GM_probseg.nii.gz")` -> .../sub-01/ses-01/anat/sub-01_ses-01_space-T2starw_label-GM_probseg.nii.gz
+    (:func:`bids_name`). Every image gets a JSON sidecar (Sources, SpatialReference, Description, Type for
+    masks, and what made it: :func:`made_by`, given by the step with :meth:`describe`). Every write is
+    atomic and remembered in `files` under its key (for the record, the cohort tables and the QC page:
+    consumers find outputs by key, never by file name).
     """
 
     def __init__(self, output_dir, item: Item):
         self.item = item
-        sub = Path(output_dir) / item.pipeline / item.participant_id
+        self.root = Path(output_dir) / item.pipeline  # the pipeline's derivative dataset
+        sub = self.root / item.participant_id
         if item.session_id:
             sub = sub / item.session_id
         self.anat = sub / "anat"
-        self.figures = Path(output_dir) / item.pipeline / item.participant_id / "figures"
+        self.figures = self.root / item.participant_id / "figures"
         self.files: dict[str, str] = {}
         self.flags: list[str] = []  # sanity flags for QC (empty, edge, volume_low, ...)
         self.checks: dict = {}  # anatomy criteria measured on the outputs (cohortseg.science.anatomy)
+        self.made_by: dict = {}
+
+    def describe(self, cards, cfg: dict) -> None:
+        """Record the cards and settings that make this item's outputs (they enter every sidecar)."""
+        self.made_by = made_by(self.item.pipeline, cards, cfg)
 
     def path(self, suffix: str, figure: bool = False) -> Path:
         folder = self.figures if figure else self.anat
-        return folder / f"{self.item.name}_{suffix}"
+        return folder / bids_name(self.item.name, suffix)
 
     def nifti(self, key: str, data, affine, dtype=None, header=None) -> Path:
         p = save_nifti_atomic(data, affine, self.path(key), header=header, dtype=dtype)
         self.files[key] = str(p)
+        self.sidecar(key.split(".", 1)[0] + ".json")
         return p
+
+    def sidecar(self, key: str, extra: dict | None = None) -> Path:
+        """Write the JSON sidecar `key` (``label-WMH_mask.json``): the common derivative fields, then
+        the pipeline's own `extra` fields (a pipeline's Description wins over the generic one)."""
+        from cohortseg.io import write_json_atomic
+
+        stem = key.split(".", 1)[0]
+        suffix = _entities(stem)[1]
+        image = self.item.inputs.get("image") or next(iter(self.item.inputs.values()), "")
+        side = {"Description": f"{_WHAT.get(suffix, suffix)} ({stem}) of {Path(image).name}, by cohortseg "
+                               f"{self.item.pipeline}",
+                "Sources": [bids_uri(image)] + [bids_uri(v) for v in self.item.inputs.values() if v and v != image]}
+        if suffix in BIDS_SUFFIXES:
+            side["SpatialReference"] = bids_uri(image)
+        if suffix == "mask":
+            label = dict(_entities(stem)[0])
+            side["Type"] = MASK_TYPES.get(label.get("label") or label.get("desc"), "ROI")
+        side = {**side, **self.made_by, **(extra or {})}
+        p = self.path(key)
+        write_json_atomic(p, side)
+        self.files[key] = str(p)
+        return p
+
+    def remove_stale(self, paths) -> None:
+        """Delete the outputs an earlier run of this item wrote (`paths`, from its record) that this run
+        did not write again, e.g. under names of an older version: they would linger in the dataset."""
+        keep = set(self.files.values())
+        for f in paths:
+            p = Path(f)
+            if f not in keep and p.is_file() and self.root in p.parents:
+                p.unlink()
 
     def table(self, key: str, df) -> Path:
         p = self.path(key)
@@ -178,6 +299,57 @@ class OutputWriter:
         with atomic_path(t) as tmp:
             thumbnail(p, tmp)
         return p
+
+
+def write_dataset_files(folder, pipeline: str, bids_dir) -> None:
+    """``dataset_description.json``, ``README.md`` and ``.bidsignore`` of one pipeline's derivative
+    dataset `folder`, (re)written only when their content changes (a new code version, bids_dir moved)."""
+    import json
+    import os
+
+    from cohortseg import __version__
+    from cohortseg.pipelines import code_version, get_pipeline
+
+    folder = Path(folder)
+    p = get_pipeline(pipeline)
+    raw = Path(bids_dir).absolute() if bids_dir else None
+    try:
+        link = Path(os.path.relpath(raw, folder.absolute())).as_posix() if raw else ""
+    except ValueError:  # another drive (Windows)
+        link = raw.as_uri()
+    source = {"URL": link} if link else {}
+    try:
+        doi = json.loads((raw / "dataset_description.json").read_text()).get("DatasetDOI") if raw else None
+    except (OSError, ValueError):
+        doi = None
+    if doi:
+        source["DOI"] = doi
+    desc = {
+        "Name": f"cohortseg {pipeline}", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
+        "Description": p.description,
+        "GeneratedBy": [{"Name": "cohortseg", "Version": __version__, "CodeVersion": code_version(pipeline),
+                         "Description": f"pipeline {pipeline}: {p.description}", "CodeURL": CODE_URL}],
+        "SourceDatasets": [source] if source else [],
+        **({"DatasetLinks": {"raw": link}} if link else {}),
+    }
+    readme = (f"# cohortseg {pipeline}\n\n{p.description}.\n\n"
+              "A BIDS-derivatives dataset written by cohortseg. Every image lies on the grid of its source image; "
+              "its name keeps the source's entities and names the source's suffix as `space-<suffix>` "
+              "(for example `sub-01_ses-01_space-T2w_label-SC_mask.nii.gz` comes from "
+              "`sub-01/ses-01/anat/sub-01_ses-01_T2w.nii.gz`); its JSON sidecar names the source (`Sources`, "
+              "`SpatialReference`, BIDS URIs into the raw dataset of `DatasetLinks`), the models and the thresholds "
+              "(`Models`, `Thresholds`) and the pipeline's code version (`CodeVersion`).\n\n"
+              "Tables (`*_perslice.tsv`, `*_census.tsv`, ...), transforms and the QC figures (`sub-*/figures/`) "
+              "are no BIDS data types: `.bidsignore` declares them. Cohort tables are in `../group/`.\n")
+    for name, text in (("dataset_description.json", json.dumps(desc, indent=2) + "\n"), ("README.md", readme),
+                       (".bidsignore", "\n".join(BIDSIGNORE) + "\n")):
+        f = folder / name
+        try:
+            if f.read_text() == text:
+                continue
+        except OSError:
+            pass
+        write_text_atomic(f, text)
 
 
 class Pipeline:

@@ -523,8 +523,6 @@ def _volume_table(metrics, native, cards, info, meta, etiv, icv_info, out: Outpu
     """desc-tissue_volumes.tsv (one row) and its sidecar."""
     import pandas as pd
 
-    from cohortseg.io import write_json_atomic
-
     out.table("desc-tissue_volumes.tsv", pd.DataFrame([metrics]))
     side = {
         "Description": "Volumes (mL) in the conformed 256^3 1 mm grid the networks ran on (label counts); "
@@ -533,7 +531,6 @@ def _volume_table(metrics, native, cards, info, meta, etiv, icv_info, out: Outpu
                        "18-class net, etiv_ml = atlas-scaling eTIV (MNI152 ICV / det(affine)), etiv_icv_ml = measured "
                        "intracranial volume (deep-T1-WMH head net, desc-ICV_mask, native grid), wm_gain = "
                        "white-matter rescaling of the GM/WM net's input (1 = none)",
-        "Sources": [f"bids:raw:{native.get_filename().rsplit('/', 1)[-1]}"],
         "models": [{"name": c.name, "task": c.get("task"),
                     "folds": [{"file": f["file"], "sha256": f.get("sha256")} for f in c.folds]} for c in cards],
         "inference": info,
@@ -543,9 +540,7 @@ def _volume_table(metrics, native, cards, info, meta, etiv, icv_info, out: Outpu
         "etiv_icv": icv_info,
         "brain_mask_crop": info.get("brain_mask_crop"),
     }
-    sp = out.path("desc-tissue_volumes.json")
-    write_json_atomic(sp, side)
-    out.files["desc-tissue_volumes.json"] = str(sp)
+    out.sidecar("desc-tissue_volumes.json", side)
 
 
 def conformed_volumes(mask, tissue, aseg, affine, aseg_labels=None) -> dict[str, float]:

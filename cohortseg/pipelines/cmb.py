@@ -40,9 +40,10 @@ Steps and where they run
       dropped, clusters with more than ``max_outside_fraction`` of their voxels outside the brain mask
       dropped (:func:`cohortseg.science.lesions.lesion_census`); the values used are written to the dseg sidecar
       JSON and the session record;
-    * outputs: ``<stem>_label-CMB_probseg.nii.gz``, ``_label-CMB_dseg.nii.gz`` (lesions numbered 1..n)
-      + ``.json`` sidecar, ``_desc-brain_mask.nii.gz``, ``_desc-CMB_census.tsv`` (one row per lesion),
-      ``_desc-CMB_regions.tsv``; ``WMH`` likewise; QC mosaic + lesion crops + brain-mask mosaic;
+    * outputs (keys; file names from :func:`cohortseg.pipelines.base.bids_name`, e.g.
+      ``sub-01_space-swi_seg-CMB_dseg.nii.gz``): ``label-CMB_probseg.nii.gz``, ``label-CMB_dseg.nii.gz``
+      (lesions numbered 1..n) + ``.json`` sidecar, ``desc-brain_mask.nii.gz``, ``desc-CMB_census.tsv`` (one
+      row per lesion), ``desc-CMB_regions.tsv``; ``WMH`` likewise; QC mosaic + lesion crops + brain-mask mosaic;
     * regions: cmb: MARS-like ``lobar`` / ``deep`` / ``infratentorial`` from each lesion's MNI centroid
       (:func:`cohortseg.science.lesions.cmb_location_mni`, coarse MNI boxes); wmh: ``periventricular`` /
       ``deep_white`` / ``infracortical`` voxel-wise from the MNI152 template region map
@@ -304,13 +305,10 @@ class ShivaLesions(Pipeline):
 
     def _sidecar(self, item: Item, meta: dict, cards, out: OutputWriter, params: dict, mask_source: str, box,
                  mni: dict) -> None:
-        from cohortseg.io import write_json_atomic
-
         t = self.target
         side = {
             "Description": f"{t} lesions (SHIVA 3D U-Net fold ensemble), numbered 1..n in scan order; "
                            "see the census TSV for one row per lesion",
-            "Sources": [f"bids:raw:{os.path.basename(p)}" for p in item.inputs.values()],
             "postprocessing": params,
             "models": [{"name": c.name, "folds": [{"file": f["file"], **{k: f[k] for k in ("md5", "sha256") if k in f}}
                                                   for f in c.folds]} for c in cards
@@ -320,9 +318,7 @@ class ShivaLesions(Pipeline):
             "mni": {k: mni.get(k) for k in ("from", "det", "error", "tool", "fixed", "etiv_method")},
             "registration": meta.get("registration", {}),
         }
-        sp = out.path(f"label-{t}_dseg.json")
-        write_json_atomic(sp, side)
-        out.files[f"label-{t}_dseg.json"] = str(sp)
+        out.sidecar(f"label-{t}_dseg.json", side)
 
     def _qc(self, item, data, aff, labels, mask, out: OutputWriter) -> None:
         from cohortseg.qc.snapshots import lesion_crops, mosaic

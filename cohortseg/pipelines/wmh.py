@@ -20,7 +20,9 @@ affine / rois / wmh, e.g. a stand-in) - precisely, when one of them is the ``wmh
     (26-connected components of the mask, MNI coordinates through the same matrix); the ITK affine
     file; QC mosaics.
 
-Outputs (``<stem>_``): ``label-WMH_probseg.nii.gz``, ``label-WMH_mask.nii.gz`` (+ ``.json``),
+Outputs (keys; file names from :func:`cohortseg.pipelines.base.bids_name`, e.g.
+``sub-01_space-T1w_label-WMH_mask.nii.gz``): ``label-WMH_probseg.nii.gz``, ``label-WMH_mask.nii.gz``
+(+ ``.json``),
 ``desc-WMHregions_dseg.nii.gz`` (+ ``.tsv`` label names), ``desc-ICV_mask.nii.gz``,
 ``desc-cerebrum_mask.nii.gz``, ``desc-MNI_affine.txt``, ``desc-WMH_regions.tsv`` (one row, the
 upstream ``*_wmh_in_lrois.csv`` columns, values truncated to integers as upstream prints them, plus
@@ -231,7 +233,7 @@ def _deep_finalize(item: Item, prepared: Prepared, prob: Predicted, cards, cfg, 
     import nibabel as nib
     import pandas as pd
 
-    from cohortseg.io import write_json_atomic, write_text_atomic
+    from cohortseg.io import write_text_atomic
     from cohortseg.qc.outliers import sanity_flags
     from cohortseg.science.lesions import BRAIN_MASK_RANGE_MM3, CENSUS_COLUMNS, census_in_box
 
@@ -268,7 +270,6 @@ def _deep_finalize(item: Item, prepared: Prepared, prob: Predicted, cards, cfg, 
 
     side = {
         "Description": "White-matter hypointensities on T1 (deep-T1-WMH); mask = probability >= 128/255",
-        "Sources": [f"bids:raw:{os.path.basename(item.inputs['image'])}"],
         "method": W.METHOD,
         "models": [{"name": c.name, "folds": [{"file": f["file"], **{k: f[k] for k in ("sha256", "git_blob_sha1", "md5")
                                                                       if k in f}} for f in c.folds]} for c in cards],
@@ -278,9 +279,7 @@ def _deep_finalize(item: Item, prepared: Prepared, prob: Predicted, cards, cfg, 
         "volumes": "upstream formulas: total on the native grid from clip(u8, 0, 192) / 192; regions and region "
                    "sizes in the MNI box divided by the affine scaling",
     }
-    sp = out.path("label-WMH_mask.json")
-    write_json_atomic(sp, side)
-    out.files["label-WMH_mask.json"] = str(sp)
+    out.sidecar("label-WMH_mask.json", side)
 
     data = np.asarray(nib.load(item.inputs["image"]).dataobj, np.float32)
     data = data.reshape(data.shape[:3] + (-1,))[..., 0] if data.ndim > 3 else data

@@ -26,7 +26,7 @@ from cohortseg.models.cards import pipeline_cards
 from cohortseg.errors import InputError
 from cohortseg.io import write_json_atomic
 from cohortseg.pipelines import code_version, get_pipeline
-from cohortseg.pipelines.base import Context, Item, OutputWriter, Predicted, Prepared
+from cohortseg.pipelines.base import Context, Item, OutputWriter, Predicted, Prepared, write_dataset_files
 from cohortseg.workflow.plan import shard_input_sessions
 from cohortseg.workflow.records import FAILED, OK, ItemRecord, SessionRecord
 
@@ -298,7 +298,7 @@ def finalize_session(rows: list[dict], prep_record, config: dict, record_path) -
     cards_cache: dict = {}
     ctx = Context.from_config(config)
     for pname, items in rec.pipelines.items():
-        _dataset_description(out_dir, pname)
+        write_dataset_files(out_dir / pname, pname, config.get("bids_dir"))
         for name, it in items.items():
             if not it.ok:
                 continue
@@ -317,6 +317,7 @@ def finalize_session(rows: list[dict], prep_record, config: dict, record_path) -
                     raise InputError(f"inference produced no output{': ' + why if why else ''}")
                 if pname not in cards_cache:
                     cards_cache[pname] = pipeline_cards(config, pname)
+                writer.describe(cards_cache[pname], _cfg(config, pname))
                 metrics = get_pipeline(pname).finalize(item, Prepared.load(it.prep), Predicted.load(prob_file),
                                                        cards_cache[pname], _cfg(config, pname), ctx, writer)
                 it.status, it.metrics = OK, metrics
@@ -325,6 +326,7 @@ def finalize_session(rows: list[dict], prep_record, config: dict, record_path) -
                 it.status, it.stage, it.error = fail.status, fail.stage, fail.error
             # outputs, flags and anatomy checks are kept for QC whatever the outcome
             it.files, it.sanity_flags = writer.files, writer.flags
+            writer.remove_stale(prev.files.values() if prev else ())
             it.checks = {**it.checks, **writer.checks}
             it.finalize_seconds = round(time.perf_counter() - t0, 2)
     if old is not None and rec == dataclasses.replace(old, finished=""):
@@ -332,16 +334,3 @@ def finalize_session(rows: list[dict], prep_record, config: dict, record_path) -
     rec.finished = time.strftime("%Y-%m-%dT%H:%M:%S")
     rec.write(record_path)
     return rec
-
-
-def _dataset_description(out_dir: Path, pipeline: str) -> None:
-    path = out_dir / pipeline / "dataset_description.json"
-    if path.is_file():
-        return
-    p = get_pipeline(pipeline)
-    write_json_atomic(path, {
-        "Name": f"cohortseg {pipeline}", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
-        "Description": p.description,
-        "GeneratedBy": [{"Name": "cohortseg", "Version": __version__,
-                         "CodeURL": "https://github.com/cohortseg/cohortseg"}],
-    })
