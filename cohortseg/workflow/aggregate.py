@@ -42,6 +42,7 @@ import pandas as pd
 from cohortseg import __version__
 from cohortseg.io import atomic_path, write_json_atomic
 from cohortseg.pipelines import code_version, get_pipeline
+from cohortseg.workflow.manifest import tsv_stamp
 from cohortseg.workflow.records import FAILED, NO_INPUT, ItemRecord, SessionRecord
 
 log = logging.getLogger("cohortseg.aggregate")
@@ -132,14 +133,6 @@ def parts_version(pipelines) -> str:
     return h.hexdigest()
 
 
-def _stamp(path) -> list | None:
-    try:
-        st = os.stat(path)
-        return [st.st_size, st.st_mtime_ns]
-    except OSError:
-        return None
-
-
 def write_shard_tables(sessions: dict, config: dict, part_dir) -> dict:
     """Write the shard's part of summary.csv, of every group table and of the QC page from the
     records of its sessions ({session key: record path}); a part that is already up to date (same
@@ -148,7 +141,7 @@ def write_shard_tables(sessions: dict, config: dict, part_dir) -> dict:
     pipelines = list(config["pipelines"])
     version = parts_version(pipelines)
     sessions = {k: str(v) for k, v in sessions.items()}
-    stamps = {k: _stamp(p) for k, p in sessions.items()}
+    stamps = {k: tsv_stamp(Path(p)) for k, p in sessions.items()}
     old = _read_manifest(part_dir)
     if old is not None and not _part_problem(old, part_dir, version, sessions, stamps):
         return old
@@ -195,7 +188,7 @@ def _part_problem(m: dict, part_dir: Path, version: str, sessions: dict, stamps:
     if stamps is not None and m.get("stamps") != stamps:
         return "a session record changed after it was written"
     for f, size in m.get("files", {}).items():
-        got = _stamp(part_dir / f)
+        got = tsv_stamp(part_dir / f)
         if got is None:
             return f"{f} is missing"
         if got[0] != size:
@@ -278,7 +271,7 @@ def _write_table_part(records, pname: str, key: str, part_dir: Path, table_name:
     for _, header, _ in pieces:  # one header: the columns in the order they first appear
         columns += [c for c in header if c not in columns]
     counts: dict[str, list[int]] = {}  # session key -> [rows, bytes]
-    out = [",".join(_quote(c) for c in columns) + "\n"]
+    out = [_csv_text([columns])]
     for skey, header, body in pieces:
         if header != columns:  # another header than the part's: rows in the part's columns
             parsed = body if isinstance(body, list) else list(csv.reader(io.StringIO(body)))
@@ -298,10 +291,6 @@ def _write_table_part(records, pname: str, key: str, part_dir: Path, table_name:
         _write_arrow(table, tmp)
     return {"columns": columns, "types": [str(f.type) for f in table.schema], "header_bytes": len(out[0].encode()),
             "sessions": counts}
-
-
-def _quote(v: str) -> str:
-    return _csv_text([[v]])[:-1]
 
 
 def _csv_to_arrow(data: bytes, columns: list[str]):
@@ -357,7 +346,7 @@ def shard_parts(shard_records: list, config: dict) -> list[tuple[Path, dict]]:
         part_dir = shard_tables_dir(rec_path)
         m = _read_manifest(part_dir)
         why = "missing" if m is None else _part_problem(m, part_dir, version, sessions,
-                                                        {k: _stamp(p) for k, p in sessions.items()})
+                                                        {k: tsv_stamp(Path(p)) for k, p in sessions.items()})
         if why:
             log.warning("tables of %s: part %s %s: rebuilt from its records", Path(rec_path).name, part_dir, why)
             m = write_shard_tables(sessions, config, part_dir)
@@ -440,7 +429,7 @@ def _assemble_table(table_name: str, parts, runs, out_dir: Path, staged: list) -
     columns = list(TABLE_KEYS)
     for i, _, _ in runs:
         columns += [c for c in parts[i][1]["tables"][table_name]["columns"] if c not in columns]
-    header = (",".join(_quote(c) for c in columns) + "\n").encode()
+    header = _csv_text([columns]).encode()
 
     def write_csv(f):
         f.write(header)
