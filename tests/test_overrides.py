@@ -109,9 +109,7 @@ def test_the_pipelines_read_every_default_from_the_schema():
 
     keys = {k for p in REGISTRY for k in defaults(p)}
     pkg = Path(__file__).resolve().parents[1] / "cohortseg" / "pipelines"
-    # brain_tissue.py still has its own (issue #27 is rewriting that module)
     bad = [f"{f.name}:{n.lineno} cfg.get({n.args[0].value!r}, ...)" for f in sorted(pkg.glob("*.py"))
-           if f.name != "brain_tissue.py"
            for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
            and n.func.attr == "get" and isinstance(n.func.value, ast.Name) and n.func.value.id == "cfg"
            and n.args and isinstance(n.args[0], ast.Constant) and n.args[0].value in keys]

@@ -52,6 +52,7 @@ import numpy as np
 
 from cohortseg.errors import AnatomyError, InputError, ModelError
 from cohortseg.pipelines.base import Context, Item, OutputWriter, Pipeline, Predicted, Prepared, Role
+from cohortseg.schema import with_defaults
 from cohortseg.science.metrics import bounding_box
 from cohortseg.science.anatomy import NOT_BRAIN, check_brain_mask, check_head, limits
 
@@ -187,14 +188,14 @@ class BrainTissue(Pipeline):
     group_tables = {"tissue_volumes.csv": "desc-tissue_volumes.tsv"}
 
     def methods(self, cards, cfg):
-        roles = card_roles(cards)
+        roles, cfg = card_roles(cards), with_defaults(self.name, cfg)
         out = {"brain_mask": cards[roles["brain_mask"][0]].name,
-               "etiv": "atlas scaling (antspyx affine to MNI152, brain-masked)" if cfg.get("etiv", True) else "off"}
+               "etiv": "atlas scaling (antspyx affine to MNI152, brain-masked)" if cfg["etiv"] else "off"}
         if ICV_ROLE in roles:
             from cohortseg.science.deepwmh import ICV_METHOD
 
             out["etiv_icv"] = ICV_METHOD
-            out["brain_mask_crop"] = ("deep-T1-WMH intracranial mask box" if cfg.get("fast_crop", True)
+            out["brain_mask_crop"] = ("deep-T1-WMH intracranial mask box" if cfg["fast_crop"]
                                       else "brainchop head box")
         return out
 
@@ -205,6 +206,7 @@ class BrainTissue(Pipeline):
         from cohortseg.science.conform import conform
 
         card_roles(cards)  # a bad model list fails here, before any GPU time is spent
+        cfg = with_defaults(self.name, cfg)
         path = item.inputs["image"]
         img, warnings = ctx.load_image(path)
         data = np.asarray(img.dataobj)
@@ -217,7 +219,7 @@ class BrainTissue(Pipeline):
             img = nib.Nifti1Image(data.astype(np.uint8), img.affine)
         grid = _grid(cards)
         conformed, info = conform(img, shape=grid["shape"], voxel_mm=grid["voxel_mm"], orientation=grid["orientation"],
-                                  order=_ORDER[cfg.get("interpolation", "cubic")], snap=cfg.get("snap_to_native", False))
+                                  order=_ORDER[cfg["interpolation"]], snap=cfg["snap_to_native"])
         if info["fov_clipped"]:
             warnings.append(f"field of view larger than the {grid['shape']} mm conformed cube: what lies outside "
                             "it is not segmented")
@@ -239,9 +241,9 @@ class BrainTissue(Pipeline):
 
     # -- predict ---------------------------------------------------------------------------------
     def predict(self, models, prepared, cards, cfg, batch_size):
-        roles = card_roles(cards)
+        roles, cfg = card_roles(cards), with_defaults(self.name, cfg)
         vol = conformed_volume(prepared)
-        info: dict = {"crop": cfg.get("crop", "brain_mask"), "models": {r: cards[i].name for r, (i, _) in roles.items()},
+        info: dict = {"crop": cfg["crop"], "models": {r: cards[i].name for r, (i, _) in roles.items()},
                       "boxes": {}, "seconds": {}}
         clock = _Clock(info["seconds"])
         out: dict = {}
@@ -276,6 +278,7 @@ class BrainTissue(Pipeline):
                  out: OutputWriter) -> dict:
         import nibabel as nib
 
+        cfg = with_defaults(self.name, cfg)
         if "box" not in prob or "brain_mask" not in prob:
             raise InputError("inference output lacks the brain_tissue arrays (stale work files? rerun infer)")
         caff = np.asarray(prepared.meta["conform"]["conformed_affine"], float)
@@ -288,7 +291,7 @@ class BrainTissue(Pipeline):
         vols = conformed_volumes(mask_c, prob.get("tissue"), prob.get("aseg"), caff, info.get("aseg_labels"))
         mask_n, tissue_n, aseg_n = _native_outputs(prob, lo, caff, (tuple(native.shape[:3]), naff), info, out)
         etiv = {}
-        if cfg.get("etiv", True):  # atlas scaling on the conformed T1, skull-stripped by the brain mask
+        if cfg["etiv"]:  # atlas scaling on the conformed T1, skull-stripped by the brain mask
             etiv = self._etiv(item, prepared, mask_c, lo, caff, out)
             if "etiv_ml" in etiv:
                 vols["etiv_ml"] = etiv["etiv_ml"]
@@ -365,13 +368,13 @@ class BrainTissue(Pipeline):
     def _flags(mask, aff, vols, cfg, etiv) -> list[str]:
         from cohortseg.qc.outliers import sanity_flags
 
-        lo_ml, hi_ml = cfg.get("brain_mask_range_ml") or (700.0, 2200.0)
+        lo_ml, hi_ml = cfg["brain_mask_range_ml"]
         flags = [f"brain_mask_{f}" for f in sanity_flags(mask, aff, (lo_ml * 1000.0, hi_ml * 1000.0))]
         if vols.get("brain_ml"):
             frac = vols["wm_ml"] / vols["brain_ml"]
             if not WM_FRACTION_RANGE[0] <= frac <= WM_FRACTION_RANGE[1]:
                 flags.append("wm_fraction_implausible")
-        if cfg.get("etiv", True):
+        if cfg["etiv"]:
             if "etiv_ml" not in etiv:
                 flags.append("etiv_failed")
             elif not MASK_ETIV_RANGE[0] <= vols["brain_mask_ml"] / etiv["etiv_ml"] <= MASK_ETIV_RANGE[1]:
@@ -406,7 +409,7 @@ def _icv_crop(models, roles, prepared, shape, cfg, out: dict) -> dict:
     nat = prepared.meta["native"]
     caff = np.asarray(prepared.meta["conform"]["conformed_affine"], float)
     out["icv_prior"] = pri[..., 0].astype(np.float32)
-    if not cfg.get("fast_crop", True):
+    if not cfg["fast_crop"]:
         return {}
     icv = native_prior(pri[..., 0], nat["affine"], nat["shape"], target=(shape, caff)) > PRIOR_THRESHOLD
     return {"mask": icv} if icv.any() else {}
@@ -428,7 +431,7 @@ def _brain_mask(models, roles, vol, mask_crop: dict):
 
 
 def _crop_kw(spec, mask, cfg) -> dict:
-    if cfg.get("crop", "brain_mask") == "head":
+    if cfg["crop"] == "head":
         return {"padding": spec.crop_padding, "threshold": spec.crop_threshold}
     return {"padding": spec.crop_padding, "mask": mask}
 
@@ -442,8 +445,7 @@ def _tissue(models, roles, vol, mask, mbox, cfg, info) -> dict:
     names = [n.lower() for n in spec.labels]
     wm_i = next(k for k, n in enumerate(names) if n.startswith("white"))
     gm_i = next(k for k, n in enumerate(names) if n.startswith("gr"))
-    target = cfg.get("wm_target", brain.WM_TARGET)
-    level, gain = brain.wm_gain(_model(models[i][0]), vol, spec, target)
+    level, gain = brain.wm_gain(_model(models[i][0]), vol, spec, cfg["wm_target"])
     box, p = _run_folds(models[i], vol, spec, gain=gain, **_crop_kw(spec, mask, cfg))
     gw = np.zeros(vol.shape, np.uint8)
     gw[box] = brain.argmax(p)
@@ -455,7 +457,7 @@ def _tissue(models, roles, vol, mask, mbox, cfg, info) -> dict:
         out[key] = (full[mbox] * inside).astype(np.float16)
     del p
     out["tissue"] = brain.tissue_dseg(brain.keep_largest_foreground(gw), mask, spec.labels)[mbox]
-    info["tissue"] = {"wm_level": level, "gain": gain, "wm_target": target}
+    info["tissue"] = {"wm_level": level, "gain": gain, "wm_target": cfg["wm_target"]}
     info["boxes"]["tissue"] = _box_list(box)
     return out
 

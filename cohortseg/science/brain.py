@@ -318,10 +318,6 @@ def keep_largest_foreground(dseg: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------- tissue
-#: Level (in the net's normalised input) the white-matter intensity is moved to before the GW net
-#: runs (see ``wm_gain``).
-WM_TARGET = 0.65
-
 #: whether the aseg net (model30chan18cls) gets the GW net's WM standardisation gain too: no, it is
 #: gain-insensitive (MNI152 GM/WM Dice 0.797/0.872 at gain 1, 0.799/0.872 at the WM gain 0.71)
 #: so it keeps brainchop's plain recipe.
@@ -356,7 +352,7 @@ def estimate_wm_level(model, vol: np.ndarray, norm: str = "minmax", wm_index: in
     return wm_level(sub[inner], lab[inner], wm_index)
 
 
-def wm_gain(model, vol: np.ndarray, spec: MeshNetSpec, wm_target: float | None = WM_TARGET,
+def wm_gain(model, vol: np.ndarray, spec: MeshNetSpec, wm_target: float | None,
             tol: float = 0.05) -> tuple[float | None, float]:
     """(WM level, input gain) of the white-matter-anchored intensity standardisation of a GW MeshNet.
 
