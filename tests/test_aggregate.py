@@ -24,6 +24,7 @@ from aggregate_cohort import clone_cohort, synthetic_templates  # noqa: E402
 PIPELINES = ["sc_gm", "sc_csa", "brain_tissue"]
 # the per-item tables the pipelines name for the cohort tables
 (GM_PERSLICE,), (PERSLICE, PERLEVEL), (TISSUE,) = (list(get_pipeline(p).group_tables.values()) for p in PIPELINES)
+PERSLICE_TABLE = next(t for t, k in get_pipeline("sc_csa").group_tables.items() if k == PERSLICE)
 CONFIG = {"pipelines": PIPELINES, "sc_gm": {"models": ["gmseg_challenge"]}, "sc_csa": {"models": ["sc_csa"]},
           "brain_tissue": {"models": ["brainchop_gw_ae"]}}
 
@@ -217,6 +218,51 @@ def test_one_shard_rerun_rebuilds_its_part_only(cohort):
     agg.aggregate(shards, out / "group", config)
     got = assert_same_tables(out / "group", shards, config)
     assert 12345.0 in got.sc_gm_gm_volume_mm3.tolist()
+
+
+def test_a_cohort_table_is_kept_while_its_parts_are_the_same_and_rebuilt_when_they_change(cohort):
+    """group/<table>.csv + .parquet are linked back from work/shards/tables/cohort/ when their parts'
+    content did not change (Snakemake removes the rule's outputs before it runs), and assembled again
+    when a part's rows changed or a kept file was edited."""
+    out, shards, config = cohort
+    group, kept = out / "group", agg.shard_tables_dir(shards[0]).parent / "cohort"
+    tables = [f for p in PIPELINES for t in get_pipeline(p).group_tables for f in (t, t[:-4] + ".parquet")]
+    gm_table = next(t for t in get_pipeline("sc_gm").group_tables)
+    agg.aggregate(shards, group, config)
+    first = {f: (group / f).stat().st_ino for f in tables}
+    assert first == {f: (kept / f).stat().st_ino for f in tables}  # kept: links, not copies
+
+    sessions = json.loads(shards[2].read_text())["sessions"]
+    path = next(iter(sessions.values()))
+    rec = SessionRecord.read(path)
+    gm = rec.items("sc_gm")[next(iter(rec.items("sc_gm")))]
+    gm.metrics["gm_volume_mm3"] = 12345.0  # a metric changed, none of the tables
+    rec.write(path)
+    agg.write_shard_tables(sessions, config, agg.shard_tables_dir(shards[2]))
+    for f in group.iterdir():  # as Snakemake does before the rule runs
+        f.unlink()
+    agg.aggregate(shards, group, config)
+    assert {f: (group / f).stat().st_ino for f in tables} == first  # every table kept
+    got = assert_same_tables(group, shards, config)
+    assert 12345.0 in got.sc_gm_gm_volume_mm3.tolist()
+
+    perslice = pd.read_csv(gm.files[GM_PERSLICE])  # the session's sc_gm rows changed (its job reran)
+    perslice.loc[0, "gm_area_mm2"] = 98.765
+    perslice.to_csv(gm.files[GM_PERSLICE], index=False)
+    rec.write(path)
+    agg.write_shard_tables(sessions, config, agg.shard_tables_dir(shards[2]))
+    agg.aggregate(shards, group, config)
+    now = {f: (group / f).stat().st_ino for f in tables}
+    assert [f for f in tables if now[f] != first[f]] == [gm_table, gm_table[:-4] + ".parquet"]
+    assert "98.765" in (group / gm_table).read_text()
+    assert_same_tables(group, shards, config)
+
+    with open(group / PERSLICE_TABLE, "a") as f:  # a kept file edited in place: not trusted any more
+        f.write("sub-x,,T2w\n")
+    agg.aggregate(shards, group, config)
+    assert (group / PERSLICE_TABLE).stat().st_ino != now[PERSLICE_TABLE]
+    assert_same_tables(group, shards, config)
+    assert not list(group.glob(".*")) and not list(kept.glob(".*"))
 
 
 @pytest.mark.parametrize("fault", ["missing", "truncated", "older_version", "stale_record"])

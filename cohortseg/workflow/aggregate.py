@@ -21,8 +21,11 @@ from the shard's records (logged), never dropped or mixed in. Then the summary p
 concatenated (one header: status and metric columns of every shard), the cohort-wide columns are
 computed column-wise on it (Tukey outlier flags, the raters' qc_rating), and every group table is
 streamed part by part into ``group/<table>.csv`` (bytes copied when a part's header is the cohort's)
-and ``group/<table>.parquet``. Every cohort file is written beside its final name and renamed into
-place only once all of them are complete: a crash leaves the previous tables.
+and ``group/<table>.parquet``. A cohort table whose parts did not change (the same content digests,
+columns, types and sessions: its key) is not assembled again: the one assembled last is kept as hard
+links in ``work/shards/tables/cohort/`` (with its key and the files' stamps) and linked back into
+``group/``. Every cohort file is written (or linked) beside its final name and renamed into place
+only once all of them are complete: a crash leaves the previous tables.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -42,7 +46,7 @@ import pandas as pd
 from cohortseg import __version__
 from cohortseg.io import atomic_path, write_json_atomic
 from cohortseg.pipelines import code_version, get_pipeline
-from cohortseg.workflow.manifest import tsv_stamp
+from cohortseg.workflow.manifest import load_json, tsv_stamp
 from cohortseg.workflow.records import FAILED, NO_INPUT, ItemRecord, SessionRecord
 
 log = logging.getLogger("cohortseg.aggregate")
@@ -52,7 +56,7 @@ QC_COLUMNS = ["qc_flags", "qc_rating"]
 RATING_ORDER = ["fail", "artifact", "pass"]  # the worst rating of a session's pipelines wins
 TABLE_KEYS = ["participant_id", "session_id", "contrast"]
 #: bump when the layout or content of a shard part changes (older parts are then rebuilt)
-PARTS_FORMAT = 2
+PARTS_FORMAT = 3
 #: what pandas' CSV reader took for missing in the per-session tables (the cohort CSV writes "")
 _NA = re.compile(r"(?<![^,\n])(?:n/a|N/A|NA|nan|NaN|None|null|NULL|<NA>)(?![^,\n])")
 QC_FIELDS = ["participant_id", "session_id", "pipeline", "item", "status", "error", "snapshot", "thumbnail",
@@ -141,7 +145,7 @@ def write_shard_tables(sessions: dict, config: dict, part_dir) -> dict:
     pipelines = list(config["pipelines"])
     version = parts_version(pipelines)
     sessions = {k: str(v) for k, v in sessions.items()}
-    stamps = {k: tsv_stamp(Path(p)) for k, p in sessions.items()}
+    stamps = {k: tsv_stamp(p) for k, p in sessions.items()}
     old = _read_manifest(part_dir)
     if old is not None and not _part_problem(old, part_dir, version, sessions, stamps):
         return old
@@ -290,7 +294,7 @@ def _write_table_part(records, pname: str, key: str, part_dir: Path, table_name:
     with atomic_path(pq_path) as tmp:
         _write_arrow(table, tmp)
     return {"columns": columns, "types": [str(f.type) for f in table.schema], "header_bytes": len(out[0].encode()),
-            "sessions": counts}
+            "sessions": counts, "sha1": hashlib.sha1(data).hexdigest()}
 
 
 def _csv_to_arrow(data: bytes, columns: list[str]):
@@ -318,19 +322,25 @@ def aggregate(shard_records: list, out_dir, config: dict, ratings=None) -> pd.Da
     order = sorted(((i, j) for i, (_, m) in enumerate(parts) for j in range(len(m["order"]))),
                    key=lambda t: tuple(parts[t[0]][1]["order"][t[1]]))
     runs = _runs(order)
-    staged = []  # (temporary file, final path)
+    cache = shard_tables_dir(shard_records[0]).parent / "cohort" if shard_records else None
+    staged, fresh = [], []  # (temporary file, final path); (table, key) of the tables assembled
     try:
         df = _summary(parts, runs, pipelines, config, ratings)
         staged.append(_stage(out_dir / "summary.csv", lambda f: df.to_csv(f, index=False, na_rep="")))
         for pname in pipelines:
             for table_name in get_pipeline(pname).group_tables:
-                _assemble_table(table_name, parts, runs, out_dir, staged)
+                key = _table_key(table_name, parts, runs)
+                if not _reuse_table(table_name, key, cache, out_dir, staged):
+                    _assemble_table(table_name, parts, runs, out_dir, staged)
+                    fresh.append((table_name, key))
         for tmp, final in staged:  # every file is complete: now replace the previous ones
             os.replace(tmp, final)
     finally:
         for tmp, _ in staged:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    for table_name, key in fresh:
+        _keep_table(table_name, key, cache, out_dir)
     write_json_atomic(out_dir / "summary.json", provenance(config, len(df)))
     return df
 
@@ -346,7 +356,7 @@ def shard_parts(shard_records: list, config: dict) -> list[tuple[Path, dict]]:
         part_dir = shard_tables_dir(rec_path)
         m = _read_manifest(part_dir)
         why = "missing" if m is None else _part_problem(m, part_dir, version, sessions,
-                                                        {k: tsv_stamp(Path(p)) for k, p in sessions.items()})
+                                                        {k: tsv_stamp(p) for k, p in sessions.items()})
         if why:
             log.warning("tables of %s: part %s %s: rebuilt from its records", Path(rec_path).name, part_dir, why)
             m = write_shard_tables(sessions, config, part_dir)
@@ -366,10 +376,18 @@ def _runs(order) -> list[tuple[int, int, int]]:
     return runs
 
 
-def _stage(final: Path, write, mode: str = "w") -> tuple[str, Path]:
+def _stage(final: Path, write, mode: str = "w", link: Path | None = None) -> tuple[str, Path]:
+    """final's next content written (`write(file)`) or linked (`link`: a file kept) beside it."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.{os.getpid()}.part"
     try:
+        if link is not None:
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(link, tmp)
+            except OSError:  # another file system
+                shutil.copyfile(link, tmp)
+            return str(tmp), final
         with open(tmp, mode, newline="" if mode == "w" else None) as f:
             write(f)
     except BaseException:
@@ -422,6 +440,55 @@ def _add_qc(df, config, ratings):
             worst[(df[per].to_numpy() == r).any(axis=1)] = r
     df.insert(df.columns.get_loc("qc_flags") + 1, "qc_rating", worst)
     return df
+
+
+def _table_files(table_name: str) -> list[str]:
+    return [table_name, Path(table_name).stem + ".parquet"]
+
+
+def _table_key(table_name: str, parts, runs) -> str:
+    """What a cohort table is made of: the parts' code version, and per run its part's table (content
+    digest, columns, types, rows and bytes per session) and sessions."""
+    import pyarrow as pa
+
+    h = hashlib.sha1(json.dumps([table_name, pa.__version__]).encode())
+    for i, first, stop in runs:
+        m = parts[i][1]
+        h.update(json.dumps([m["version"], m["tables"][table_name], m["order"][first:stop], first, stop]).encode())
+    return h.hexdigest()
+
+
+def _reuse_table(table_name: str, key: str, cache: Path | None, out_dir: Path, staged: list) -> bool:
+    """Stage the cohort table (CSV + Parquet) kept in `cache` (work/shards/tables/cohort/, hard links
+    of the group files: Snakemake removes a rule's outputs before it runs) when it was assembled from
+    the same parts (its key) and is intact; else forget it (before anything is replaced)."""
+    if cache is None:
+        return False
+    names = _table_files(table_name)
+    state = load_json(cache / f"{table_name}.json")
+    if isinstance(state, dict) and state.get("key") == key and state.get("stamps") == [tsv_stamp(cache / n) for n in names]:
+        for n in names:
+            staged.append(_stage(out_dir / n, None, link=cache / n))
+        return True
+    (cache / f"{table_name}.json").unlink(missing_ok=True)
+    return False
+
+
+def _keep_table(table_name: str, key: str, cache: Path | None, out_dir: Path) -> None:
+    """Keep the cohort table just written (hard links, no copy) for `_reuse_table`."""
+    if cache is None:
+        return
+    cache.mkdir(parents=True, exist_ok=True)
+    names = _table_files(table_name)
+    for n in names:
+        tmp = cache / f".{n}.{os.getpid()}.part"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(out_dir / n, tmp)
+        except OSError:  # no hard links here: not kept (a copy would cost what assembling does)
+            return
+        os.replace(tmp, cache / n)
+    write_json_atomic(cache / f"{table_name}.json", {"key": key, "stamps": [tsv_stamp(cache / n) for n in names]})
 
 
 def _assemble_table(table_name: str, parts, runs, out_dir: Path, staged: list) -> None:

@@ -174,9 +174,9 @@ def _session_inputs(rows) -> list[str]:
     return sorted(paths)
 
 
-def tsv_stamp(path: Path) -> list[int] | None:
+def tsv_stamp(path: str | Path) -> list[int] | None:
     try:
-        st = path.stat()
+        st = os.stat(path)
     except OSError:
         return None
     return [st.st_size, st.st_mtime_ns]
