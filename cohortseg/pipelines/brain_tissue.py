@@ -431,21 +431,9 @@ def _brain_mask(models, roles, vol, mask_crop: dict):
 
 
 def _crop_kw(spec, mask, cfg) -> dict:
-    """The box the tissue / aseg net runs on and the voxels it computes labels for (``label_margin``:
-    the brain mask grown by that many voxels, None = the whole box)."""
-    kw = {"padding": spec.crop_padding, "need": _label_region(mask, cfg["label_margin"])}
     if cfg["crop"] == "head":
-        return {**kw, "threshold": spec.crop_threshold}
-    return {**kw, "mask": mask}
-
-
-def _label_region(mask, margin):
-    """The brain mask grown by ``margin`` voxels (a cube), None for ``margin`` None."""
-    if margin is None:
-        return None
-    from scipy import ndimage
-
-    return ndimage.maximum_filter(mask, size=2 * int(margin) + 1) if margin else mask
+        return {"padding": spec.crop_padding, "threshold": spec.crop_threshold}
+    return {"padding": spec.crop_padding, "mask": mask}
 
 
 def _tissue(models, roles, vol, mask, mbox, cfg, info) -> dict:
@@ -590,14 +578,13 @@ def _box_list(box) -> list[list[int]]:
 
 
 def _run_folds(folds, vol, spec, gain: float = 1.0, padding: int | None = None, threshold: float | None = None,
-               mask=None, need=None):
+               mask=None):
     """(box, mean softmax of the folds on the box) with :func:`cohortseg.science.brain.run_meshnet_crop` (layer by
     layer; one fold's activations alive at a time)."""
     from cohortseg.science.brain import run_meshnet_crop
 
     kw = {"norm": spec.norm, "padding": spec.crop_padding if padding is None else padding,
-          "threshold": spec.crop_threshold if threshold is None else threshold, "mask": mask, "gain": gain,
-          "need": need}
+          "threshold": spec.crop_threshold if threshold is None else threshold, "mask": mask, "gain": gain}
     box, acc = None, None
     for fold in folds:
         b, p = run_meshnet_crop(_model(fold), vol, **kw)

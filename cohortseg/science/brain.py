@@ -170,12 +170,8 @@ def _chain_layers(model):
     return layers if prev is model.outputs[0] else None
 
 
-def _predict(model, x: np.ndarray, need: np.ndarray | None = None) -> np.ndarray:
+def _predict(model, x: np.ndarray) -> np.ndarray:
     """One forward pass (batch of 1), numpy in and out.
-
-    ``need`` (boolean, the input's spatial shape): the output voxels wanted; a chain of stride-1 'same'
-    convolutions and pointwise layers then computes each layer only where the wanted voxels need it
-    (:func:`_predict_region`, the same numbers there; 0 elsewhere).
 
     Chain models (every MeshNet) run layer by layer so only two activations are alive at a time
     (calling a functional model keeps every intermediate until the end: ~77 x 0.5 GB for mindgrab
@@ -187,12 +183,6 @@ def _predict(model, x: np.ndarray, need: np.ndarray | None = None) -> np.ndarray
     arr = x[None, ..., None] if x.ndim == 3 else x[None]
     try:
         layers = _chain_layers(model)
-        if need is not None and np.any(need) and layers is not None and _DIRECT_DILATED_CONV[0] is not False:
-            stages = _stages(layers)
-            if stages is not None:
-                out = _predict_region(stages, arr[0], np.asarray(need, bool))
-                if out is not None:
-                    return out
         y = tf.convert_to_tensor(arr, dtype=tf.float32)
         if layers is None:
             y = model(y, training=False)
@@ -205,113 +195,6 @@ def _predict(model, x: np.ndarray, need: np.ndarray | None = None) -> np.ndarray
         return np.asarray(y)[0]
     except Exception as e:  # noqa: BLE001 - OOM / shape problems are model-side failures
         raise ModelError(f"MeshNet inference failed on input {arr.shape}: {e}") from e
-
-
-def _stages(layers):
-    """[(Conv3D, its radius in voxels, [the pointwise layers after it])] of a chain of stride-1 'same'
-    convolutions (odd, cubic kernels) and parameter-free pointwise activations; None for anything else."""
-    import keras
-
-    pointwise = (keras.layers.Activation, keras.layers.ReLU, keras.layers.ELU, keras.layers.LeakyReLU)
-    stages = []
-    for lay in layers:
-        if isinstance(lay, keras.layers.Conv3D):
-            ks, dil = tuple(lay.kernel_size), tuple(lay.dilation_rate)
-            if (tuple(lay.strides) != (1, 1, 1) or (lay.padding != "same" and ks != (1, 1, 1))
-                    or getattr(lay, "groups", 1) != 1
-                    or lay.data_format != "channels_last" or len(set(ks)) != 1 or ks[0] % 2 == 0
-                    or len(set(dil)) != 1):
-                return None
-            stages.append((lay, dil[0] * (ks[0] - 1) // 2, []))
-        elif isinstance(lay, pointwise) and stages:
-            stages[-1][2].append(lay)
-        else:
-            return None
-    return stages
-
-
-#: side (voxels) of the columns :func:`_predict_region` cuts a layer into, and the multiple the columns'
-#: lengths are rounded up to (few distinct shapes, so oneDNN reuses its kernels)
-REGION_TILE, REGION_ROUND = 16, 16
-#: the largest radius (dilation) of a 3x3x3 convolution :func:`_predict_region` cuts into columns: oneDNN
-#: computes those with padding 'valid' as it does with 'same' (bit for bit); with dilation 4 or more
-#: it takes another algorithm for 'same' padding (results differ in the last bits), so those layers
-#: run on the whole box, as the whole-box pass runs them
-REGION_MAX_RADIUS = 2
-
-
-def _columns(region: np.ndarray) -> dict:
-    """{(a, b, n): [(i, j, k) corners]}: columns of REGION_TILE^2 x n voxels covering ``region``."""
-    shape, t = region.shape, REGION_TILE
-    groups: dict = {}
-    for i0 in range(0, shape[0], t):
-        for j0 in range(0, shape[1], t):
-            col = region[i0:i0 + t, j0:j0 + t].any(axis=(0, 1))
-            if not col.any():
-                continue
-            k = np.flatnonzero(col)
-            n = min(-(-(int(k[-1]) + 1 - int(k[0])) // REGION_ROUND) * REGION_ROUND, shape[2])
-            # a full t x t x n column, shifted inwards at the far edges (overlaps compute the same numbers)
-            corner = (max(min(i0, shape[0] - t), 0), max(min(j0, shape[1] - t), 0), max(min(int(k[0]), shape[2] - n), 0))
-            groups.setdefault((min(t, shape[0]), min(t, shape[1]), n), []).append(corner)
-    return groups
-
-
-def _predict_region(stages, x: np.ndarray, need: np.ndarray) -> np.ndarray | None:
-    """The chain ``stages`` on ``x`` (X, Y, Z, C) where the wanted output ``need`` depends on it: each
-    stage is needed on ``need`` dilated by the radii of the later stages; a stage with a radius up to
-    ``REGION_MAX_RADIUS`` whose region fills less of the box runs on columns over that region
-    (:func:`_columns`, one convolution per column shape, inputs outside the box zero as 'same' padding
-    makes them), the others on the whole box as :func:`_predict` runs them. Every wanted voxel gets
-    the numbers of the whole-box pass; the output is 0 outside ``need``. None when TensorFlow
-    refuses dilated convolutions (the caller runs the whole box)."""
-    import tensorflow as tf
-
-    shape, whole = need.shape, float(np.prod(need.shape))
-    # stage i is needed on `need` dilated by the radii of the stages after it (Chebyshev distance)
-    after = np.cumsum([0] + [r for _, r, _ in reversed(stages[1:])])[::-1]
-    dist = None
-    y = tf.convert_to_tensor(np.asarray(x, np.float32)[None])
-    for (conv, r, post), reach in zip(stages, after):
-        groups = {}
-        if r <= REGION_MAX_RADIUS:
-            if dist is None:
-                dist = ndimage.distance_transform_cdt(~need, metric="chessboard")
-            groups = _columns(dist <= reach)
-        if not groups or sum(a * b * n * len(c) for (a, b, n), c in groups.items()) > 0.9 * whole:
-            y, _ = _run_layer(conv, y if tf.is_tensor(y) else tf.convert_to_tensor(y[None]))
-            for lay in post:
-                y = lay(y, training=False)
-            continue
-        y = np.asarray(y)[0] if tf.is_tensor(y) else y
-        out = np.zeros(shape + (int(conv.filters),), np.float32)
-        for (a, b, n), corners in groups.items():
-            for c0 in range(0, len(corners), 64):
-                part = corners[c0:c0 + 64]
-                batch = np.zeros((len(part), a + 2 * r, b + 2 * r, n + 2 * r, y.shape[-1]), np.float32)
-                for q, corner in enumerate(part):  # the column + r voxels around it; zeros outside the box
-                    src = [(max(c - r, 0), min(c + e + r, s)) for c, e, s in zip(corner, (a, b, n), shape)]
-                    dst = tuple(slice(lo - c + r, hi - c + r) for (lo, hi), c in zip(src, corner))
-                    batch[(q, *dst)] = y[tuple(slice(lo, hi) for lo, hi in src)]
-                try:
-                    z = tf.raw_ops.Conv3D(input=batch, filter=conv.kernel, strides=[1] * 5, padding="VALID",
-                                          dilations=[1, *conv.dilation_rate, 1])
-                except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
-                    _DIRECT_DILATED_CONV[0] = False
-                    return None
-                if conv.use_bias:
-                    z = tf.nn.bias_add(z, conv.bias)
-                if conv.activation is not None:
-                    z = conv.activation(z)
-                for lay in post:
-                    z = lay(z, training=False)
-                z = np.asarray(z)
-                for q, (i, j, k) in enumerate(part):
-                    out[i:i + a, j:j + b, k:k + n] = z[q]
-        y = out
-    y = np.array(y[0]) if tf.is_tensor(y) else y
-    y[~need] = 0.0
-    return y
 
 
 #: whether TensorFlow's Conv3D op takes dilations on this machine (it does on a GPU and on a CPU with
@@ -373,12 +256,8 @@ _NORM_GELU = None
 
 def run_meshnet_crop(model, conformed, norm: str = "minmax", crop: bool = True, padding: int = 18,
                      threshold: float = 0.0, mask: np.ndarray | None = None, multiple: int = 1,
-                     gain: float = 1.0, need: np.ndarray | None = None) -> tuple[tuple[slice, ...], np.ndarray]:
-    """Like ``run_meshnet`` but returns (box, softmax of the box only): no full-grid copy.
-
-    ``need`` (boolean, the volume's shape, with ``crop``): the voxels whose output is wanted; the net
-    computes only what they depend on (:func:`_predict_region`: the same numbers there, for a quarter
-    to a half less work) and every other voxel of the box is background (probability 1)."""
+                     gain: float = 1.0) -> tuple[tuple[slice, ...], np.ndarray]:
+    """Like ``run_meshnet`` but returns (box, softmax of the box only): no full-grid copy."""
     vol = np.asarray(conformed.dataobj if hasattr(conformed, "dataobj") else conformed)
     if vol.ndim != 3:
         raise InputError(f"expected a 3D conformed volume, got {vol.shape}")
@@ -389,24 +268,15 @@ def run_meshnet_crop(model, conformed, norm: str = "minmax", crop: bool = True, 
         box = crop_box(x, threshold=threshold, padding=0, mask=mask)
         sub = np.pad(x[box], [(padding, padding)] * 3, mode="constant", constant_values=0.0)
         del x
-        want = None if need is None else np.pad(np.asarray(need, bool)[box], [(padding, padding)] * 3)
         if multiple > 1:
-            grow = [(0, (-s) % multiple) for s in sub.shape]
-            sub = np.pad(sub, grow, mode="constant")
-            want = None if want is None else np.pad(want, grow)
-        inner = tuple(slice(padding, padding + (b.stop - b.start)) for b in box)
-        logits = _predict(model, sub, want)
+            sub = np.pad(sub, [(0, (-s) % multiple) for s in sub.shape], mode="constant")
+        logits = _predict(model, sub)
         del sub
-        logits = logits[inner]
-        want = None if want is None else want[inner]
+        logits = logits[tuple(slice(padding, padding + (b.stop - b.start)) for b in box)]
     else:
-        box, want = tuple(slice(0, s) for s in x.shape), need
-        logits = _predict(model, x, need)
-    p = softmax(np.array(logits, dtype=np.float32), inplace=True)
-    if want is not None:
-        p[~want] = 0.0
-        p[~want, 0] = 1.0
-    return box, p
+        box = tuple(slice(0, s) for s in x.shape)
+        logits = _predict(model, x)
+    return box, softmax(np.array(logits, dtype=np.float32), inplace=True)
 
 
 def run_meshnet(model, conformed, norm: str = "minmax", crop: bool = True, padding: int = 18,
@@ -477,10 +347,8 @@ def estimate_wm_level(model, vol: np.ndarray, norm: str = "minmax", wm_index: in
         lo = int(np.clip(c - block // 2, 0, max(n - block, 0)))
         box.append(slice(lo, min(lo + block, n)))
     sub = x[tuple(box)]
+    lab = np.argmax(_predict(model, sub), axis=-1)
     inner = tuple(slice(min(margin, s // 4), s - min(margin, s // 4)) for s in sub.shape)
-    want = np.zeros(sub.shape, bool)
-    want[inner] = True
-    lab = np.argmax(_predict(model, sub, want), axis=-1)
     return wm_level(sub[inner], lab[inner], wm_index)
 
 
