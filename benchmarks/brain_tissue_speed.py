@@ -141,7 +141,7 @@ def profile(a) -> dict:
             "predict_fraction_of_peak_wall": round(total_flop / 1e9 / pw / peak["peak_gflops"], 3),
             "predict_fraction_of_core_peak_cpu": round(total_flop / 1e9 / pc / per_core, 3),
             "metrics": {k: metrics[k] for k in sorted(metrics)},
-            "_arrays": {k: np.asarray(pred[k]) for k in ("box", "brain_mask", "tissue", "aseg") if k in pred}}
+            "_arrays": {k: np.asarray(pred[k]) for k in ("box", "brain_mask", "tissue", "aseg", "prob_gm", "prob_wm") if k in pred}}
 
 
 def snakemake_run(a) -> dict:
