@@ -40,6 +40,12 @@ def _cmd(*args, timeout=30) -> str:
     return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, check=True).stdout
 
 
+def fault_tests_can_run() -> bool:
+    """Whether tests/test_slurm_faults.py can stop and start the daemons: root, slurmctld and the
+    start script (that module skips otherwise; this one then runs its clean run)."""
+    return os.geteuid() == 0 and shutil.which("slurmctld") is not None and (REPO / "tests/slurm/start_cluster.sh").exists()
+
+
 def _require_cluster():
     for tool in ("sinfo", "sbatch", "squeue", "scontrol"):
         if shutil.which(tool) is None:
@@ -98,7 +104,7 @@ def _gpus_requested(info: dict) -> int:
 @pytest.fixture(scope="module")
 def slurm_run(tmp_path_factory, shared_dir):
     _require_cluster()
-    if os.geteuid() == 0 and shutil.which("slurmctld") and (REPO / "tests/slurm/start_cluster.sh").exists():
+    if fault_tests_can_run():
         pytest.skip("as root, tests/test_slurm_faults.py::test_outages_with_accounting runs this workflow "
                     "through faults and makes these checks on it (one SLURM run instead of two)")
     from cohortseg.demo import build_demo

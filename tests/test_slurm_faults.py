@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, write_config
-from test_slurm import _env, _job_info, _require_cluster, check_sc_gm_rows, check_slurm_jobs
+from test_slurm import _env, _job_info, _require_cluster, check_sc_gm_rows, check_slurm_jobs, fault_tests_can_run
 
 pytestmark = [pytest.mark.slurm, pytest.mark.shared, pytest.mark.slow]
 
@@ -54,10 +53,9 @@ def _sh(*args, **env):
 
 def _cluster(accounting: bool):
     """The test cluster in the given mode (start_cluster.sh restarts the daemons when it changes)."""
-    if os.geteuid() != 0:
-        pytest.skip("the fault tests stop and start the SLURM daemons: run them as root")
-    if shutil.which("slurmctld") is None or not (SCRIPTS / "start_cluster.sh").exists():
-        pytest.skip("slurmctld not installed (apt-get install slurm-wlm munge slurmdbd mariadb-server)")
+    if not fault_tests_can_run():
+        pytest.skip("the fault tests stop and start the SLURM daemons: run them as root, with slurmctld "
+                    "installed (apt-get install slurm-wlm munge slurmdbd mariadb-server)")
     _sh(SCRIPTS / "start_cluster.sh", COHORTSEG_SLURM_ACCOUNTING=int(accounting))
     _require_cluster()
 
