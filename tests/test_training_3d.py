@@ -42,8 +42,15 @@ def test_head_init_copies_merges_and_adds_classes():
     for added in (2, 4, 6):  # CSF, ventricles, vessels: the background's channel, biased down (3 added)
         np.testing.assert_array_equal(w[..., added], kernel[..., 0])
         assert b[added] == pytest.approx(bias[0] - np.log(4))
-    # the pretrained net's figures: only classes made from exactly one source class
+    # the pretrained net's figures: GM and WM start GM and WM alone (and are merged into subcortical)
     assert baseline_map(src, _protocol()) == {2: 1, 1: 3}
+    # a merge no other class shares maps all its sources; a class merged only where shared gets none
+    src18 = {0: "Unknown", 1: "Cerebral-White-Matter", 2: "Cerebral-Cortex", 3: "Lateral-Ventricle",
+             11: "3rd-Ventricle", 13: "Brain-Stem"}
+    p18 = {1: {"from": ["Cerebral-Cortex"]}, 3: {"from": ["Cerebral-White-Matter", "Brain-Stem"]},
+           4: {"from": ["Lateral-Ventricle", "3rd-Ventricle"]}, 5: {"from": ["Brain-Stem", "Cerebral-Cortex"]},
+           2: {"from": []}}
+    assert baseline_map(src18, p18) == {2: 1, 1: 3, 3: 4, 11: 4}
     from cohortseg.errors import ConfigError
 
     with pytest.raises(ConfigError, match="not in the pretrained card's labels"):
@@ -209,6 +216,19 @@ def test_tfjs_export_round_trip(shared_dir, tmp_path):
     from cohortseg.training.brain3d import build_finetune_net, write_tfjs
 
     src_dir = shared_dir / "models" / "brainchop" / "model5_gw_ae"
+    src = load_tfjs_layers_model(src_dir)
+    for lay in src.layers:  # as brainchop ships model30chan18cls: frozen
+        lay.trainable = False
+    before = [np.asarray(w).copy() for w in src.get_weights()]
+    model = build_finetune_net(src, {0: "background", 1: "White Matter", 2: "Grey Matter"}, _protocol(),
+                               np.random.default_rng(0))
+    assert len(model.trainable_weights) == len(model.weights) == len(src.weights)
+    import keras
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    model.train_on_batch(np.ones((1, 12, 12, 12, 1), np.float32), np.zeros((1, 12, 12, 12, 7), np.float32))
+    # training the copy leaves the source net (shared by every fold and the pretrained figures) alone
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, src.get_weights()))
+    assert not np.array_equal(before[0], np.asarray(model.get_weights()[0]))
     src = load_tfjs_layers_model(src_dir)
     model = build_finetune_net(src, {0: "background", 1: "White Matter", 2: "Grey Matter"}, _protocol(),
                                np.random.default_rng(0))

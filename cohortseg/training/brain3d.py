@@ -31,8 +31,8 @@ Evaluation of fold k on its held-out subject (``cv_report.json``), per class: Di
 net on ``eval.contrasts`` synthesised images of the held-out labels (a T1-like one, fixed means
 ``eval.t1_means``, and random ones), computed as ``brain_tissue`` runs it
 (:func:`cohortseg.science.brain.run_meshnet_crop` on the brain-masked volume, argmax, masked); the
-same for the pretrained net, its classes mapped to the protocol where a class has exactly one source
-class that starts no other class; and the reference method's Dice (real images upstream!).
+same for the pretrained net, its classes mapped to the protocol where classes allow
+(:func:`baseline_map`); and the reference method's Dice (real images upstream!).
 """
 from __future__ import annotations
 
@@ -237,10 +237,14 @@ def head_init(kernel: np.ndarray, bias: np.ndarray, source_labels: dict, protoco
 
 
 def build_finetune_net(source_model, source_labels: dict, protocol: dict, rng, noise: float = 0.01):
-    """The source MeshNet with its classifier replaced by the protocol's (same layer names: the
-    TF.js export reuses the source's topology)."""
+    """A copy of the source MeshNet with its classifier replaced by the protocol's (same layer names:
+    the TF.js export reuses the source's topology), every layer trainable. A copy: the source net is
+    reused by every fold and for the pretrained figures, so training one fold must not change it."""
     import keras
 
+    weights = source_model.get_weights()
+    source_model = keras.models.clone_model(source_model)
+    source_model.set_weights(weights)
     last = source_model.layers[-1]
     kernel, bias = (np.asarray(v) for v in last.get_weights())
     w, b = head_init(kernel, bias, source_labels, protocol, rng, noise)
@@ -250,6 +254,8 @@ def build_finetune_net(source_model, source_labels: dict, protocol: dict, rng, n
     out = head(last.input)
     model = keras.Model(source_model.inputs, out, name=source_model.name)
     head.set_weights([w, b])
+    for lay in model.layers:  # brainchop ships some nets frozen (model30chan18cls: trainable false)
+        lay.trainable = True
     return model
 
 
@@ -372,14 +378,20 @@ def predict_labels(model, image: np.ndarray, mask: np.ndarray, padding: int) -> 
 
 def baseline_map(source_labels: dict, protocol: dict) -> dict[int, int]:
     """{source class: protocol class} for the pretrained net's figures "where classes allow": a
-    protocol class started from exactly one source class receives that class's voxels (the first
-    such class when several are; merged and added classes get none)."""
+    source class goes to the first protocol class started from it alone, else to the one protocol
+    class that lists it (a merge, e.g. four ventricle classes -> Ventricles); a source class several
+    merges share, and added classes, get none."""
     by_name = {str(v).lower(): int(k) for k, v in source_labels.items()}
-    out: dict[int, int] = {}
+    lists: dict[int, list[tuple[int, int]]] = {}  # source class -> [(protocol class, its number of sources)]
     for k, cls in sorted(protocol.items(), key=lambda kv: int(kv[0])):
         src = [by_name[str(nm).lower()] for nm in cls.get("from") or []]
-        if len(src) == 1 and src[0] not in out:
-            out[src[0]] = int(k)
+        for s_cls in src:
+            lists.setdefault(s_cls, []).append((int(k), len(src)))
+    out: dict[int, int] = {}
+    for s_cls, classes in lists.items():
+        alone = [k for k, n in classes if n == 1]
+        if alone or len(classes) == 1:
+            out[s_cls] = alone[0] if alone else classes[0][0]
     return out
 
 
