@@ -40,7 +40,7 @@ import copy
 import datetime
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -68,8 +68,8 @@ DEFAULTS: dict = {
     "augment": {"copies": 30, "translate_vox": 8.0, "rotate_deg": 10.0, "elastic_vox": 3.0,
                 "control_points": 6},
     "synth": {"sd_max": 0.06, "blur_max": 1.0, "bias_sd": 0.15, "noise_max": 0.04, "gain": [0.8, 1.2]},
-    "train": {"epochs": 6, "patch": 64, "loss_margin": 12, "batch_size": 1, "learning_rate": 1e-3,
-              "head_noise": 0.01},
+    "train": {"probe_epochs": 0, "probe_learning_rate": 1e-2, "epochs": 6, "patch": 64, "loss_margin": 12,
+              "batch_size": 1, "learning_rate": 1e-3, "head_noise": 0.01, "class_balance": 0.0},
     "eval": {"contrasts": 3, "t1_means": None, "box": None},
     "crop_padding": 18,
 }
@@ -105,6 +105,19 @@ class Subject:
     labels: np.ndarray
     affine: np.ndarray
     reference: str = ""
+    _where: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def voxel_of(self, rng: np.random.Generator) -> tuple[int, ...]:
+        """A random voxel of a class drawn uniformly among the subject's classes (class-balanced
+        patch centres: a 3 mL vessel class is as likely a centre as the 340 mL cortex)."""
+        if not self._where:
+            flat = self.labels.ravel()
+            order = np.argsort(flat, kind="stable").astype(np.int32)
+            counts = np.bincount(flat[order].astype(np.int64))
+            starts = np.concatenate([[0], np.cumsum(counts)])
+            self._where.update({c: order[starts[c]:starts[c + 1]] for c in range(1, counts.size) if counts[c]})
+        idx = self._where[list(self._where)[int(rng.integers(len(self._where)))]]
+        return tuple(int(v) for v in np.unravel_index(int(idx[int(rng.integers(idx.size))]), self.labels.shape))
 
 
 def dataset_to_protocol(protocol: dict) -> dict[int, int]:
@@ -304,11 +317,16 @@ def synth_image(labels: np.ndarray, n_classes: int, rng: np.random.Generator, sc
 
 
 def training_patch(subj: Subject, warp: aug.Warp3D, rng: np.random.Generator, patch: int, n_classes: int,
-                   scfg: dict) -> tuple[np.ndarray, np.ndarray]:
+                   scfg: dict, class_balance: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """One (image, labels) patch of ``patch``^3 from an augmented volume: a random box of the
-    deformed volume, its labels warped, a fresh random contrast."""
+    deformed volume, its labels warped, a fresh random contrast. With probability ``class_balance``
+    the box is centred on a voxel of a class drawn uniformly (:meth:`Subject.voxel_of`; in the
+    undeformed volume, so within the deformation's few voxels), else it lies anywhere."""
     shape = np.array(subj.labels.shape)
-    lo = [int(rng.integers(min(0, s - patch), max(s - patch, 0) + 1)) for s in shape]
+    if class_balance and rng.random() < class_balance:
+        lo = [int(np.clip(v - patch // 2, min(0, s - patch), max(s - patch, 0))) for v, s in zip(subj.voxel_of(rng), shape)]
+    else:
+        lo = [int(rng.integers(min(0, s - patch), max(s - patch, 0) + 1)) for s in shape]
     lab = aug.warp_labels(subj.labels, warp.coords(lo, (patch,) * 3))
     return synth_image(lab, n_classes, rng, scfg), lab
 
@@ -325,16 +343,26 @@ def train_fold(cfg: dict, k: int, subjects, train_idx, source, progress=None):
     src_card, _, src_model = source
     model = build_finetune_net(src_model, src_card["labels"], cfg["protocol"], np.random.default_rng([seed, k, 7]),
                                float(t["head_noise"]))
-    model.compile(optimizer=keras.optimizers.Adam(float(t["learning_rate"])),
-                  loss=patch_loss(int(t["loss_margin"]), n))
     a = cfg["augment"]
     warps = [(i, c, aug.draw_warp3d(subjects[i].labels.shape, np.random.default_rng([seed, k, i, c, 11]),
                                     float(a["translate_vox"]), float(a["rotate_deg"]), float(a["elastic_vox"]),
                                     int(a["control_points"])))
              for i in train_idx for c in range(int(a["copies"]))]
-    hist = {"loss": [], "val_loss": [], "val_dice": [], "epochs_run": 0, "best_epoch": None}
+    hist = {"loss": [], "val_loss": [], "val_dice": [], "epochs_run": 0, "best_epoch": None,
+            "probe_epochs": int(t["probe_epochs"])}
     bs, patch = int(t["batch_size"]), int(t["patch"])
-    for ep in range(int(t["epochs"])):
+    # linear probe, then fine-tune (LP-FT): the new classifier learns on the frozen pretrained features
+    # first, so the body's first updates are not driven by a random head (which unlearns the source's
+    # classes: measured in docs/TRAINING.md)
+    phases = [(False, float(t["probe_learning_rate"]))] * int(t["probe_epochs"]) + \
+             [(True, float(t["learning_rate"]))] * int(t["epochs"])
+    compiled = None
+    for ep, (body, rate) in enumerate(phases):
+        if compiled != (body, rate):
+            for lay in model.layers[:-1]:
+                lay.trainable = body
+            model.compile(optimizer=keras.optimizers.Adam(rate), loss=patch_loss(int(t["loss_margin"]), n))
+            compiled = (body, rate)
         rng = np.random.default_rng([seed, k, ep, 13])
         order = rng.permutation(len(warps))
         losses = []
@@ -342,13 +370,14 @@ def train_fold(cfg: dict, k: int, subjects, train_idx, source, progress=None):
             xs, ys = [], []
             for j in order[s0:s0 + bs]:
                 i, _, w = warps[j]
-                x, y = training_patch(subjects[i], w, rng, patch, n, cfg["synth"])
+                x, y = training_patch(subjects[i], w, rng, patch, n, cfg["synth"], float(t["class_balance"]))
                 xs.append(x[..., None])
                 ys.append(one_hot(y, n))
             losses.append(float(model.train_on_batch(np.stack(xs), np.stack(ys))))
         hist["loss"].append(round(float(np.mean(losses)), 5))
         hist["epochs_run"] = ep + 1
-        say(f"fold {k} epoch {ep + 1}/{t['epochs']}: loss {hist['loss'][-1]:.4f} ({len(losses)} steps)")
+        say(f"fold {k} epoch {ep + 1}/{len(phases)} ({'fine-tune' if body else 'probe'}): loss "
+            f"{hist['loss'][-1]:.4f} ({len(losses)} steps)")
     hist["best_epoch"] = hist["epochs_run"]  # fixed schedule (upstream): the last epoch ships
     return model, hist
 
