@@ -2,9 +2,10 @@
 """Time of the 3D fine-tuning recipe (config/train/brain_tissue_7t.yaml) from measured steps.
 
 Measures, with the recipe's code (``cohortseg.training.brain3d``): loading one label map onto the
-1 mm grid, seconds per training step (patch cut + warp + synthesis + one Adam step of the MeshNet)
-at the recipe's patch size (and any ``--patch`` given), and one whole-brain prediction; then
-extrapolates the recipe: 4 folds x epochs x (3 volumes x copies) steps + per fold
+1 mm grid, seconds per training step (patch cut + warp + synthesis + one Adam step of the MeshNet;
+the classifier alone, as in the probe epochs, and every layer) at the recipe's patch size (and any
+``--patch`` given), and one whole-brain prediction; then extrapolates the recipe: 4 folds x
+(probe_epochs + epochs) x (3 volumes x copies) steps + per fold
 ``eval.contrasts`` x 2 predictions (fine-tuned, pretrained). Report the load (``uptime``) with it.
 
     python benchmarks/train_3d_step.py --threads 2 --steps 3 --out benchmarks/results/train_3d_step.json
@@ -48,29 +49,35 @@ def main() -> None:
            "load_average": [round(x, 2) for x in os.getloadavg()], "step_s": {}}
     warp = draw_warp3d(subj.labels.shape, np.random.default_rng(0))
     rng = np.random.default_rng(1)
+    res["probe_step_s"] = {}
     for patch in sorted(set(a.patch + [int(cfg["train"]["patch"])])):
         model = b3.build_finetune_net(src[2], src[0]["labels"], cfg["protocol"], np.random.default_rng(0))
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=b3.patch_loss(min(16, patch // 4), n))
-        times = []
-        for i in range(a.steps + 1):
-            t0 = time.perf_counter()
-            x, y = b3.training_patch(subj, warp, rng, patch, n, cfg["synth"])
-            model.train_on_batch(x[None, ..., None], b3.one_hot(y, n)[None])
-            if i:
-                times.append(time.perf_counter() - t0)
-        res["step_s"][str(patch)] = round(float(np.median(times)), 2)
+        for key, body in (("probe_step_s", False), ("step_s", True)):  # classifier alone, then every layer
+            for lay in model.layers[:-1]:
+                lay.trainable = body
+            model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=b3.patch_loss(min(16, patch // 4), n))
+            times = []
+            for i in range(a.steps + 1):
+                t0 = time.perf_counter()
+                x, y = b3.training_patch(subj, warp, rng, patch, n, cfg["synth"], float(cfg["train"]["class_balance"]))
+                model.train_on_batch(x[None, ..., None], b3.one_hot(y, n)[None])
+                if i:
+                    times.append(time.perf_counter() - t0)
+            res[key][str(patch)] = round(float(np.median(times)), 2)
     if not a.no_predict:
         img = b3.synth_image(subj.labels, n, rng, cfg["synth"])
         t0 = time.perf_counter()
         b3.predict_labels(model, img, subj.labels > 0, int(cfg["crop_padding"]))
         res["predict_whole_brain_s"] = round(time.perf_counter() - t0, 1)
-    steps = 4 * int(cfg["train"]["epochs"]) * 3 * int(cfg["augment"]["copies"])
-    per_step = res["step_s"][str(int(cfg["train"]["patch"]))]
+    per_epoch = 4 * 3 * int(cfg["augment"]["copies"])  # 4 folds, 3 training volumes
+    steps, probe = per_epoch * int(cfg["train"]["epochs"]), per_epoch * int(cfg["train"]["probe_epochs"])
+    patch = str(int(cfg["train"]["patch"]))
+    train_s = steps * res["step_s"][patch] + probe * res["probe_step_s"][patch]
     predict = res.get("predict_whole_brain_s", 0.0) * 4 * int(cfg["eval"]["contrasts"]) * 2
-    res["recipe"] = {"steps": steps, "train_h": round(steps * per_step / 3600, 2),
+    res["recipe"] = {"steps": steps, "probe_steps": probe, "train_h": round(train_s / 3600, 2),
                      "eval_h": round(predict / 3600, 2),
                      "load_h": round(4 * t_load / 3600, 2),
-                     "total_h": round((steps * per_step + predict + 4 * t_load) / 3600, 2)}
+                     "total_h": round((train_s + predict + 4 * t_load) / 3600, 2)}
     res["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     emit(res, a.out)
 

@@ -53,7 +53,8 @@ def save_fold_model(model, path, build_fn=None) -> str:
 
 def plot_learning_curves(histories: Sequence[dict], path, title: str = "") -> None:
     """One panel per trained model: train/val loss (left axis) and validation Dice (right axis);
-    a history's ``title`` names its panel (default: ``model k``), up to 4 panels per row."""
+    a history's ``title`` names its panel (default: ``model k``), its ``probe_epochs`` are shaded;
+    up to 4 panels per row."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -75,6 +76,8 @@ def plot_learning_curves(histories: Sequence[dict], path, title: str = "") -> No
         ax.set_title(h.get("title") or f"model {k}", fontsize=9)
         if h.get("best_epoch"):
             ax.axvline(h["best_epoch"], color="grey", ls="--", lw=0.8, label="best epoch")
+        if h.get("probe_epochs"):  # meshnet_3d: the classifier trained alone first
+            ax.axvspan(0.5, h["probe_epochs"] + 0.5, color="grey", alpha=0.15, label="probe (classifier only)")
         ax2 = ax.twinx()
         if h.get("val_dice"):
             ax2.plot(ep, h["val_dice"], label="val Dice", color="tab:green")
