@@ -12,7 +12,7 @@ Recipe (Svanera et al. 2021, fine-tuning experiment; defaults in ``DEFAULTS``):
   several dataset labels or source classes in one class merge them, a dataset label no class lists
   is dropped (becomes background), a class with ``from: []`` is added (its output channel starts
   as a copy of the background's, biased down, plus a little noise). The source classes are the
-  ``init_from`` card's ``labels`` (brainchop_gw: background, White Matter, Grey Matter);
+  ``init_from`` card's ``labels`` (the recipe's brainchop_subcortical: 18 FreeSurfer aseg names);
 * **images**: synthesised from the label maps (``cohortseg.training.synthetic.render_labels``:
   random mean per class, within-class noise, random blur = resolution, bias field, noise; SynthSeg),
   background 0: the input is brain-masked, as in the card's ``normalisation.brain_masked``;
@@ -22,8 +22,11 @@ Recipe (Svanera et al. 2021, fine-tuning experiment; defaults in ``DEFAULTS``):
   fresh random contrast, so an epoch (one patch of each augmented volume) sees every deformation;
 * **patches**: ``train.patch`` voxels cubed (64; 96 on a GPU), the loss (cross-entropy + mean soft Dice over the
   classes present, inside the brain mask) on the patch minus ``train.loss_margin`` voxels per side, where the net's
-  receptive field (93 voxels for the 9 dilated layers) sees real neighbours: memory stays at a few
-  hundred MB on a CPU and fits any GPU;
+  receptive field (93 voxels for the 9 dilated layers) sees real neighbours: the whole recipe peaks
+  at 4.6 GB on a CPU (30 channels, the whole-brain evaluation included), far below 24 GB;
+* **schedule**: ``train.probe_epochs`` with the pretrained layers frozen (the new classifier alone,
+  at ``train.probe_learning_rate``), then ``train.epochs`` of every layer at ``train.learning_rate``
+  (LP-FT); ``train.class_balance`` of the patches centred on a class drawn uniformly;
 * **folds**: leave-one-subject-out; fold k's model is the bundle's ``fold_k`` (TF.js layers-model,
   the format ``brain_tissue`` loads with the ``tfjs_layers`` loader), the folds averaged at inference.
 
