@@ -29,7 +29,6 @@ def main() -> None:
     ap.add_argument("--out")
     a = ap.parse_args()
 
-    import keras
     import numpy as np
 
     from cohortseg.training import brain3d as b3
@@ -53,9 +52,7 @@ def main() -> None:
     for patch in sorted(set(a.patch + [int(cfg["train"]["patch"])])):
         model = b3.build_finetune_net(src[2], src[0]["labels"], cfg["protocol"], np.random.default_rng(0))
         for key, body in (("probe_step_s", False), ("step_s", True)):  # classifier alone, then every layer
-            for lay in model.layers[:-1]:
-                lay.trainable = body
-            model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=b3.patch_loss(min(16, patch // 4), n))
+            b3.compile_phase(model, body, 1e-3, min(16, patch // 4), n)
             times = []
             for i in range(a.steps + 1):
                 t0 = time.perf_counter()

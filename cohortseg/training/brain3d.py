@@ -335,6 +335,16 @@ def training_patch(subj: Subject, warp: aug.Warp3D, rng: np.random.Generator, pa
 
 
 # ------------------------------------------------------------------------------------ training
+def compile_phase(model, body: bool, rate: float, margin: int, n_classes: int) -> None:
+    """Compile ``model`` for a training phase: the classifier alone (``body`` False: the probe
+    epochs) or every layer, Adam at ``rate``, :func:`patch_loss`."""
+    import keras
+
+    for lay in model.layers[:-1]:
+        lay.trainable = body
+    model.compile(optimizer=keras.optimizers.Adam(rate), loss=patch_loss(margin, n_classes))
+
+
 def train_fold(cfg: dict, k: int, subjects, train_idx, source, progress=None):
     """Fine-tune fold ``k`` on ``subjects[train_idx]``; returns (model, history)."""
     import keras
@@ -362,9 +372,7 @@ def train_fold(cfg: dict, k: int, subjects, train_idx, source, progress=None):
     compiled = None
     for ep, (body, rate) in enumerate(phases):
         if compiled != (body, rate):
-            for lay in model.layers[:-1]:
-                lay.trainable = body
-            model.compile(optimizer=keras.optimizers.Adam(rate), loss=patch_loss(int(t["loss_margin"]), n))
+            compile_phase(model, body, rate, int(t["loss_margin"]), n)
             compiled = (body, rate)
         rng = np.random.default_rng([seed, k, ep, 13])
         order = rng.permutation(len(warps))
