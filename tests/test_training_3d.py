@@ -118,6 +118,37 @@ def test_render_labels_background_zero_and_classes_separate():
     np.testing.assert_allclose(img[lab == 2], 0.8, atol=1e-6)
 
 
+def test_synthesised_contrasts_jitter_around_the_t1_means():
+    """synth.means + mean_jitter: every image's class means lie within +-jitter of the T1-like
+    means (the evaluation's first image exactly on them); means null: any contrast."""
+    from cohortseg.training import brain3d as b3
+
+    lab = np.zeros((20, 20, 20), np.int8)
+    lab[2:9], lab[9:18] = 1, 2
+    scfg = {"means": {1: 0.3, 2: 0.8}, "mean_jitter": 0.1, "sd_max": 0.0, "blur_max": 0.0, "bias_sd": 0.0,
+            "noise_max": 0.0, "gain": [1, 1]}
+    rng = np.random.default_rng(5)
+    drawn = np.array([[m[1], m[2]] for m in (b3.contrast_means(scfg, 3, rng) for _ in range(400))])
+    assert (np.abs(drawn - [0.3, 0.8]) <= 0.1 + 1e-9).all() and drawn.std(axis=0).min() > 0.05
+    assert b3.contrast_means(scfg, 3, rng, exact=True) == {1: 0.3, 2: 0.8}
+    assert b3.contrast_means({**scfg, "means": None}, 3, rng) is None
+    img = b3.synth_image(lab, 3, rng, scfg, exact=True)  # scaled so the brightest class is 1
+    np.testing.assert_allclose(img[lab == 1], 0.3 / 0.8, atol=1e-5)
+    assert (img[lab == 0] == 0).all()
+
+
+def test_recipe_keys_are_checked():
+    """A misspelt key is refused, not silently replaced by its default."""
+    from cohortseg.errors import ConfigError
+    from cohortseg.training import brain3d as b3
+
+    cfg = yaml.safe_load(CI_RECIPE.read_text())
+    assert b3.merge_config(cfg)["train"]["epochs"] == 2
+    for bad in ({"train": {**cfg["train"], "epoch": 9}}, {"synth": {"mean_jiter": 0.1}}, {"augmentation": {}}):
+        with pytest.raises(ConfigError, match="unknown keys"):
+            b3.merge_config({**cfg, **bad})
+
+
 # ----------------------------------------------------------------------------- real label maps
 @pytest.mark.shared
 def test_cerebrum7t_dice_from_the_shared_predictions(shared_dir):

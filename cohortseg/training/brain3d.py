@@ -66,21 +66,30 @@ DEFAULTS: dict = {
     "seed": 42,
     "threads": 2,
     "init_from": {"card": "brainchop_gw", "model_dir": "{shared}/models"},
-    "data": {"margin_vox": 8},
+    "data": {"root": None, "margin_vox": 8, "partial_volume": True, "items": None},
     "protocol": None,
     "augment": {"copies": 30, "translate_vox": 8.0, "rotate_deg": 10.0, "elastic_vox": 3.0,
                 "control_points": 6},
-    "synth": {"sd_max": 0.06, "blur_max": 1.0, "bias_sd": 0.15, "noise_max": 0.04, "gain": [0.8, 1.2]},
+    "synth": {"means": None, "mean_jitter": 0.0, "sd_max": 0.06, "blur_max": 1.0, "bias_sd": 0.15,
+              "noise_max": 0.04, "gain": [0.8, 1.2]},
     "train": {"probe_epochs": 0, "probe_learning_rate": 1e-2, "epochs": 6, "patch": 64, "loss_margin": 12,
               "batch_size": 1, "learning_rate": 1e-3, "head_noise": 0.01, "class_balance": 0.0},
-    "eval": {"contrasts": 3, "t1_means": None, "box": None},
+    "eval": {"contrasts": 3, "box": None},
     "crop_padding": 18,
 }
+# read by build_card only (the card's text; defaults from the source card)
+CARD_KEYS = ("description", "reference", "licence", "contrasts")
 
 
 def merge_config(cfg: dict) -> dict:
-    """Defaults deep-merged with ``cfg`` (one level), checked."""
+    """Defaults deep-merged with ``cfg`` (one level), checked: an unknown key (a typo) is refused."""
     out = copy.deepcopy(DEFAULTS)
+    unknown = sorted(set(cfg or {}) - set(DEFAULTS) - set(CARD_KEYS))
+    unknown += [f"{k}.{s}" for k, v in (cfg or {}).items() if isinstance(v, dict) and isinstance(DEFAULTS.get(k), dict)
+                for s in sorted(set(v) - set(DEFAULTS[k]))]
+    if unknown:
+        raise ConfigError(f"meshnet_3d training config: unknown keys {unknown} (known: docs/TRAINING.md, "
+                          "cohortseg.training.brain3d.DEFAULTS)")
     for k, v in (cfg or {}).items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = {**out[k], **v}
@@ -308,12 +317,24 @@ def one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 # -------------------------------------------------------------------------------- synthesis
-def synth_image(labels: np.ndarray, n_classes: int, rng: np.random.Generator, scfg: dict, means=None) -> np.ndarray:
-    """A brain-masked random-contrast image of ``labels`` scaled as ``minmax`` scales a whole
-    volume (max 1), times a random gain in ``synth.gain``."""
-    img = render_labels(labels, n_classes, rng, means=means, sd_max=float(scfg["sd_max"]),
-                        blur_max=float(scfg["blur_max"]), bias_sd=float(scfg["bias_sd"]),
-                        noise_max=float(scfg["noise_max"]))
+def contrast_means(scfg: dict, n_classes: int, rng: np.random.Generator, exact: bool = False) -> dict | None:
+    """The class means of one synthesised image: ``synth.means`` (a T1-like contrast) each moved by
+    a uniform draw in +-``synth.mean_jitter`` (exact: unmoved), clipped to [0.02, 1]; None when
+    ``synth.means`` is null (every class uniform in [0.05, 1]: SynthSeg's any-contrast images)."""
+    means = scfg.get("means")
+    if not means:
+        return None
+    j = 0.0 if exact else float(scfg.get("mean_jitter") or 0.0)
+    return {int(c): float(np.clip(float(m) + (rng.uniform(-j, j) if j else 0.0), 0.02, 1.0))
+            for c, m in sorted(means.items(), key=lambda kv: int(kv[0])) if int(c) < n_classes}
+
+
+def synth_image(labels: np.ndarray, n_classes: int, rng: np.random.Generator, scfg: dict, exact: bool = False) -> np.ndarray:
+    """A brain-masked synthesised image of ``labels`` (class means from :func:`contrast_means`)
+    scaled as ``minmax`` scales a whole volume (max 1), times a random gain in ``synth.gain``."""
+    img = render_labels(labels, n_classes, rng, means=contrast_means(scfg, n_classes, rng, exact),
+                        sd_max=float(scfg["sd_max"]), blur_max=float(scfg["blur_max"]),
+                        bias_sd=float(scfg["bias_sd"]), noise_max=float(scfg["noise_max"]))
     top = float(np.percentile(img[labels > 0], 99.9)) if (labels > 0).any() else 1.0
     lo, hi = (float(g) for g in scfg.get("gain") or (1.0, 1.0))
     return np.clip(img / max(top, 1e-6), 0.0, 1.5) * np.float32(rng.uniform(lo, hi))
@@ -437,7 +458,8 @@ def baseline_map(source_labels: dict, protocol: dict) -> dict[int, int]:
 
 def evaluate_fold(cfg: dict, k: int, model, source, subj: Subject) -> dict:
     """Per-class Dice of the fine-tuned and the pretrained nets on synthesised images of the held-out
-    subject (``eval.contrasts``: the first T1-like when ``eval.t1_means`` is set, the rest random)."""
+    subject (``eval.contrasts``: the first with ``synth.means`` exactly when they are set, the rest
+    drawn as the training images are)."""
     from cohortseg.science.metrics import dice
 
     seed, e = int(cfg["seed"]), cfg["eval"]
@@ -451,8 +473,8 @@ def evaluate_fold(cfg: dict, k: int, model, source, subj: Subject) -> dict:
     rows = []
     for j in range(int(e["contrasts"])):
         rng = np.random.default_rng([seed, k, j, 17])
-        t1 = e.get("t1_means") if j == 0 else None
-        img = synth_image(lab, n, rng, {**cfg["synth"], "gain": [1.0, 1.0]}, means=t1)
+        t1 = j == 0 and bool(cfg["synth"].get("means"))
+        img = synth_image(lab, n, rng, {**cfg["synth"], "gain": [1.0, 1.0]}, exact=t1)
         pred = predict_labels(model, img, mask, int(cfg["crop_padding"]))
         src = predict_labels(src_model, img, mask, int(cfg["crop_padding"]))
         lut = np.zeros(256, np.uint8)
