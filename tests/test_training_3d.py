@@ -147,6 +147,10 @@ def test_recipe_keys_are_checked():
     for bad in ({"train": {**cfg["train"], "epoch": 9}}, {"synth": {"mean_jiter": 0.1}}, {"augmentation": {}}):
         with pytest.raises(ConfigError, match="unknown keys"):
             b3.merge_config({**cfg, **bad})
+    # the defaults are the full recipe's schedule and augmentation (one set of values, not two)
+    full = yaml.safe_load((REPO / "config" / "train" / "brain_tissue_7t.yaml").read_text())
+    for section in ("train", "augment", "init_from"):
+        assert full[section] == b3.DEFAULTS[section], section
 
 
 # ----------------------------------------------------------------------------- real label maps

@@ -14,8 +14,9 @@ Recipe (Svanera et al. 2021, fine-tuning experiment; defaults in ``DEFAULTS``):
   as a copy of the background's, biased down, plus a little noise). The source classes are the
   ``init_from`` card's ``labels`` (the recipe's brainchop_subcortical: 18 FreeSurfer aseg names);
 * **images**: synthesised from the label maps (``cohortseg.training.synthetic.render_labels``:
-  random mean per class, within-class noise, random blur = resolution, bias field, noise; SynthSeg),
-  background 0: the input is brain-masked, as in the card's ``normalisation.brain_masked``;
+  a mean per class (:func:`contrast_means`: ``synth.means`` moved by up to ``synth.mean_jitter``,
+  MP2RAGE-like; null: any contrast), within-class noise, random blur = resolution, bias field,
+  noise; SynthSeg), background 0: the input is brain-masked, as in the card's ``normalisation.brain_masked``;
 * **augmentation**: each training volume has ``augment.copies`` fixed random deformations
   (``augment.draw_warp3d``: translation, rotation, elastic morphing; upstream: 30 per volume), drawn
   from (seed, fold, subject, copy); every training step cuts a patch from one of them and gives it a
@@ -31,8 +32,8 @@ Recipe (Svanera et al. 2021, fine-tuning experiment; defaults in ``DEFAULTS``):
   the format ``brain_tissue`` loads with the ``tfjs_layers`` loader), the folds averaged at inference.
 
 Evaluation of fold k on its held-out subject (``cv_report.json``), per class: Dice of the fine-tuned
-net on ``eval.contrasts`` synthesised images of the held-out labels (a T1-like one, fixed means
-``eval.t1_means``, and random ones), computed as ``brain_tissue`` runs it
+net on ``eval.contrasts`` synthesised images of the held-out labels (one with ``synth.means``
+exactly, the others drawn as the training images are), computed as ``brain_tissue`` runs it
 (:func:`cohortseg.science.brain.run_meshnet_crop` on the brain-masked volume, argmax, masked); the
 same for the pretrained net, its classes mapped to the protocol where classes allow
 (:func:`baseline_map`); and the reference method's Dice (real images upstream!).
@@ -43,7 +44,8 @@ import copy
 import datetime
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import nibabel as nib
@@ -65,15 +67,15 @@ DEFAULTS: dict = {
     "task": "aseg",
     "seed": 42,
     "threads": 2,
-    "init_from": {"card": "brainchop_gw", "model_dir": "{shared}/models"},
+    "init_from": {"card": "brainchop_subcortical", "model_dir": "{shared}/models"},
     "data": {"root": None, "margin_vox": 8, "partial_volume": True, "items": None},
     "protocol": None,
     "augment": {"copies": 30, "translate_vox": 8.0, "rotate_deg": 10.0, "elastic_vox": 3.0,
                 "control_points": 6},
     "synth": {"means": None, "mean_jitter": 0.0, "sd_max": 0.06, "blur_max": 1.0, "bias_sd": 0.15,
               "noise_max": 0.04, "gain": [0.8, 1.2]},
-    "train": {"probe_epochs": 0, "probe_learning_rate": 1e-2, "epochs": 6, "patch": 64, "loss_margin": 12,
-              "batch_size": 1, "learning_rate": 1e-3, "head_noise": 0.01, "class_balance": 0.0},
+    "train": {"probe_epochs": 2, "probe_learning_rate": 1e-2, "epochs": 6, "patch": 64, "loss_margin": 12,
+              "batch_size": 1, "learning_rate": 1e-4, "head_noise": 0.01, "class_balance": 0.5},
     "eval": {"contrasts": 3, "box": None},
     "crop_padding": 18,
 }
@@ -117,18 +119,21 @@ class Subject:
     labels: np.ndarray
     affine: np.ndarray
     reference: str = ""
-    _where: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @cached_property
+    def voxels_by_class(self) -> dict[int, np.ndarray]:
+        """{class: flat indices of its voxels} (one stable argsort of the label map, computed once)."""
+        flat = self.labels.ravel()
+        order = np.argsort(flat, kind="stable").astype(np.int32)
+        counts = np.bincount(flat[order].astype(np.int64))
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        return {c: order[starts[c]:starts[c + 1]] for c in range(1, counts.size) if counts[c]}
 
     def voxel_of(self, rng: np.random.Generator) -> tuple[int, ...]:
         """A random voxel of a class drawn uniformly among the subject's classes (class-balanced
         patch centres: a 3 mL vessel class is as likely a centre as the 340 mL cortex)."""
-        if not self._where:
-            flat = self.labels.ravel()
-            order = np.argsort(flat, kind="stable").astype(np.int32)
-            counts = np.bincount(flat[order].astype(np.int64))
-            starts = np.concatenate([[0], np.cumsum(counts)])
-            self._where.update({c: order[starts[c]:starts[c + 1]] for c in range(1, counts.size) if counts[c]})
-        idx = self._where[list(self._where)[int(rng.integers(len(self._where)))]]
+        where = self.voxels_by_class
+        idx = where[list(where)[int(rng.integers(len(where)))]]
         return tuple(int(v) for v in np.unravel_index(int(idx[int(rng.integers(idx.size))]), self.labels.shape))
 
 
