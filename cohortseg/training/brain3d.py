@@ -74,8 +74,8 @@ DEFAULTS: dict = {
                 "control_points": 6},
     "synth": {"means": None, "mean_jitter": 0.0, "sd_max": 0.06, "blur_max": 1.0, "bias_sd": 0.15,
               "noise_max": 0.04, "gain": [0.8, 1.2]},
-    "train": {"probe_epochs": 2, "probe_learning_rate": 1e-2, "epochs": 6, "patch": 64, "loss_margin": 12,
-              "batch_size": 1, "learning_rate": 1e-4, "head_noise": 0.01, "class_balance": 0.5},
+    "train": {"probe_epochs": 2, "probe_learning_rate": 1e-2, "epochs": 8, "patch": 64, "loss_margin": 12,
+              "batch_size": 1, "learning_rate": 1e-4, "head_noise": 0.01, "class_balance": 0.8},
     "eval": {"contrasts": 3, "box": None},
     "crop_padding": 18,
 }
